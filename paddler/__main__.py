@@ -1,0 +1,5 @@
+import sys
+
+from paddler.cli import main
+
+sys.exit(main())

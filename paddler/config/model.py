@@ -1,0 +1,163 @@
+"""The configuration's shape: one dataclass per section, one field per key.
+
+These dataclasses are the schema. The loader validates against their fields, the
+configuration reference in docs/ is checked against them by a test, and every role
+reads its settings from them. A key's metadata carries its documentation and the
+checks that its type alone does not express.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MANAGEMENT_PORT = 8085
+DEFAULT_REVERSEPROXY_PORT = 8080
+
+
+def setting(
+    doc: str,
+    default: Any = None,
+    *,
+    required: bool = False,
+    check: str | None = None,
+    minimum: float | None = None,
+    choices: tuple[str, ...] = (),
+    factory: Any = None,
+) -> Any:
+    metadata = {"doc": doc, "check": check, "minimum": minimum, "choices": choices}
+    if required:
+        return field(metadata={**metadata, "required": True})
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class PaddlerdSettings:
+    """How paddlerd itself behaves."""
+
+    pidfile: str = setting("Where paddlerd writes its process id.", "/run/paddler/paddlerd.pid")
+    stop_timeout: float = setting(
+        "Seconds a child has to stop after SIGTERM before it gets SIGKILL.", 30.0, minimum=0.1
+    )
+    backoff_initial: float = setting(
+        "Seconds before the first restart of a child that died.", 1.0, minimum=0.05
+    )
+    backoff_max: float = setting(
+        "Longest delay between two restarts, in seconds.", 60.0, minimum=0.05
+    )
+    fatal_after: int = setting(
+        "Quick failures in a row after which paddlerd gives a child up (state fatal).",
+        5,
+        minimum=1,
+    )
+    min_uptime: float = setting(
+        "Seconds a child must stay ready for its exit not to count as a quick failure.",
+        10.0,
+        minimum=0.0,
+    )
+    log_level: str = setting(
+        "paddlerd's own log level.", "info", choices=("debug", "info", "warning", "error")
+    )
+
+
+@dataclass(frozen=True)
+class BalancerSettings:
+    """The balancer: the management API that agents report to, and the reverse proxy."""
+
+    management_host: str = setting(
+        "Address the management API listens on.", "127.0.0.1", check="host"
+    )
+    management_port: int = setting(
+        "Port of the management API.", DEFAULT_MANAGEMENT_PORT, check="port"
+    )
+    reverseproxy_host: str = setting(
+        "Address the reverse proxy listens on.", "127.0.0.1", check="host"
+    )
+    reverseproxy_port: int = setting(
+        "Port of the reverse proxy that clients call.", DEFAULT_REVERSEPROXY_PORT, check="port"
+    )
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """An agent: watches one llama-server and reports its slots to the balancer."""
+
+    local_llamacpp_port: int = setting(
+        "Port of the llama-server this agent watches, as seen from this host.",
+        required=True,
+        check="port",
+    )
+    name: str | None = setting("Name shown for this upstream; defaults to its address.")
+    local_llamacpp_host: str = setting(
+        "Address of the llama-server this agent watches, as seen from this host.",
+        "127.0.0.1",
+        check="host",
+    )
+    external_llamacpp_host: str | None = setting(
+        "Address the balancer uses to reach the llama-server; defaults to the local one.",
+        check="host",
+    )
+    external_llamacpp_port: int | None = setting(
+        "Port the balancer uses to reach the llama-server; defaults to the local one.",
+        check="port",
+    )
+    management_host: str = setting(
+        "Address of the balancer's management API.", "127.0.0.1", check="host"
+    )
+    management_port: int = setting(
+        "Port of the balancer's management API.", DEFAULT_MANAGEMENT_PORT, check="port"
+    )
+
+
+@dataclass(frozen=True)
+class LlamaCppSettings:
+    """A llama-server that paddlerd launches and keeps running."""
+
+    name: str = setting(
+        "Unique name of this instance; prefixes its log lines.", required=True, check="name"
+    )
+    model: str = setting(
+        "Path of the GGUF model file (relative paths start at the configuration file).",
+        required=True,
+        check="file",
+    )
+    port: int = setting("Port llama-server listens on.", required=True, check="port")
+    binary: str = setting(
+        "The llama-server executable: a path, or a name looked up in PATH.",
+        "llama-server",
+        check="executable",
+    )
+    host: str = setting("Address llama-server listens on.", "127.0.0.1", check="host")
+    slots: int = setting("Parallel sequences (llama-server --parallel).", 4, minimum=1)
+    context_size: int | None = setting(
+        "Total context in tokens, shared by the slots (--ctx-size); unset: the model's.",
+        minimum=1,
+    )
+    extra_args: list[str] = setting("More llama-server arguments, passed as given.", factory=list)
+    env: dict[str, str] = setting("Environment variables added for llama-server.", factory=dict)
+    startup_timeout: float = setting(
+        "Seconds llama-server may take to answer /health with 200 before it counts as failed.",
+        600.0,
+        minimum=1.0,
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole host configuration, validated."""
+
+    source: Path
+    paddlerd: PaddlerdSettings = field(default_factory=PaddlerdSettings)
+    balancer: BalancerSettings | None = None
+    agents: tuple[AgentSettings, ...] = ()
+    llamacpps: tuple[LlamaCppSettings, ...] = ()
+
+
+# Section name in the file -> (settings class, whether it is an array of tables).
+SECTIONS: dict[str, tuple[type[Any], bool]] = {
+    "paddlerd": (PaddlerdSettings, False),
+    "balancer": (BalancerSettings, False),
+    "agent": (AgentSettings, True),
+    "llamacpp": (LlamaCppSettings, True),
+}

@@ -1,0 +1,1 @@
+"""paddlerctl: look at and steer a running Paddler host."""

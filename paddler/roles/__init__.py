@@ -1,0 +1,1 @@
+"""The roles that paddlerd runs as child processes."""

@@ -1,0 +1,1 @@
+"""paddlerd: the per-host supervisor of the agent, balancer and llama-server processes."""

@@ -1,0 +1,28 @@
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from paddler.testbed.llama_server import ensure_llama_server
+from paddler.testbed.models import write_model
+from tests.integration.harness import PaddlerdRunner
+
+
+@pytest.fixture(scope="session")
+def llama_server_binary() -> Path:
+    """A real llama-server, built once per machine (``make test`` builds it beforehand)."""
+    return ensure_llama_server()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_model(tmp_path_factory.mktemp("models") / "tiny.gguf", "tiny", seed=1)
+
+
+@pytest.fixture
+def paddlerd(tmp_path: Path) -> Iterator[PaddlerdRunner]:
+    runner = PaddlerdRunner(tmp_path)
+    try:
+        yield runner
+    finally:
+        runner.kill_everything()
