@@ -29,7 +29,7 @@ lint: $(INSTALLED)
 	$(BIN)/mypy
 
 test: setup lint
-	$(BIN)/pytest
+	$(BIN)/pytest -v
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

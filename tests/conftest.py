@@ -1,9 +1,10 @@
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from paddler.testbed.llama_server import ensure_llama_server
+from paddler.testbed.llama_server import binary_path, ensure_llama_server
 from paddler.testbed.models import write_model
 from tests.integration.harness import PaddlerdRunner
 
@@ -26,3 +27,15 @@ def paddlerd(tmp_path: Path) -> Iterator[PaddlerdRunner]:
         yield runner
     finally:
         runner.kill_everything()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Say which real llama-server the llamacpp tests run against."""
+    binary = binary_path()
+    if not binary.exists():
+        return f"llama-server: not built yet ({binary})"
+    version = subprocess.run(
+        [str(binary), "--version"], capture_output=True, text=True, timeout=30, check=False
+    )
+    first = (version.stdout + version.stderr).strip().splitlines()[:1]
+    return f"llama-server: {binary} ({first[0] if first else 'unknown version'})"

@@ -229,15 +229,15 @@ class Supervisor:
         child.last_exit = describe_exit(status)
         self._close_probe(child.name)
         prefixer = self._outputs.get(child.name)
-        if prefixer is not None:
-            if not prefixer.closed:
-                self._read_output(prefixer)  # its last words before the news of its death
-            if prefixer.last_line:
-                child.last_exit += f" (its last line: {prefixer.last_line[:200]!r})"
+        if prefixer is not None and not prefixer.closed:
+            self._read_output(prefixer)  # its last words before the news of its death
         if child.state is State.STOPPING or self.stop_phases is not None:
             child.change_state(State.STOPPED, child.last_exit)
             self._after_stop(child, now)
             return
+        if prefixer is not None and prefixer.last_line:
+            # An unexpected exit: its last line usually says why.
+            child.last_exit += f" (its last line: {prefixer.last_line[:200]!r})"
         settings = self.config.paddlerd
         quick = child.ready_at is None or now - child.ready_at < settings.min_uptime
         child.failures = child.failures + 1 if quick else 0
