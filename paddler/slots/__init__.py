@@ -1,0 +1,20 @@
+"""The slot table: what the balancer knows of every upstream, shared by all its processes."""
+
+from paddler.slots.layout import LAYOUT_VERSION, UpstreamState
+from paddler.slots.table import (
+    Reservation,
+    SlotTable,
+    SlotTableError,
+    UpstreamReport,
+    UpstreamRow,
+)
+
+__all__ = [
+    "LAYOUT_VERSION",
+    "Reservation",
+    "SlotTable",
+    "SlotTableError",
+    "UpstreamReport",
+    "UpstreamRow",
+    "UpstreamState",
+]

@@ -1,0 +1,76 @@
+"""The slot table's binary layout.
+
+One file in a tmpfs (``/run/paddler``), mapped by every balancer process. All
+integers little-endian. Version 1:
+
+Header page (4096 bytes)
+    offset 0   8s   magic b"PDLRSLOT"
+    offset 8   u32  layout version
+    offset 12  u32  max_upstreams (rows)
+    offset 16  u32  max_owners (processes that may hold reservations)
+    offset 20  u32  row size in bytes
+    offset 24  f64  creation time (Unix seconds)
+    offset 32  u32  pid of the creating balancer
+    offset 64  owners: max_owners x 16 bytes, each
+               u32 pid, u32 padding, u64 process start time (clock ticks since boot,
+               from /proc/PID/stat); pid 0 marks a free entry. The start time tells
+               a live owner from an unrelated process that reuses its pid.
+
+Rows, from offset 4096, max_upstreams x row size, each
+    offset 0    u32  seqlock: odd while a writer rewrites the row's report fields;
+                     lock-free readers (paddlerctl) retry until it is even and unchanged
+    offset 4    u8   state (UpstreamState; 0 = free row)
+    offset 8    u32  generation: bumped whenever the row is given to another upstream,
+                     so that a late release of a reservation on the old one is ignored
+    offset 12   u16  port
+    offset 14   u16  slots total, 16 idle, 18 processing (as the agent last reported)
+    offset 20   u16  reservations of this balancer when that report was applied
+    offset 24   f64  last report (CLOCK_MONOTONIC seconds, comparable across processes)
+    offset 32   f64  the agent's report interval in seconds
+    offset 40   u64  sequence number of the last accepted report
+    offset 48   f64  first report (CLOCK_MONOTONIC)
+    offset 56   32s  agent id          88   64s name       152  128s host
+    offset 280  128s model             408  64s llama.cpp build
+    offset 472  160s error
+    offset 640  reservations: max_owners x u16, one counter per owner process
+
+Writers hold an flock on the file; every process opens its own descriptor after
+fork (an inherited descriptor would share the lock). The kernel drops the lock of
+a process that dies, so a SIGKILL inside the critical section blocks no one; what
+it leaves half-written is repaired: report fields by the next report (the seqlock
+shows readers the tear meanwhile), reservations by reclaiming dead owners' counters.
+"""
+
+import enum
+import struct
+
+MAGIC = b"PDLRSLOT"
+LAYOUT_VERSION = 1
+HEADER_SIZE = 4096
+HEADER = struct.Struct("<8sIIIIdI")
+OWNERS_OFFSET = 64
+OWNER = struct.Struct("<IIQ")
+ROW_META = struct.Struct("<IBxxxIHHHHHxxddQd32s64s128s128s64s160s8x")
+RESERVATIONS_OFFSET = 640
+DEFAULT_MAX_OWNERS = 64
+DEFAULT_MAX_UPSTREAMS = 256
+
+assert ROW_META.size == RESERVATIONS_OFFSET
+assert OWNERS_OFFSET + OWNER.size * 128 <= HEADER_SIZE
+
+
+def row_size(max_owners: int) -> int:
+    """Rows are padded to 64 bytes so that no two share a cache line."""
+    return -(-(RESERVATIONS_OFFSET + 2 * max_owners) // 64) * 64
+
+
+class UpstreamState(enum.IntEnum):
+    FREE = 0
+    READY = 1  # answering, slots known
+    ASLEEP = 2  # llama-server sleeps (--sleep-idle-seconds): capacity behind a wake-up
+    LOADING = 3  # loading its model (/health answers 503)
+    UNREACHABLE = 4  # the agent cannot reach it
+    UNAUTHORIZED = 5  # it wants an API key the agent does not have (401)
+    SLOTS_DISABLED = 6  # started with --no-slots (/slots answers 501)
+    ERROR = 7  # anything else the agent could not make sense of
+    REMOVED = 8  # its agent stopped cleanly; kept only while reservations drain

@@ -1,0 +1,515 @@
+"""The slot table (layout in paddler/slots/layout.py).
+
+The management API writes agents' reports into it; every proxy worker reserves
+and releases slots in it; paddlerctl reads it without taking its lock.
+"""
+
+import contextlib
+import fcntl
+import mmap
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from paddler.slots.layout import (
+    DEFAULT_MAX_OWNERS,
+    DEFAULT_MAX_UPSTREAMS,
+    HEADER,
+    HEADER_SIZE,
+    LAYOUT_VERSION,
+    MAGIC,
+    OWNER,
+    OWNERS_OFFSET,
+    RESERVATIONS_OFFSET,
+    ROW_META,
+    UpstreamState,
+    row_size,
+)
+
+
+class SlotTableError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class UpstreamReport:
+    """One agent report, as the management API accepted it."""
+
+    agent_id: str
+    name: str
+    host: str
+    port: int
+    state: UpstreamState
+    slots_total: int
+    slots_idle: int
+    slots_processing: int
+    model: str
+    build: str
+    error: str
+    sequence: int
+    interval: float
+
+
+@dataclass(frozen=True)
+class UpstreamRow:
+    """What the table says of one upstream at one moment."""
+
+    index: int
+    generation: int
+    state: UpstreamState
+    agent_id: str
+    name: str
+    host: str
+    port: int
+    model: str
+    build: str
+    error: str
+    slots_total: int
+    slots_idle: int
+    slots_processing: int
+    reserved_at_report: int
+    reservations: int
+    last_report: float
+    first_report: float
+    interval: float
+    sequence: int
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def age(self, now: float) -> float:
+        return max(0.0, now - self.last_report)
+
+    def is_stale(self, now: float, missed_reports: int) -> bool:
+        return self.age(now) > missed_reports * self.interval
+
+    @property
+    def foreign_busy(self) -> int:
+        """Busy slots that are not this balancer's: other clients', other balancers'.
+
+        A report's busy count includes this balancer's own requests then in flight;
+        those are counted exactly by the reservations instead, so only the rest is
+        taken from the report.
+        """
+        return max(0, self.slots_processing - self.reserved_at_report)
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.slots_total - self.foreign_busy - self.reservations)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    row: int
+    generation: int
+
+
+def _text(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", errors="replace")
+
+
+def _bytes(text: str, size: int) -> bytes:
+    data = text.encode("utf-8")[:size]
+    # Never cut a character in half.
+    return data.decode("utf-8", errors="ignore").encode("utf-8")
+
+
+def process_start_time(pid: int) -> int | None:
+    """Clock ticks since boot at which ``pid`` started, or None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return int(fields[19])
+
+
+class SlotTable:
+    def __init__(self, path: Path, fd: int, writable: bool) -> None:
+        self.path = path
+        self._fd = fd
+        size = os.fstat(fd).st_size
+        if size < HEADER_SIZE:
+            os.close(fd)
+            raise SlotTableError(f"{path} is not a Paddler slot table (only {size} bytes)")
+        access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
+        self._map = mmap.mmap(fd, size, access=access)
+        magic, version, max_upstreams, max_owners, size_of_row, created, creator = (
+            HEADER.unpack_from(self._map, 0)
+        )
+        if magic != MAGIC:
+            self._close_map()
+            raise SlotTableError(f"{path} is not a Paddler slot table")
+        if version != LAYOUT_VERSION:
+            self._close_map()
+            raise SlotTableError(
+                f"{path} has slot table layout version {version}, but this Paddler reads "
+                f"version {LAYOUT_VERSION}: run paddlerctl from the same release as the balancer"
+            )
+        self.max_upstreams: int = max_upstreams
+        self.max_owners: int = max_owners
+        self.row_size: int = size_of_row
+        self.created: float = created
+        self.creator_pid: int = creator
+        self._u16 = memoryview(self._map).cast("H")
+        self._u32 = memoryview(self._map).cast("I")
+        self._owner: int | None = None
+
+    # -- opening ---------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        path: Path,
+        max_upstreams: int = DEFAULT_MAX_UPSTREAMS,
+        max_owners: int = DEFAULT_MAX_OWNERS,
+    ) -> "SlotTable":
+        """A new, empty table at ``path``, replacing any old one atomically."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        size_of_row = row_size(max_owners)
+        header = HEADER.pack(
+            MAGIC, LAYOUT_VERSION, max_upstreams, max_owners, size_of_row, time.time(), os.getpid()
+        )
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        with open(partial, "wb") as new:
+            new.write(header.ljust(HEADER_SIZE, b"\0"))
+            new.truncate(HEADER_SIZE + max_upstreams * size_of_row)
+        partial.chmod(0o640)
+        partial.rename(path)
+        return cls.open(path)
+
+    @classmethod
+    def open(cls, path: Path, *, readonly: bool = False) -> "SlotTable":
+        flags = os.O_RDONLY if readonly else os.O_RDWR
+        try:
+            fd = os.open(path, flags | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise SlotTableError(f"no slot table at {path}: is the balancer running?") from None
+        except PermissionError:
+            raise SlotTableError(f"no permission to read the slot table {path}") from None
+        return cls(path, fd, writable=not readonly)
+
+    def close(self) -> None:
+        self._close_map()
+
+    def _close_map(self) -> None:
+        for view in ("_u16", "_u32"):
+            if hasattr(self, view):
+                getattr(self, view).release()
+        if hasattr(self, "_map"):
+            self._map.close()
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+    # -- locking and rows ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _offset(self, row: int) -> int:
+        return HEADER_SIZE + row * self.row_size
+
+    def _reservation_index(self, row: int, owner: int) -> int:
+        return (self._offset(row) + RESERVATIONS_OFFSET) // 2 + owner
+
+    def _reservations(self, row: int) -> int:
+        start = (self._offset(row) + RESERVATIONS_OFFSET) // 2
+        return sum(self._u16[start : start + self.max_owners])
+
+    def _row(self, row: int) -> UpstreamRow:
+        (
+            _,
+            state,
+            generation,
+            port,
+            total,
+            idle,
+            processing,
+            reserved_at_report,
+            last_report,
+            interval,
+            sequence,
+            first_report,
+            agent_id,
+            name,
+            host,
+            model,
+            build,
+            error,
+        ) = ROW_META.unpack_from(self._map, self._offset(row))
+        return UpstreamRow(
+            index=row,
+            generation=generation,
+            state=UpstreamState(state),
+            agent_id=_text(agent_id),
+            name=_text(name),
+            host=_text(host),
+            port=port,
+            model=_text(model),
+            build=_text(build),
+            error=_text(error),
+            slots_total=total,
+            slots_idle=idle,
+            slots_processing=processing,
+            reserved_at_report=reserved_at_report,
+            reservations=self._reservations(row),
+            last_report=last_report,
+            first_report=first_report,
+            interval=interval,
+            sequence=sequence,
+        )
+
+    def _used_rows(self) -> list[UpstreamRow]:
+        rows = []
+        for index in range(self.max_upstreams):
+            if self._map[self._offset(index) + 4] != UpstreamState.FREE:
+                rows.append(self._row(index))
+        return rows
+
+    def rows(self) -> list[UpstreamRow]:
+        """Every upstream, read without the lock (seqlock: a row being rewritten is re-read)."""
+        rows = []
+        for index in range(self.max_upstreams):
+            offset = self._offset(index)
+            for _ in range(1000):
+                before = self._u32[offset // 4]
+                if before % 2 == 0:
+                    row = self._row(index) if self._map[offset + 4] else None
+                    if self._u32[offset // 4] == before:
+                        break
+                time.sleep(0)
+            else:
+                raise SlotTableError(f"row {index} of {self.path} stays mid-write")
+            if row is not None:
+                rows.append(row)
+        return rows
+
+    def _write(
+        self,
+        row: int,
+        state: UpstreamState,
+        generation: int,
+        report: UpstreamReport | None,
+        reserved: int,
+        first_report: float,
+        last_report: float,
+    ) -> None:
+        offset = self._offset(row)
+        sequence_index = offset // 4
+        seqlock = self._u32[sequence_index]
+        self._u32[sequence_index] = seqlock + 1  # odd: readers wait
+        if report is None:
+            fields = ROW_META.pack(
+                seqlock + 1,
+                state,
+                generation,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0.0,
+                0.0,
+                0,
+                0.0,
+                b"",
+                b"",
+                b"",
+                b"",
+                b"",
+                b"",
+            )
+        else:
+            fields = ROW_META.pack(
+                seqlock + 1,
+                state,
+                generation,
+                report.port,
+                report.slots_total,
+                report.slots_idle,
+                report.slots_processing,
+                reserved,
+                last_report,
+                report.interval,
+                report.sequence,
+                first_report,
+                _bytes(report.agent_id, 32),
+                _bytes(report.name, 64),
+                _bytes(report.host, 128),
+                _bytes(report.model, 128),
+                _bytes(report.build, 64),
+                _bytes(report.error, 160),
+            )
+        # By slice: one copy, never a zeroed row in between (struct.pack_into clears first).
+        self._map[offset + 4 : offset + ROW_META.size] = fields[4:]
+        self._u32[sequence_index] = seqlock + 2
+
+    def _free(self, row: UpstreamRow) -> None:
+        self._write(row.index, UpstreamState.FREE, row.generation, None, 0, 0.0, 0.0)
+        start = (self._offset(row.index) + RESERVATIONS_OFFSET) // 2
+        for owner in range(self.max_owners):
+            self._u16[start + owner] = 0
+
+    # -- what the management API does -------------------------------------------------------
+
+    def apply_report(self, report: UpstreamReport, now: float) -> bool:
+        """Store a report; False when it is a duplicate or older than one already applied."""
+        with self.locked():
+            rows = self._used_rows()
+            same_agent = next((r for r in rows if r.agent_id == report.agent_id), None)
+            target: UpstreamRow | None
+            if same_agent is not None:
+                if report.sequence <= same_agent.sequence:
+                    return False
+                target = same_agent
+            else:
+                # A new agent run for an upstream already known takes its row over, with
+                # the reservations in flight on it.
+                target = next(
+                    (r for r in rows if (r.host, r.port) == (report.host, report.port)), None
+                )
+            if target is None:
+                index = self._first_free_row()
+                generation = self._row(index).generation + 1
+                first = now
+            else:
+                index, generation, first = target.index, target.generation, target.first_report
+            self._write(
+                index, report.state, generation, report, self._reservations(index), first, now
+            )
+            return True
+
+    def _first_free_row(self) -> int:
+        for index in range(self.max_upstreams):
+            if self._map[self._offset(index) + 4] == UpstreamState.FREE:
+                return index
+        raise SlotTableError(f"the slot table is full ({self.max_upstreams} upstreams)")
+
+    def remove_agent(self, agent_id: str) -> UpstreamRow | None:
+        """Take an agent's upstream out of rotation at once (its agent stopped cleanly)."""
+        with self.locked():
+            row = next((r for r in self._used_rows() if r.agent_id == agent_id), None)
+            if row is None:
+                return None
+            if row.reservations:
+                report = UpstreamReport(
+                    row.agent_id,
+                    row.name,
+                    row.host,
+                    row.port,
+                    UpstreamState.REMOVED,
+                    row.slots_total,
+                    row.slots_idle,
+                    row.slots_processing,
+                    row.model,
+                    row.build,
+                    "its agent stopped",
+                    row.sequence,
+                    row.interval,
+                )
+                self._write(
+                    row.index,
+                    UpstreamState.REMOVED,
+                    row.generation,
+                    report,
+                    row.reserved_at_report,
+                    row.first_report,
+                    row.last_report,
+                )
+            else:
+                self._free(row)
+            return row
+
+    def expire(self, now: float, forget_after: float) -> list[UpstreamRow]:
+        """Forget upstreams silent for ``forget_after`` seconds, and drained removed ones."""
+        forgotten = []
+        with self.locked():
+            for row in self._used_rows():
+                drained = row.state is UpstreamState.REMOVED and row.reservations == 0
+                if drained or row.age(now) > forget_after:
+                    self._free(row)
+                    forgotten.append(row)
+        return forgotten
+
+    # -- what proxy workers do -------------------------------------------------------------
+
+    def join(self) -> None:
+        """Register this process as one that holds reservations (once, after fork)."""
+        pid = os.getpid()
+        started = process_start_time(pid)
+        with self.locked():
+            free = None
+            for index in range(self.max_owners):
+                owner_pid, _, owner_started = OWNER.unpack_from(
+                    self._map, self._owner_offset(index)
+                )
+                if owner_pid == pid and owner_started == started:
+                    self._owner = index
+                    return
+                if free is None and (owner_pid == 0 or not _alive(owner_pid, owner_started)):
+                    free = index
+            if free is None:
+                raise SlotTableError(f"more than {self.max_owners} processes use {self.path}")
+            self._clear_owner(free)
+            self._map[self._owner_offset(free) : self._owner_offset(free) + OWNER.size] = (
+                OWNER.pack(pid, 0, started or 0)
+            )
+            self._owner = free
+
+    def _owner_offset(self, index: int) -> int:
+        return OWNERS_OFFSET + index * OWNER.size
+
+    def _clear_owner(self, index: int) -> None:
+        for row in range(self.max_upstreams):
+            self._u16[self._reservation_index(row, index)] = 0
+        offset = self._owner_offset(index)
+        self._map[offset : offset + OWNER.size] = bytes(OWNER.size)
+
+    def reclaim_dead_owners(self, dead_pid: int | None = None) -> int:
+        """Release every reservation of processes that died; how many processes that was."""
+        reclaimed = 0
+        with self.locked():
+            for index in range(self.max_owners):
+                pid, _, started = OWNER.unpack_from(self._map, self._owner_offset(index))
+                if pid and (pid == dead_pid or not _alive(pid, started)):
+                    self._clear_owner(index)
+                    reclaimed += 1
+        return reclaimed
+
+    def reserve(self, row: int, generation: int) -> Reservation | None:
+        """Take one slot of a ready upstream with a free slot, or None."""
+        if self._owner is None:
+            raise SlotTableError("join() the table before reserving")
+        with self.locked():
+            current = self._row(row)
+            if (
+                current.generation != generation
+                or current.state is not UpstreamState.READY
+                or current.free_slots < 1
+            ):
+                return None
+            self._u16[self._reservation_index(row, self._owner)] += 1
+            return Reservation(row, generation)
+
+    def release(self, reservation: Reservation) -> None:
+        if self._owner is None:
+            raise SlotTableError("join() the table before releasing")
+        with self.locked():
+            if self._row(reservation.row).generation != reservation.generation:
+                return  # the upstream was forgotten meanwhile; its counters were reset
+            index = self._reservation_index(reservation.row, self._owner)
+            if self._u16[index] > 0:
+                self._u16[index] -= 1
+
+
+def _alive(pid: int, started: int) -> bool:
+    current = process_start_time(pid)
+    return current is not None and started in (0, current)

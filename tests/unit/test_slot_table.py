@@ -1,0 +1,218 @@
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from paddler.slots import SlotTable, SlotTableError, UpstreamReport, UpstreamState
+
+REPORT = UpstreamReport(
+    agent_id="a1",
+    name="gpu0",
+    host="10.0.0.5",
+    port=8081,
+    state=UpstreamState.READY,
+    slots_total=4,
+    slots_idle=4,
+    slots_processing=0,
+    model="tiny",
+    build="b1",
+    error="",
+    sequence=1,
+    interval=1.0,
+)
+
+
+@pytest.fixture
+def table(tmp_path: Path) -> Iterator[SlotTable]:
+    created = SlotTable.create(tmp_path / "slots.table", max_upstreams=8, max_owners=4)
+    yield created
+    created.close()
+
+
+def test_a_report_becomes_a_row_with_every_field(table: SlotTable) -> None:
+    assert table.apply_report(REPORT, now=100.0)
+    (row,) = table.rows()
+    assert (row.agent_id, row.name, row.address, row.model, row.build) == (
+        "a1",
+        "gpu0",
+        "10.0.0.5:8081",
+        "tiny",
+        "b1",
+    )
+    assert (row.state, row.slots_total, row.slots_idle, row.free_slots) == (
+        UpstreamState.READY,
+        4,
+        4,
+        4,
+    )
+    assert row.age(101.5) == 1.5
+    assert not row.is_stale(102.9, missed_reports=3)
+    assert row.is_stale(103.1, missed_reports=3)
+
+
+def test_duplicate_and_out_of_order_reports_are_ignored(table: SlotTable) -> None:
+    assert table.apply_report(replace(REPORT, sequence=5, slots_idle=1), now=1.0)
+    assert not table.apply_report(replace(REPORT, sequence=5, slots_idle=4), now=2.0)
+    assert not table.apply_report(replace(REPORT, sequence=3, slots_idle=4), now=3.0)
+    (row,) = table.rows()
+    assert (row.slots_idle, row.sequence, row.last_report) == (1, 5, 1.0)
+
+
+def test_a_new_agent_run_for_a_known_upstream_takes_its_row_over(table: SlotTable) -> None:
+    table.apply_report(replace(REPORT, sequence=40), now=1.0)
+    table.join()
+    row = table.rows()[0]
+    held = table.reserve(row.index, row.generation)
+    assert table.apply_report(replace(REPORT, agent_id="a2", sequence=1), now=2.0)
+    (after,) = table.rows()
+    assert (after.index, after.generation, after.agent_id) == (row.index, row.generation, "a2")
+    assert after.reservations == 1
+    assert held is not None
+    table.release(held)
+    assert table.rows()[0].reservations == 0
+
+
+def test_free_slots_count_own_reservations_exactly_and_only_foreign_busy_from_reports(
+    table: SlotTable,
+) -> None:
+    table.join()
+    table.apply_report(REPORT, now=1.0)
+    row = table.rows()[0]
+    held = [table.reserve(row.index, row.generation) for _ in range(2)]
+    # The next report sees our 2 requests busy plus 1 of another client.
+    table.apply_report(replace(REPORT, sequence=2, slots_idle=1, slots_processing=3), now=2.0)
+    row = table.rows()[0]
+    assert (row.reservations, row.foreign_busy, row.free_slots) == (2, 1, 1)
+    # Our requests end: the slots are free at once, before any report says so.
+    for reservation in held:
+        assert reservation is not None
+        table.release(reservation)
+    assert table.rows()[0].free_slots == 3
+
+
+def test_reserve_refuses_full_unready_and_reassigned_rows(table: SlotTable) -> None:
+    table.join()
+    table.apply_report(replace(REPORT, slots_total=1, slots_idle=1), now=1.0)
+    row = table.rows()[0]
+    assert table.reserve(row.index, row.generation + 1) is None
+    held = table.reserve(row.index, row.generation)
+    assert held is not None
+    assert table.reserve(row.index, row.generation) is None
+    table.release(held)
+    table.apply_report(replace(REPORT, sequence=2, state=UpstreamState.LOADING), now=2.0)
+    assert table.reserve(row.index, row.generation) is None
+
+
+def test_clean_agent_stop_removes_at_once_or_after_draining(table: SlotTable) -> None:
+    table.join()
+    table.apply_report(REPORT, now=1.0)
+    table.apply_report(replace(REPORT, agent_id="b", host="10.0.0.6"), now=1.0)
+    busy = table.rows()[1]
+    held = table.reserve(busy.index, busy.generation)
+    assert held is not None
+
+    assert table.remove_agent("a1") is not None
+    assert [row.agent_id for row in table.rows()] == ["b"]
+    assert table.remove_agent("b") is not None
+    assert table.rows()[0].state is UpstreamState.REMOVED
+    assert table.reserve(busy.index, busy.generation) is None
+    table.release(held)
+    assert [row.name for row in table.expire(now=2.0, forget_after=60)] == ["gpu0"]
+    assert table.rows() == []
+    assert table.remove_agent("nobody") is None
+
+
+def test_silent_upstreams_are_forgotten_and_late_releases_ignored(table: SlotTable) -> None:
+    table.join()
+    table.apply_report(REPORT, now=1.0)
+    row = table.rows()[0]
+    held = table.reserve(row.index, row.generation)
+    assert held is not None
+    assert table.expire(now=30.0, forget_after=60) == []
+    assert [r.agent_id for r in table.expire(now=62.0, forget_after=60)] == ["a1"]
+    table.apply_report(replace(REPORT, agent_id="new", host="10.0.0.9"), now=63.0)
+    reused = table.rows()[0]
+    assert (reused.index, reused.generation) == (row.index, row.generation + 1)
+    assert table.reserve(reused.index, reused.generation) is not None
+    table.release(held)  # from the old upstream: must not touch the new one's count
+    assert table.rows()[0].reservations == 1
+
+
+def test_reservations_of_a_dead_process_are_reclaimed(table: SlotTable, tmp_path: Path) -> None:
+    table.apply_report(REPORT, now=1.0)
+    row = table.rows()[0]
+    code = (
+        "from pathlib import Path; from paddler.slots import SlotTable; "
+        f"t = SlotTable.open(Path({str(table.path)!r})); t.join(); "
+        f"assert t.reserve({row.index}, {row.generation}); "
+        f"assert t.reserve({row.index}, {row.generation})"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+    assert table.rows()[0].reservations == 2
+    assert table.reclaim_dead_owners() == 1
+    assert table.rows()[0].reservations == 0
+
+
+def test_more_processes_than_owner_entries_is_a_clear_error(table: SlotTable) -> None:
+    code = (
+        "import sys; from pathlib import Path; from paddler.slots import SlotTable, "
+        "SlotTableError\n"
+        f"tables = [SlotTable.open(Path({str(table.path)!r})) for _ in range(1)]\n"
+        "tables[0].join()\n"
+        "import time; print('joined', flush=True); time.sleep(30)\n"
+    )
+    holders = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    try:
+        for holder in holders:
+            assert holder.stdout is not None
+            assert holder.stdout.readline() == "joined\n"
+        with pytest.raises(SlotTableError, match=r"more than 4 processes use"):
+            table.join()
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.communicate()
+
+
+def test_readers_of_another_layout_version_get_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "slots.table"
+    SlotTable.create(path).close()
+    with open(path, "r+b") as raw:
+        raw.seek(8)
+        raw.write(struct.pack("<I", 99))
+    with pytest.raises(
+        SlotTableError,
+        match=r"layout version 99, but this Paddler reads "
+        r"version 1",
+    ):
+        SlotTable.open(path, readonly=True)
+
+
+def test_a_file_that_is_not_a_table(tmp_path: Path) -> None:
+    path = tmp_path / "other"
+    path.write_bytes(b"x" * 8192)
+    with pytest.raises(SlotTableError, match="is not a Paddler slot table"):
+        SlotTable.open(path)
+    with pytest.raises(SlotTableError, match="no slot table at"):
+        SlotTable.open(tmp_path / "absent")
+
+
+def test_a_read_only_reader_sees_rows_and_changes_nothing(table: SlotTable) -> None:
+    table.apply_report(REPORT, now=1.0)
+    before = table.path.read_bytes()
+    reader = SlotTable.open(table.path, readonly=True)
+    assert [row.agent_id for row in reader.rows()] == ["a1"]
+    reader.close()
+    assert table.path.read_bytes() == before
+
+
+def test_long_texts_are_cut_on_character_boundaries(table: SlotTable) -> None:
+    table.apply_report(replace(REPORT, error="é" * 200), now=1.0)
+    assert table.rows()[0].error == "é" * 80
