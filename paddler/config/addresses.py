@@ -24,3 +24,22 @@ def is_valid_host(host: str) -> bool:
 def listeners_conflict(first: str, second: str) -> bool:
     """Whether two listeners on the same port would fight over it."""
     return first == second or first in _WILDCARDS or second in _WILDCARDS
+
+
+AWS_LOCAL_IPV4 = "aws:metadata:local-ipv4"
+
+
+def parse_address(address: str) -> tuple[str, int] | None:
+    """``host:port`` or ``[v6]:port`` as (host, port), or None when it is neither."""
+    host, separator, port = address.rpartition(":")
+    if not separator or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        return None  # a bare IPv6 address needs brackets before its port
+    return (host, int(port)) if is_valid_host(host) else None
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

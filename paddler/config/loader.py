@@ -13,17 +13,23 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import tomlkit
 from tomlkit.exceptions import ParseError
 
-from paddler.config.addresses import is_valid_host, listeners_conflict
+from paddler.config.addresses import (
+    AWS_LOCAL_IPV4,
+    is_valid_host,
+    listeners_conflict,
+    parse_address,
+)
 from paddler.config.errors import ConfigError, Problem
 from paddler.config.locate import line_of, locate_keys
 from paddler.config.model import SECTIONS, BalancerSettings, Config, PaddlerdSettings
 
 DEFAULT_CONFIG_PATH = Path("/etc/paddler/paddler.toml")
+T = TypeVar("T")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
 
 
@@ -100,10 +106,10 @@ class _Validator:
         count_before = len(self.problems)
         for key in data:
             if key not in fields:
-                self.problem(f"{prefix}.{key}", f"unknown key{_suggest(key, fields)}")
+                self.problem(_join(prefix, key), f"unknown key{_suggest(key, fields)}")
         values: dict[str, Any] = {}
         for name, spec in fields.items():
-            key = f"{prefix}.{name}"
+            key = _join(prefix, name)
             if name not in data:
                 if spec.metadata.get("required"):
                     self.problem(key, "is required")
@@ -142,6 +148,22 @@ class _Validator:
         if check == "host" and not is_valid_host(value):
             self.problem(key, f"is not a valid IP address or host name: {value!r}")
             return None
+        if check == "agent_host" and value != AWS_LOCAL_IPV4 and not is_valid_host(value):
+            self.problem(
+                key, f"is not a valid IP address or host name, nor {AWS_LOCAL_IPV4!r}: {value!r}"
+            )
+            return None
+        if check == "token" and (not value or any(c.isspace() for c in value)):
+            self.problem(key, "must be a non-empty string without spaces")
+            return None
+        if check == "addresses":
+            if not value:
+                self.problem(key, "must name at least one host:port")
+                return None
+            bad = [address for address in value if parse_address(address) is None]
+            if bad:
+                self.problem(key, f"must be host:port entries; not {', '.join(map(repr, bad))}")
+                return None
         if check == "name" and not _NAME.match(value):
             self.problem(key, f"must be 1-63 letters, digits, '.', '_' or '-': {value!r}")
             return None
@@ -199,6 +221,19 @@ class _Validator:
                 if port == other_port and listeners_conflict(host, other_host):
                     self.problem(key, f"port {port} is already taken by {other_key}")
                     break
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def validate_section(cls: type[T], data: dict[str, Any], source: str) -> T:
+    """Settings of one section from plain values (the command line builds them so)."""
+    validator = _Validator({}, Path.cwd(), check_files=True)
+    settings = validator.section("", cls, data)
+    if validator.problems:
+        raise ConfigError(source, validator.problems)
+    return cast(T, settings)
 
 
 def _strip_optional(annotation: Any) -> Any:

@@ -12,6 +12,8 @@ from typing import Any
 
 DEFAULT_MANAGEMENT_PORT = 8085
 DEFAULT_REVERSEPROXY_PORT = 8080
+# The token that etc/paddler/paddler.toml ships with; a balancer still using it warns.
+EXAMPLE_TOKEN = "replace-me-with-a-long-random-secret"  # noqa: S105 - a known-bad value
 
 
 def setting(
@@ -71,12 +73,36 @@ class BalancerSettings:
     management_port: int = setting(
         "Port of the management API.", DEFAULT_MANAGEMENT_PORT, check="port"
     )
+    management_token: str | None = setting(
+        "Shared secret agents must send as a bearer token; unset: no token is required "
+        "(only safe on loopback).",
+        check="token",
+    )
     reverseproxy_host: str = setting(
         "Address the reverse proxy listens on.", "127.0.0.1", check="host"
     )
     reverseproxy_port: int = setting(
         "Port of the reverse proxy that clients call.", DEFAULT_REVERSEPROXY_PORT, check="port"
     )
+    workers: int | None = setting("Balancer worker processes; unset: one per CPU core.", minimum=1)
+    slot_table: str | None = setting(
+        "The shared-memory slot table file (on a tmpfs); unset: "
+        "/run/paddler/balancer-<management_port>.slots."
+    )
+    missed_reports: int = setting(
+        "Report intervals an agent may stay silent before its upstream gets no new requests.",
+        3,
+        minimum=1,
+    )
+    forget_after: float = setting(
+        "Seconds of silence after which an upstream is removed from the table.",
+        60.0,
+        minimum=1.0,
+    )
+
+
+def slot_table_path(settings: BalancerSettings) -> str:
+    return settings.slot_table or f"/run/paddler/balancer-{settings.management_port}.slots"
 
 
 @dataclass(frozen=True)
@@ -94,19 +120,31 @@ class AgentSettings:
         "127.0.0.1",
         check="host",
     )
+    local_llamacpp_api_key: str | None = setting(
+        "API key of that llama-server (its --api-key), if it has one.", check="token"
+    )
     external_llamacpp_host: str | None = setting(
-        "Address the balancer uses to reach the llama-server; defaults to the local one.",
-        check="host",
+        "Address the balancer uses to reach the llama-server; defaults to the local one. "
+        '"aws:metadata:local-ipv4" asks the EC2 instance metadata service.',
+        check="agent_host",
     )
     external_llamacpp_port: int | None = setting(
         "Port the balancer uses to reach the llama-server; defaults to the local one.",
         check="port",
     )
-    management_host: str = setting(
-        "Address of the balancer's management API.", "127.0.0.1", check="host"
+    balancers: list[str] = setting(
+        "Management APIs to report to, as host:port.",
+        factory=lambda: [f"127.0.0.1:{DEFAULT_MANAGEMENT_PORT}"],
+        check="addresses",
     )
-    management_port: int = setting(
-        "Port of the balancer's management API.", DEFAULT_MANAGEMENT_PORT, check="port"
+    management_token: str | None = setting(
+        "The balancers' management token (their balancer.management_token).", check="token"
+    )
+    monitoring_interval: float = setting(
+        "Seconds between two looks at the llama-server (and two reports).", 1.0, minimum=0.05
+    )
+    aws_metadata_url: str = setting(
+        "Where the EC2 instance metadata service answers.", "http://169.254.169.254"
     )
 
 

@@ -3,13 +3,15 @@
 docs/configuration.md embeds this text between markers, and a test fails when
 the two differ, so the reference cannot drift from the code:
 
-    python -m paddler.config.reference > /tmp/reference.md
+    python -m paddler.config.reference                 # print it
+    python -m paddler.config.reference docs/configuration.md   # rewrite it in place
 """
 
 import dataclasses
 import sys
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 from paddler.config.model import SECTIONS
@@ -47,7 +49,7 @@ def _toml(value: Any) -> str:
     if isinstance(value, str):
         return f'"{value}"'
     if isinstance(value, list):
-        return "[]"
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
     if isinstance(value, dict):
         return "{}"
     return str(value)
@@ -68,5 +70,14 @@ def render() -> str:
     return "\n".join(lines)
 
 
+def rewrite(path: Path) -> None:
+    text = path.read_text()
+    start, end = text.index(BEGIN), text.index(END) + len(END)
+    path.write_text(text[:start] + render() + text[end:])
+
+
 if __name__ == "__main__":
-    sys.stdout.write(render() + "\n")
+    if len(sys.argv) > 1:
+        rewrite(Path(sys.argv[1]))
+    else:
+        sys.stdout.write(render() + "\n")

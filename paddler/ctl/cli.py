@@ -6,7 +6,10 @@ import signal
 import sys
 from pathlib import Path
 
+from paddler.cli import TOKEN_VARIABLE
 from paddler.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from paddler.config.model import slot_table_path
+from paddler.ctl import agents
 from paddler.supervisor.pidfile import read_pid
 
 
@@ -24,10 +27,40 @@ def main(argv: list[str] | None = None) -> int:
     config_commands = config_parser.add_subparsers(dest="config_command", required=True)
     config_commands.add_parser("check", help="validate the configuration file")
     commands.add_parser("reload", help="make paddlerd re-read its configuration (SIGHUP)")
+    agents_parser = commands.add_parser("agents", help="list the upstreams the balancer knows")
+    agents_parser.add_argument(
+        "--management",
+        metavar="URL",
+        help="ask this management API instead of the local slot table",
+    )
+    agents_parser.add_argument("--token", help=f"its bearer token (default: ${TOKEN_VARIABLE})")
+    agents_parser.add_argument("--table", type=Path, help="read this slot table file")
+    agents_parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     args = parser.parse_args(argv)
     if args.command == "config":
         return check(args.config)
+    if args.command == "agents":
+        return list_agents(args)
     return reload(args.config)
+
+
+def list_agents(args: argparse.Namespace) -> int:
+    token = args.token or os.environ.get(TOKEN_VARIABLE)
+    if args.management or args.table:
+        return agents.run(None, args.table, args.management, token, args.json)
+    try:
+        config = load_config(args.config, check_files=False)
+    except ConfigError as error:
+        print(error.render(), file=sys.stderr)
+        return 78
+    if config.balancer is None:
+        print(
+            f"paddlerctl: {args.config} runs no balancer on this host; use --management URL",
+            file=sys.stderr,
+        )
+        return 1
+    table = Path(slot_table_path(config.balancer))
+    return agents.run(config.balancer, table, None, token, args.json)
 
 
 def check(path: Path) -> int:

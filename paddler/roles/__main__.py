@@ -2,20 +2,13 @@
 
 paddlerd passes the role's validated settings as JSON, so that a child runs
 exactly the configuration paddlerd checked, even if the file changed since.
-
-Until the agent and balancer are built (issues 3 and 4), a role process only
-holds its place under supervision: it logs what it would serve and waits for
-SIGTERM.
 """
 
 import json
 import logging
-import signal
 import sys
 
-log = logging.getLogger("paddler")
-
-ROLES = ("agent", "balancer")
+from paddler.roles.run import ROLES, run_role
 
 
 def main(argv: list[str]) -> int:
@@ -30,18 +23,9 @@ def main(argv: list[str]) -> int:
     except json.JSONDecodeError as error:
         print(f"paddler {role}: settings are not valid JSON: {error}", file=sys.stderr)
         return 78
+    # paddlerd prefixes every line with the time and the child's name.
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(message)s")
-    log.warning(
-        "%s role: not implemented yet in this version; holding its place under "
-        "paddlerd (settings %s)",
-        role,
-        json.dumps(settings, sort_keys=True),
-    )
-    stop = {signal.SIGTERM, signal.SIGINT}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop)
-    received = signal.sigwait(stop)
-    log.info("%s role: %s, stopping", role, signal.Signals(received).name)
-    return 0
+    return run_role(role, settings)
 
 
 if __name__ == "__main__":

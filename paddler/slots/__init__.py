@@ -2,6 +2,7 @@
 
 from paddler.slots.layout import LAYOUT_VERSION, UpstreamState
 from paddler.slots.table import (
+    Applied,
     Reservation,
     SlotTable,
     SlotTableError,
@@ -11,6 +12,7 @@ from paddler.slots.table import (
 
 __all__ = [
     "LAYOUT_VERSION",
+    "Applied",
     "Reservation",
     "SlotTable",
     "SlotTableError",

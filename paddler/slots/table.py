@@ -5,6 +5,7 @@ and releases slots in it; paddlerctl reads it without taking its lock.
 """
 
 import contextlib
+import enum
 import fcntl
 import mmap
 import os
@@ -99,6 +100,12 @@ class UpstreamRow:
     @property
     def free_slots(self) -> int:
         return max(0, self.slots_total - self.foreign_busy - self.reservations)
+
+
+class Applied(enum.Enum):
+    NEW = "new"  # a row for an upstream not in the table before
+    UPDATED = "updated"
+    IGNORED = "ignored"  # a duplicate, or older than a report already applied
 
 
 @dataclass(frozen=True)
@@ -360,15 +367,15 @@ class SlotTable:
 
     # -- what the management API does -------------------------------------------------------
 
-    def apply_report(self, report: UpstreamReport, now: float) -> bool:
-        """Store a report; False when it is a duplicate or older than one already applied."""
+    def apply_report(self, report: UpstreamReport, now: float) -> Applied:
+        """Store a report, unless it is a duplicate or older than one already applied."""
         with self.locked():
             rows = self._used_rows()
             same_agent = next((r for r in rows if r.agent_id == report.agent_id), None)
             target: UpstreamRow | None
             if same_agent is not None:
                 if report.sequence <= same_agent.sequence:
-                    return False
+                    return Applied.IGNORED
                 target = same_agent
             else:
                 # A new agent run for an upstream already known takes its row over, with
@@ -385,7 +392,7 @@ class SlotTable:
             self._write(
                 index, report.state, generation, report, self._reservations(index), first, now
             )
-            return True
+            return Applied.NEW if target is None else Applied.UPDATED
 
     def _first_free_row(self) -> int:
         for index in range(self.max_upstreams):

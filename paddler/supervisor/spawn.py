@@ -24,6 +24,11 @@ class Spawned:
     output_fd: int  # read end of the pipe that carries the child's stdout and stderr
 
 
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def spawn(spec: ChildSpec) -> Spawned:
     read_fd, write_fd = os.pipe()
     parent = os.getpid()
@@ -42,7 +47,7 @@ def spawn(spec: ChildSpec) -> Spawned:
 def _exec_child(spec: ChildSpec, parent: int, write_fd: int) -> None:  # pragma: no cover
     try:
         os.setpgid(0, 0)
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        die_with_parent()
         if os.getppid() != parent:
             os._exit(1)  # paddlerd died before the death signal was armed
         null = os.open(os.devnull, os.O_RDONLY)

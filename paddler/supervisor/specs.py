@@ -46,7 +46,10 @@ class ChildSpec:
 def child_specs(config: Config) -> dict[str, ChildSpec]:
     specs: list[ChildSpec] = []
     if config.balancer is not None:
-        specs.append(_python_role("balancer", "balancer", dataclasses.asdict(config.balancer)))
+        balancer = config.balancer
+        # Running once its management API answers: agents can report from then on.
+        health = HealthCheck(_reachable(balancer.management_host), balancer.management_port)
+        specs.append(_python_role("balancer", "balancer", dataclasses.asdict(balancer), health))
     for index, agent in enumerate(config.agents):
         name = f"agent.{agent.name or index}"
         specs.append(_python_role(name, "agent", dataclasses.asdict(agent)))
@@ -60,9 +63,11 @@ def child_environment(extra: dict[str, str] | None = None) -> tuple[tuple[str, s
     return tuple(sorted(environment.items()))
 
 
-def _python_role(name: str, role: str, settings: dict[str, object]) -> ChildSpec:
+def _python_role(
+    name: str, role: str, settings: dict[str, object], health: HealthCheck | None = None
+) -> ChildSpec:
     argv = (sys.executable, "-m", "paddler.roles", role, json.dumps(settings, sort_keys=True))
-    return ChildSpec(name, role, argv, child_environment(), None, 30.0)
+    return ChildSpec(name, role, argv, child_environment(), health, 60.0)
 
 
 def llamacpp_argv(instance: LlamaCppSettings) -> tuple[str, ...]:

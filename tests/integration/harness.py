@@ -1,6 +1,7 @@
 """Running paddlerd as a real process in tests, and never leaving anything behind."""
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -106,7 +107,9 @@ def _child_name(process: psutil.Process) -> str:
     """The supervisor's name for a child, from its command line."""
     command = process.cmdline()
     if "paddler.roles" in command:
-        return command[command.index("paddler.roles") + 1]
+        role = command[command.index("paddler.roles") + 1]
+        name = json.loads(command[-1]).get("name")
+        return f"{role}.{name}" if name else role
     if "--port" in command:
         return f"port:{command[command.index('--port') + 1]}"
     return command[0]

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from paddler.slots import SlotTable, UpstreamReport, UpstreamState
+from paddler.slots import Applied, SlotTable, UpstreamReport, UpstreamState
 
 SLOTS = 3
 
@@ -30,7 +30,7 @@ def test_reservations_survive_processes_killed_at_any_instant(tmp_path: Path) ->
     report = UpstreamReport(
         "agent", "a", "127.0.0.1", 8081, UpstreamState.READY, SLOTS, SLOTS, 0, "m", "b", "", 1, 1.0
     )
-    assert table.apply_report(report, time.monotonic())
+    assert table.apply_report(report, time.monotonic()) is Applied.NEW
     rng = random.Random(3)
 
     survivors = [worker(path, 600, watched=True) for _ in range(4)]

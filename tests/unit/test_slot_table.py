@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from paddler.slots import SlotTable, SlotTableError, UpstreamReport, UpstreamState
+from paddler.slots import Applied, SlotTable, SlotTableError, UpstreamReport, UpstreamState
 
 REPORT = UpstreamReport(
     agent_id="a1",
@@ -34,7 +34,7 @@ def table(tmp_path: Path) -> Iterator[SlotTable]:
 
 
 def test_a_report_becomes_a_row_with_every_field(table: SlotTable) -> None:
-    assert table.apply_report(REPORT, now=100.0)
+    assert table.apply_report(REPORT, now=100.0) is Applied.NEW
     (row,) = table.rows()
     assert (row.agent_id, row.name, row.address, row.model, row.build) == (
         "a1",
@@ -55,9 +55,9 @@ def test_a_report_becomes_a_row_with_every_field(table: SlotTable) -> None:
 
 
 def test_duplicate_and_out_of_order_reports_are_ignored(table: SlotTable) -> None:
-    assert table.apply_report(replace(REPORT, sequence=5, slots_idle=1), now=1.0)
-    assert not table.apply_report(replace(REPORT, sequence=5, slots_idle=4), now=2.0)
-    assert not table.apply_report(replace(REPORT, sequence=3, slots_idle=4), now=3.0)
+    assert table.apply_report(replace(REPORT, sequence=5, slots_idle=1), now=1.0) is Applied.NEW
+    assert table.apply_report(replace(REPORT, sequence=5, slots_idle=4), now=2.0) is Applied.IGNORED
+    assert table.apply_report(replace(REPORT, sequence=3, slots_idle=4), now=3.0) is Applied.IGNORED
     (row,) = table.rows()
     assert (row.slots_idle, row.sequence, row.last_report) == (1, 5, 1.0)
 
@@ -67,7 +67,9 @@ def test_a_new_agent_run_for_a_known_upstream_takes_its_row_over(table: SlotTabl
     table.join()
     row = table.rows()[0]
     held = table.reserve(row.index, row.generation)
-    assert table.apply_report(replace(REPORT, agent_id="a2", sequence=1), now=2.0)
+    assert (
+        table.apply_report(replace(REPORT, agent_id="a2", sequence=1), now=2.0) is Applied.UPDATED
+    )
     (after,) = table.rows()
     assert (after.index, after.generation, after.agent_id) == (row.index, row.generation, "a2")
     assert after.reservations == 1

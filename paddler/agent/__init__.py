@@ -1,0 +1,1 @@
+"""The agent: watches one llama-server and reports its slots to the balancers."""

@@ -1,0 +1,1 @@
+"""The balancer: the management API agents report to, and (next) the reverse proxy."""

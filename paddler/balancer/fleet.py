@@ -1,0 +1,73 @@
+"""One balancer worker's handle on the slot table, attached after fork."""
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+from paddler.config import BalancerSettings
+from paddler.config.model import slot_table_path
+from paddler.slots import SlotTable, UpstreamRow, UpstreamState
+
+log = logging.getLogger("paddler.balancer")
+
+MAINTENANCE_INTERVAL = 0.5
+
+
+class Fleet:
+    def __init__(self, settings: BalancerSettings) -> None:
+        self.settings = settings
+        self._table: SlotTable | None = None
+
+    @property
+    def table(self) -> SlotTable:
+        if self._table is None:
+            raise RuntimeError("the slot table is attached in the worker's lifespan")
+        return self._table
+
+    def attach(self) -> None:
+        """Open the table with this process's own descriptor (never one inherited by fork)."""
+        self._table = SlotTable.open(Path(slot_table_path(self.settings)))
+        self._table.join()
+
+    def detach(self) -> None:
+        if self._table is not None:
+            self._table.close()
+            self._table = None
+
+    def in_rotation(self, row: UpstreamRow, now: float) -> bool:
+        return row.state is UpstreamState.READY and not row.is_stale(
+            now, self.settings.missed_reports
+        )
+
+    def describe(self, row: UpstreamRow, now: float) -> str:
+        stale = row.state is not UpstreamState.REMOVED and row.is_stale(
+            now, self.settings.missed_reports
+        )
+        return "stale" if stale else row.state.name.lower()
+
+    async def maintain(self) -> None:
+        """Forget silent upstreams and reclaim dead processes' reservations, forever.
+
+        Every worker runs this; each step is idempotent under the table's lock, so
+        it does not matter which worker gets there first.
+        """
+        while True:
+            await asyncio.sleep(MAINTENANCE_INTERVAL)
+            try:
+                for row in self.table.expire(time.monotonic(), self.settings.forget_after):
+                    log.info(
+                        "forgot upstream %s (%s): %s",
+                        row.name,
+                        row.address,
+                        "its agent stopped"
+                        if row.state is UpstreamState.REMOVED
+                        else f"no report for {self.settings.forget_after:g}s",
+                    )
+                reclaimed = self.table.reclaim_dead_owners()
+                if reclaimed:
+                    log.warning(
+                        "released the reservations of %d dead balancer process(es)", reclaimed
+                    )
+            except Exception:
+                log.exception("slot table maintenance failed; retrying")

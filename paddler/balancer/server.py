@@ -1,0 +1,119 @@
+"""The balancer process: a Gunicorn master with Uvicorn workers, embedded.
+
+Embedded through gunicorn.app.base.BaseApplication (gunicorn's
+examples/standalone_app.py), so no gunicorn command line or config file is
+read. Never send USR2 to it: gunicorn's re-exec would run the parent's command
+line, not a balancer.
+"""
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+from starlette.applications import Starlette
+
+from paddler.balancer.app import build_app
+from paddler.config import BalancerSettings
+from paddler.config.addresses import format_address
+from paddler.config.model import EXAMPLE_TOKEN, slot_table_path
+from paddler.slots import SlotTable, SlotTableError
+from paddler.supervisor.spawn import die_with_parent
+
+log = logging.getLogger("paddler.balancer")
+
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+def _post_fork(server: Any, worker: Any) -> None:
+    # A worker must not outlive its master, even one that was SIGKILLed.
+    die_with_parent()
+
+
+def _child_exit(server: Any, worker: Any) -> None:
+    """In the master, when a worker died: release its reservations now, not a second later."""
+    try:
+        table = SlotTable.open(Path(slot_table_path(server.app.settings)))
+    except SlotTableError:
+        return
+    try:
+        table.reclaim_dead_owners(dead_pid=worker.pid)
+    finally:
+        table.close()
+
+
+def _on_exit(server: Any) -> None:
+    """In the master, last: remove the table it created (not one a newer balancer made)."""
+    path = Path(slot_table_path(server.app.settings))
+    try:
+        table = SlotTable.open(path, readonly=True)
+    except SlotTableError:
+        return
+    mine = table.creator_pid == os.getpid()
+    table.close()
+    if mine:
+        path.unlink(missing_ok=True)
+
+
+class BalancerApplication(BaseApplication):  # type: ignore[misc]
+    def __init__(self, settings: BalancerSettings, app: Starlette) -> None:
+        self.settings = settings
+        self.application = app
+        super().__init__()
+
+    def load_config(self) -> None:
+        settings = self.settings
+        options: dict[str, Any] = {
+            "bind": [format_address(settings.management_host, settings.management_port)],
+            "workers": settings.workers or os.cpu_count() or 1,
+            "worker_class": "uvicorn_worker.UvicornWorker",
+            "proc_name": "paddler-balancer",
+            "accesslog": None,
+            "errorlog": "-",
+            "loglevel": "info",
+            "graceful_timeout": 30,
+            "timeout": 30,
+            "keepalive": 5,
+            "post_fork": _post_fork,
+            "child_exit": _child_exit,
+            "on_exit": _on_exit,
+        }
+        if "control_socket_disable" in self.cfg.settings:
+            # Gunicorn 24+ opens a control socket under $HOME; paddlerctl is the control here.
+            options["control_socket_disable"] = True
+        for key, value in options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Starlette:
+        return self.application
+
+
+def warn_about_exposure(settings: BalancerSettings) -> None:
+    if settings.management_token == EXAMPLE_TOKEN:
+        log.warning(
+            "balancer.management_token is still the example's placeholder: anyone "
+            "who read the example can register upstreams. Set a random secret."
+        )
+    if settings.management_token is None and settings.management_host not in LOOPBACK:
+        log.warning(
+            "THE MANAGEMENT API LISTENS ON %s WITHOUT A TOKEN: anyone who reaches it can "
+            "register upstreams and steer traffic. Set balancer.management_token.",
+            format_address(settings.management_host, settings.management_port),
+        )
+
+
+def run(settings: BalancerSettings) -> int:
+    warn_about_exposure(settings)
+    try:
+        SlotTable.create(Path(slot_table_path(settings))).close()
+    except (OSError, SlotTableError) as error:
+        log.error("cannot create the slot table %s: %s", slot_table_path(settings), error)
+        return 78
+    log.info(
+        "balancer: management API on %s, slot table %s",
+        format_address(settings.management_host, settings.management_port),
+        settings.slot_table,
+    )
+    BalancerApplication(settings, build_app(settings)).run()
+    return 0

@@ -1,0 +1,1 @@
+"""Talking to llama-server: every llama.cpp response format is read in this package."""
