@@ -107,7 +107,7 @@ def test_busy_slots_come_from_metrics_when_enabled(llama_server: LlamaServer) ->
     generations = [threading.Thread(target=generate) for _ in range(2)]
     for generation in generations:
         generation.start()
-    seen = []
+    seen: list[UpstreamStatus] = []
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and (not seen or seen[-1].slots_processing < 2):
         seen.append(client.status())
