@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
-from starlette.applications import Starlette
+from starlette.types import ASGIApp
 
 from paddler.balancer.app import build_app
 from paddler.config import BalancerSettings
@@ -57,7 +57,7 @@ def _on_exit(server: Any) -> None:
 
 
 class BalancerApplication(BaseApplication):  # type: ignore[misc]
-    def __init__(self, settings: BalancerSettings, app: Starlette) -> None:
+    def __init__(self, settings: BalancerSettings, app: ASGIApp) -> None:
         self.settings = settings
         self.application = app
         super().__init__()
@@ -65,7 +65,10 @@ class BalancerApplication(BaseApplication):  # type: ignore[misc]
     def load_config(self) -> None:
         settings = self.settings
         options: dict[str, Any] = {
-            "bind": [format_address(settings.management_host, settings.management_port)],
+            "bind": [
+                format_address(settings.management_host, settings.management_port),
+                format_address(settings.reverseproxy_host, settings.reverseproxy_port),
+            ],
             "workers": settings.workers or os.cpu_count() or 1,
             "worker_class": "uvicorn_worker.UvicornWorker",
             "proc_name": "paddler-balancer",
@@ -85,7 +88,7 @@ class BalancerApplication(BaseApplication):  # type: ignore[misc]
         for key, value in options.items():
             self.cfg.set(key, value)
 
-    def load(self) -> Starlette:
+    def load(self) -> ASGIApp:
         return self.application
 
 
@@ -106,14 +109,17 @@ def warn_about_exposure(settings: BalancerSettings) -> None:
 def run(settings: BalancerSettings) -> int:
     warn_about_exposure(settings)
     try:
-        SlotTable.create(Path(slot_table_path(settings))).close()
+        SlotTable.create(
+            Path(slot_table_path(settings)), max_waiters=settings.request_buffer_size
+        ).close()
     except (OSError, SlotTableError) as error:
         log.error("cannot create the slot table %s: %s", slot_table_path(settings), error)
         return 78
     log.info(
-        "balancer: management API on %s, slot table %s",
+        "balancer: proxy on %s, management API on %s, slot table %s",
+        format_address(settings.reverseproxy_host, settings.reverseproxy_port),
         format_address(settings.management_host, settings.management_port),
-        settings.slot_table,
+        slot_table_path(settings),
     )
     BalancerApplication(settings, build_app(settings)).run()
     return 0

@@ -26,7 +26,7 @@ from paddler.config.addresses import (
 )
 from paddler.config.errors import ConfigError, Problem
 from paddler.config.locate import line_of, locate_keys
-from paddler.config.model import SECTIONS, BalancerSettings, Config, PaddlerdSettings
+from paddler.config.model import SECTIONS, Config, PaddlerdSettings
 
 DEFAULT_CONFIG_PATH = Path("/etc/paddler/paddler.toml")
 T = TypeVar("T")
@@ -142,31 +142,6 @@ class _Validator:
         return self.checked(key, metadata.get("check"), value)
 
     def checked(self, key: str, check: str | None, value: Any) -> Any:
-        if check == "port" and not 1 <= value <= 65535:
-            self.problem(key, f"must be a port from 1 to 65535, not {value}")
-            return None
-        if check == "host" and not is_valid_host(value):
-            self.problem(key, f"is not a valid IP address or host name: {value!r}")
-            return None
-        if check == "agent_host" and value != AWS_LOCAL_IPV4 and not is_valid_host(value):
-            self.problem(
-                key, f"is not a valid IP address or host name, nor {AWS_LOCAL_IPV4!r}: {value!r}"
-            )
-            return None
-        if check == "token" and (not value or any(c.isspace() for c in value)):
-            self.problem(key, "must be a non-empty string without spaces")
-            return None
-        if check == "addresses":
-            if not value:
-                self.problem(key, "must name at least one host:port")
-                return None
-            bad = [address for address in value if parse_address(address) is None]
-            if bad:
-                self.problem(key, f"must be host:port entries; not {', '.join(map(repr, bad))}")
-                return None
-        if check == "name" and not _NAME.match(value):
-            self.problem(key, f"must be 1-63 letters, digits, '.', '_' or '-': {value!r}")
-            return None
         if check == "file":
             resolved = (self.base_dir / value).resolve()
             if self.check_files and not resolved.is_file():
@@ -175,6 +150,10 @@ class _Validator:
             return str(resolved)
         if check == "executable":
             return self.executable(key, value)
+        complaint = _complaint(check, value)
+        if complaint:
+            self.problem(key, complaint)
+            return None
         return value
 
     def executable(self, key: str, value: str) -> str | None:
@@ -202,8 +181,8 @@ class _Validator:
                 )
             names.setdefault(instance.name, index)
         listeners: list[tuple[str, str, int]] = []
-        if config.balancer is not None:
-            balancer: BalancerSettings = config.balancer
+        balancer = config.balancer
+        if balancer is not None:
             listeners.append(
                 ("balancer.management_port", balancer.management_host, balancer.management_port)
             )
@@ -221,6 +200,38 @@ class _Validator:
                 if port == other_port and listeners_conflict(host, other_host):
                     self.problem(key, f"port {port} is already taken by {other_key}")
                     break
+        if balancer is not None and balancer.reverseproxy_port == balancer.management_port:
+            # The balancer tells its two servers apart by port, whatever their addresses.
+            self.problem("balancer.reverseproxy_port", "must differ from management_port")
+
+
+def _listed(values: list[str]) -> str:
+    return ", ".join(map(repr, values))
+
+
+def _complaint(check: str | None, value: Any) -> str:
+    """What is wrong with ``value`` for a check that needs no context, or ""."""
+    if check == "port" and not 1 <= value <= 65535:
+        return f"must be a port from 1 to 65535, not {value}"
+    if check == "host" and not is_valid_host(value):
+        return f"is not a valid IP address or host name: {value!r}"
+    if check == "agent_host" and value != AWS_LOCAL_IPV4 and not is_valid_host(value):
+        return f"is not a valid IP address or host name, nor {AWS_LOCAL_IPV4!r}: {value!r}"
+    if check == "token" and (not value or any(c.isspace() for c in value)):
+        return "must be a non-empty string without spaces"
+    if check == "name" and not _NAME.match(value):
+        return f"must be 1-63 letters, digits, '.', '_' or '-': {value!r}"
+    if check == "addresses":
+        bad = [address for address in value if parse_address(address) is None]
+        if not value:
+            return "must name at least one host:port"
+        if bad:
+            return f"must be host:port entries; not {_listed(bad)}"
+    if check == "paths":
+        bad = [path for path in value if not path.startswith("/")]
+        if bad:
+            return f"paths start with '/'; not {_listed(bad)}"
+    return ""
 
 
 def _join(prefix: str, key: str) -> str:

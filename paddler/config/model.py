@@ -12,6 +12,23 @@ from typing import Any
 
 DEFAULT_MANAGEMENT_PORT = 8085
 DEFAULT_REVERSEPROXY_PORT = 8080
+DEFAULT_SLOT_ENDPOINTS = (
+    "/completion",
+    "/completions",
+    "/v1/completions",
+    "/chat/completions",
+    "/v1/chat/completions",
+    "/embedding",
+    "/embeddings",
+    "/v1/embeddings",
+    "/infill",
+    "/rerank",
+    "/reranking",
+    "/v1/rerank",
+    "/v1/reranking",
+    "/v1/responses",
+    "/v1/messages",
+)
 # The token that etc/paddler/paddler.toml ships with; a balancer still using it warns.
 EXAMPLE_TOKEN = "replace-me-with-a-long-random-secret"  # noqa: S105 - a known-bad value
 
@@ -89,6 +106,57 @@ class BalancerSettings:
         "The shared-memory slot table file (on a tmpfs); unset: "
         "/run/paddler/balancer-<management_port>.slots."
     )
+    request_buffer_size: int = setting(
+        "Requests that may wait for a free slot at once; one more gets 503 with Retry-After.",
+        30,
+        minimum=1,
+    )
+    request_buffer_timeout: float = setting(
+        "Seconds a request may wait for a free slot before it gets 504.", 30.0, minimum=0.1
+    )
+    max_body_size: int = setting(
+        "Largest request body in bytes; a larger one gets 413.", 32 * 1024 * 1024, minimum=1024
+    )
+    body_timeout: float = setting(
+        "Seconds a client may take to send its request body; slower ones get 408.",
+        60.0,
+        minimum=0.1,
+    )
+    slot_endpoints: list[str] = setting(
+        "Paths whose POST requests take a slot; others go to any upstream without one.",
+        factory=lambda: list(DEFAULT_SLOT_ENDPOINTS),
+        check="paths",
+    )
+    exposed_endpoints: list[str] = setting(
+        "Upstream paths passed through although hidden by default (/slots, /metrics).",
+        factory=list,
+        check="paths",
+    )
+    upstream_connect_timeout: float = setting(
+        "Seconds to connect to an upstream before trying another.", 5.0, minimum=0.05
+    )
+    upstream_read_timeout: float = setting(
+        "Seconds an upstream may stay silent (before its first byte, or between two chunks).",
+        600.0,
+        minimum=0.1,
+    )
+    max_retries: int = setting(
+        "Other upstreams tried after a connection failure or a 503 before the first byte.",
+        2,
+        minimum=0,
+    )
+    eject_after_failures: int = setting(
+        "Failures in a row (connection errors, 5xx, timeouts) that eject an upstream.",
+        3,
+        minimum=1,
+    )
+    ejection_initial: float = setting(
+        "Seconds of a first ejection; each ejection in a row doubles it.", 5.0, minimum=0.1
+    )
+    ejection_max: float = setting("Longest ejection, in seconds.", 300.0, minimum=0.1)
+    rewrite_host_header: bool = setting(
+        "Send upstreams their own address as Host instead of the client's.", False
+    )
     missed_reports: int = setting(
         "Report intervals an agent may stay silent before its upstream gets no new requests.",
         3,
@@ -161,6 +229,10 @@ class LlamaCppSettings:
         check="file",
     )
     port: int = setting("Port llama-server listens on.", required=True, check="port")
+    alias: str | None = setting(
+        "The model's name for clients (llama-server --alias; the model field of requests); "
+        "unset: the model file's name without .gguf."
+    )
     binary: str = setting(
         "The llama-server executable: a path, or a name looked up in PATH.",
         "llama-server",

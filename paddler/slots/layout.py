@@ -11,6 +11,9 @@ Header page (4096 bytes)
     offset 20  u32  row size in bytes
     offset 24  f64  creation time (Unix seconds)
     offset 32  u32  pid of the creating balancer
+    offset 36  u32  max_waiters (entries of the waiting queue)
+    offset 40  u64  next ticket of the waiting queue
+    offset 48  u32  entries in use in the waiting queue (0: nobody waits, skip the scan)
     offset 64  owners: max_owners x 16 bytes, each
                u32 pid, u32 padding, u64 process start time (clock ticks since boot,
                from /proc/PID/stat); pid 0 marks a free entry. The start time tells
@@ -32,7 +35,16 @@ Rows, from offset 4096, max_upstreams x row size, each
     offset 56   32s  agent id          88   64s name       152  128s host
     offset 280  128s model             408  64s llama.cpp build
     offset 472  160s error
-    offset 640  reservations: max_owners x u16, one counter per owner process
+    (offsets 4 to 632 are the report fields, rewritten whole by every report)
+    offset 632  f64  ejected until (CLOCK_MONOTONIC; 0: not ejected)
+    offset 640  u32  ejections in a row (the next ejection lasts longer)
+    offset 648  reservations: max_owners x u16, one counter per owner process
+
+The waiting queue, after the rows, max_waiters x 32 bytes, each
+    offset 0   u64  ticket (0: a free entry); lower tickets were queued earlier
+    offset 8   u16  owner (index in the owners table)
+    offset 12  u32  model key (0: any model; else crc32 of the model asked for)
+    offset 16  f64  queued at (CLOCK_MONOTONIC)
 
 Writers hold an flock on the file; every process opens its own descriptor after
 fork (an inherited descriptor would share the lock). The kernel drops the lock of
@@ -45,17 +57,25 @@ import enum
 import struct
 
 MAGIC = b"PDLRSLOT"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 HEADER_SIZE = 4096
-HEADER = struct.Struct("<8sIIIIdI")
+HEADER = struct.Struct("<8sIIIIdIIQI")
+NEXT_TICKET_OFFSET = 40
+WAITING_OFFSET = 48
 OWNERS_OFFSET = 64
 OWNER = struct.Struct("<IIQ")
-ROW_META = struct.Struct("<IBxxxIHHHHHxxddQd32s64s128s128s64s160s8x")
-RESERVATIONS_OFFSET = 640
+ROW_META = struct.Struct("<IBxxxIHHHHHxxddQd32s64s128s128s64s160s")
+EJECTION = struct.Struct("<dI4x")
+EJECTION_OFFSET = 632
+RESERVATIONS_OFFSET = 648
+WAITER = struct.Struct("<QHxxId8x")
+DEFAULT_MAX_WAITERS = 1024
 DEFAULT_MAX_OWNERS = 64
 DEFAULT_MAX_UPSTREAMS = 256
 
-assert ROW_META.size == RESERVATIONS_OFFSET
+assert ROW_META.size == EJECTION_OFFSET
+assert EJECTION_OFFSET + EJECTION.size == RESERVATIONS_OFFSET
+assert WAITER.size == 32
 assert OWNERS_OFFSET + OWNER.size * 128 <= HEADER_SIZE
 
 

@@ -9,22 +9,29 @@ import enum
 import fcntl
 import mmap
 import os
+import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from paddler.slots.layout import (
     DEFAULT_MAX_OWNERS,
     DEFAULT_MAX_UPSTREAMS,
+    DEFAULT_MAX_WAITERS,
+    EJECTION,
+    EJECTION_OFFSET,
     HEADER,
     HEADER_SIZE,
     LAYOUT_VERSION,
     MAGIC,
+    NEXT_TICKET_OFFSET,
     OWNER,
     OWNERS_OFFSET,
     RESERVATIONS_OFFSET,
     ROW_META,
+    WAITER,
+    WAITING_OFFSET,
     UpstreamState,
     row_size,
 )
@@ -76,6 +83,8 @@ class UpstreamRow:
     first_report: float
     interval: float
     sequence: int
+    ejected_until: float = 0.0
+    ejections: int = 0
 
     @property
     def address(self) -> str:
@@ -144,9 +153,7 @@ class SlotTable:
             raise SlotTableError(f"{path} is not a Paddler slot table (only {size} bytes)")
         access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
         self._map = mmap.mmap(fd, size, access=access)
-        magic, version, max_upstreams, max_owners, size_of_row, created, creator = (
-            HEADER.unpack_from(self._map, 0)
-        )
+        magic, version = HEADER.unpack_from(self._map, 0)[:2]
         if magic != MAGIC:
             self._close_map()
             raise SlotTableError(f"{path} is not a Paddler slot table")
@@ -156,7 +163,12 @@ class SlotTable:
                 f"{path} has slot table layout version {version}, but this Paddler reads "
                 f"version {LAYOUT_VERSION}: run paddlerctl from the same release as the balancer"
             )
+        (_, _, max_upstreams, max_owners, size_of_row, created, creator, max_waiters, _, _) = (
+            HEADER.unpack_from(self._map, 0)
+        )
         self.max_upstreams: int = max_upstreams
+        self.max_waiters: int = max_waiters
+        self._waiters_offset: int = HEADER_SIZE + max_upstreams * size_of_row
         self.max_owners: int = max_owners
         self.row_size: int = size_of_row
         self.created: float = created
@@ -173,17 +185,27 @@ class SlotTable:
         path: Path,
         max_upstreams: int = DEFAULT_MAX_UPSTREAMS,
         max_owners: int = DEFAULT_MAX_OWNERS,
+        max_waiters: int = DEFAULT_MAX_WAITERS,
     ) -> "SlotTable":
         """A new, empty table at ``path``, replacing any old one atomically."""
         path.parent.mkdir(parents=True, exist_ok=True)
         size_of_row = row_size(max_owners)
         header = HEADER.pack(
-            MAGIC, LAYOUT_VERSION, max_upstreams, max_owners, size_of_row, time.time(), os.getpid()
+            MAGIC,
+            LAYOUT_VERSION,
+            max_upstreams,
+            max_owners,
+            size_of_row,
+            time.time(),
+            os.getpid(),
+            max_waiters,
+            1,
+            0,
         )
         partial = path.with_name(f".{path.name}.{os.getpid()}")
         with open(partial, "wb") as new:
             new.write(header.ljust(HEADER_SIZE, b"\0"))
-            new.truncate(HEADER_SIZE + max_upstreams * size_of_row)
+            new.truncate(HEADER_SIZE + max_upstreams * size_of_row + max_waiters * WAITER.size)
         partial.chmod(0o640)
         partial.rename(path)
         return cls.open(path)
@@ -252,6 +274,9 @@ class SlotTable:
             build,
             error,
         ) = ROW_META.unpack_from(self._map, self._offset(row))
+        ejected_until, ejections = EJECTION.unpack_from(
+            self._map, self._offset(row) + EJECTION_OFFSET
+        )
         return UpstreamRow(
             index=row,
             generation=generation,
@@ -272,6 +297,8 @@ class SlotTable:
             first_report=first_report,
             interval=interval,
             sequence=sequence,
+            ejected_until=ejected_until,
+            ejections=ejections,
         )
 
     def _used_rows(self) -> list[UpstreamRow]:
@@ -361,6 +388,7 @@ class SlotTable:
 
     def _free(self, row: UpstreamRow) -> None:
         self._write(row.index, UpstreamState.FREE, row.generation, None, 0, 0.0, 0.0)
+        self._set_ejection(row.index, 0.0, 0)
         start = (self._offset(row.index) + RESERVATIONS_OFFSET) // 2
         for owner in range(self.max_owners):
             self._u16[start + owner] = 0
@@ -488,6 +516,7 @@ class SlotTable:
                 pid, _, started = OWNER.unpack_from(self._map, self._owner_offset(index))
                 if pid and (pid == dead_pid or not _alive(pid, started)):
                     self._clear_owner(index)
+                    self._drop_waiters(index)
                     reclaimed += 1
         return reclaimed
 
@@ -515,6 +544,139 @@ class SlotTable:
             index = self._reservation_index(reservation.row, self._owner)
             if self._u16[index] > 0:
                 self._u16[index] -= 1
+
+    # -- choosing an upstream, and waiting in line for one ---------------------------------
+
+    def acquire(
+        self,
+        model_key: int,
+        eligible: Callable[[list[UpstreamRow]], list[UpstreamRow]],
+        ticket: int | None = None,
+    ) -> tuple[Reservation, UpstreamRow] | None:
+        """Reserve a slot on the best upstream ``eligible`` allows, first in, first out.
+
+        ``eligible`` gets every upstream and returns those this request may use, best
+        first. A request takes a slot only if more are free on those upstreams than
+        requests of a compatible model wait ahead of it (all waiting ones, for a request
+        not in line yet): a newcomer never jumps the queue, and a waiter at the back is
+        not held up by one at the front that wants another model.
+        """
+        if self._owner is None:
+            raise SlotTableError("join() the table before reserving")
+        with self.locked():
+            candidates = [row for row in eligible(self._used_rows()) if row.free_slots > 0]
+            if not candidates:
+                return None
+            if self._waiting() and sum(r.free_slots for r in candidates) <= self._ahead(
+                model_key, ticket
+            ):
+                return None
+            chosen = candidates[0]
+            self._u16[self._reservation_index(chosen.index, self._owner)] += 1
+            if ticket is not None:
+                self._remove_waiter(ticket)
+            return Reservation(chosen.index, chosen.generation), chosen
+
+    def enqueue(self, model_key: int, now: float) -> int | None:
+        """A ticket in the waiting line, or None when the line is full."""
+        if self._owner is None:
+            raise SlotTableError("join() the table before waiting")
+        with self.locked():
+            for entry in range(self.max_waiters):
+                offset = self._waiter_offset(entry)
+                if WAITER.unpack_from(self._map, offset)[0] == 0:
+                    ticket: int = struct.unpack_from("<Q", self._map, NEXT_TICKET_OFFSET)[0]
+                    struct.pack_into("<Q", self._map, NEXT_TICKET_OFFSET, ticket + 1)
+                    self._map[offset : offset + WAITER.size] = WAITER.pack(
+                        ticket, self._owner, model_key, now
+                    )
+                    self._set_waiting(self._waiting() + 1)
+                    return ticket
+        return None
+
+    def leave(self, ticket: int) -> None:
+        """Step out of the waiting line (timed out, or the client left)."""
+        with self.locked():
+            self._remove_waiter(ticket)
+
+    def waiting(self) -> int:
+        return self._waiting()
+
+    def _waiter_offset(self, entry: int) -> int:
+        return self._waiters_offset + entry * WAITER.size
+
+    def _waiting(self) -> int:
+        count: int = struct.unpack_from("<I", self._map, WAITING_OFFSET)[0]
+        return count
+
+    def _set_waiting(self, count: int) -> None:
+        struct.pack_into("<I", self._map, WAITING_OFFSET, max(0, count))
+
+    def _waiters(self) -> Iterator[tuple[int, int, int, int, float]]:
+        """(entry, ticket, owner, model key, queued at) of every waiter."""
+        for entry in range(self.max_waiters):
+            ticket, owner, key, queued = WAITER.unpack_from(self._map, self._waiter_offset(entry))
+            if ticket:
+                yield entry, ticket, owner, key, queued
+
+    def _ahead(self, model_key: int, ticket: int | None) -> int:
+        return sum(
+            1
+            for _, other, _, key, _ in self._waiters()
+            if (ticket is None or other < ticket) and (model_key == 0 or key in (0, model_key))
+        )
+
+    def _remove_waiter(self, ticket: int) -> None:
+        for entry, other, _, _, _ in self._waiters():
+            if other == ticket:
+                offset = self._waiter_offset(entry)
+                self._map[offset : offset + WAITER.size] = bytes(WAITER.size)
+                self._set_waiting(self._waiting() - 1)
+                return
+
+    def _drop_waiters(self, owner: int) -> None:
+        for entry, _, other_owner, _, _ in list(self._waiters()):
+            if other_owner == owner:
+                offset = self._waiter_offset(entry)
+                self._map[offset : offset + WAITER.size] = bytes(WAITER.size)
+        self._set_waiting(sum(1 for _ in self._waiters()))
+
+    # -- ejection --------------------------------------------------------------------------
+
+    def _set_ejection(self, row: int, until: float, ejections: int) -> None:
+        offset = self._offset(row) + EJECTION_OFFSET
+        self._map[offset : offset + EJECTION.size] = EJECTION.pack(until, ejections)
+
+    def eject(
+        self,
+        row: int,
+        generation: int,
+        now: float,
+        initial: float,
+        maximum: float,
+        keep: Callable[[list[UpstreamRow], UpstreamRow], bool],
+    ) -> float | None:
+        """Take a failing upstream out of rotation for a while; the seconds, or None.
+
+        The while doubles with each ejection in a row. ``keep`` says whether the
+        upstream must stay (it is the last one able to serve its model).
+        """
+        with self.locked():
+            current = self._row(row)
+            if current.generation != generation or current.ejected_until > now:
+                return None
+            if keep(self._used_rows(), current):
+                return None
+            seconds = min(maximum, initial * 2.0**current.ejections)
+            self._set_ejection(row, now + seconds, min(current.ejections + 1, 30))
+            return seconds
+
+    def forgive(self, row: int, generation: int) -> None:
+        """A success: the next ejection, if any, starts from the shortest again."""
+        with self.locked():
+            current = self._row(row)
+            if current.generation == generation and current.ejections:
+                self._set_ejection(row, 0.0, 0)
 
 
 def _alive(pid: int, started: int) -> bool:

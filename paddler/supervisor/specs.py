@@ -5,6 +5,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import PurePath
 
 from paddler.config import Config, LlamaCppSettings
 
@@ -82,6 +83,8 @@ def llamacpp_argv(instance: LlamaCppSettings) -> tuple[str, ...]:
         "--parallel",
         str(instance.slots),
     ]
+    alias = instance.alias or PurePath(instance.model).name.removesuffix(".gguf")
+    argv += ["--alias", alias]
     if instance.context_size is not None:
         argv += ["--ctx-size", str(instance.context_size)]
     return (*argv, *instance.extra_args)

@@ -192,7 +192,7 @@ def test_readers_of_another_layout_version_get_a_clear_error(tmp_path: Path) -> 
     with pytest.raises(
         SlotTableError,
         match=r"layout version 99, but this Paddler reads "
-        r"version 1",
+        r"version 2",
     ):
         SlotTable.open(path, readonly=True)
 

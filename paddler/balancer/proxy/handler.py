@@ -1,0 +1,413 @@
+"""The proxy's request flow: classify, find a slot (or wait for one), forward, release."""
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+from starlette.types import Receive, Scope, Send
+
+from paddler.balancer.fleet import Fleet
+from paddler.balancer.proxy.asgi import (
+    BodyTooLargeError,
+    ClientDisconnectedError,
+    error_payload,
+    read_body,
+    send_json,
+)
+from paddler.balancer.proxy.routing import (
+    canonical_model,
+    eligible,
+    fleet_models,
+    knows_model,
+    model_key,
+    model_names,
+)
+from paddler.balancer.proxy.upstream import (
+    Outcome,
+    RetryableError,
+    UpstreamFailedError,
+    forward,
+    new_session,
+    request_headers,
+)
+from paddler.balancer.proxy.waiting import (
+    Eligible,
+    QueueFullError,
+    QueueTimeoutError,
+    SlotWaiter,
+)
+from paddler.slots import UpstreamRow, UpstreamState
+
+log = logging.getLogger("paddler.balancer")
+
+HIDDEN_ENDPOINTS = ("/slots", "/metrics")
+
+
+class Proxy:
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self.settings = fleet.settings
+        self.slot_endpoints = frozenset(self.settings.slot_endpoints)
+        self.exposed = tuple(self.settings.exposed_endpoints)
+        self._session: aiohttp.ClientSession | None = None
+        self._waiter: SlotWaiter | None = None
+        self._failures: dict[tuple[int, int], int] = {}
+
+    async def startup(self) -> None:
+        self._session = new_session(
+            self.settings.upstream_connect_timeout, self.settings.upstream_read_timeout
+        )
+        self._waiter = SlotWaiter(self.fleet.table)
+        self._waiter.start()
+
+    async def shutdown(self) -> None:
+        if self._waiter is not None:
+            await self._waiter.stop()
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None
+        return self._session
+
+    @property
+    def waiter(self) -> SlotWaiter:
+        assert self._waiter is not None
+        return self._waiter
+
+    # -- entry -----------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request_id = _header(scope, b"x-request-id") or uuid.uuid4().hex[:16]
+        request = _Request(scope, receive, send, request_id)
+        try:
+            await self._handle(request)
+        except ClientDisconnectedError:
+            log.info("[%s] the client left before its request was complete", request_id)
+        except asyncio.CancelledError:
+            if not request.client_left:
+                raise
+            log.info("[%s] the client left; its request was stopped", request_id)
+
+    async def _handle(self, request: "_Request") -> None:
+        method, path = request.scope["method"], request.scope["path"]
+        if method == "GET" and path == "/health":
+            await send_json(request.send, 200, self.fleet_health())
+            return
+        if method == "GET" and path in ("/v1/models", "/models"):
+            await send_json(request.send, 200, self.models())
+            return
+        if path.startswith(HIDDEN_ENDPOINTS) and not path.startswith(self.exposed):
+            await request.fail(
+                404,
+                f"{path} is not exposed by this balancer (see balancer.exposed_endpoints)",
+                "not_found_error",
+            )
+            return
+        try:
+            body = await read_body(
+                request.receive, self.settings.max_body_size, self.settings.body_timeout
+            )
+        except BodyTooLargeError:
+            await request.fail(
+                413,
+                f"the request body is larger than {self.settings.max_body_size} bytes",
+                "invalid_request_error",
+            )
+            return
+        except TimeoutError:
+            await request.fail(
+                408,
+                f"the request body took longer than {self.settings.body_timeout:g}s",
+                "invalid_request_error",
+            )
+            return
+        takes_slot = method == "POST" and path in self.slot_endpoints
+        model: str | None = None
+        if body and (takes_slot or _header(request.scope, b"content-type") == "application/json"):
+            try:
+                payload = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                await request.fail(
+                    400, f"the request body is not valid JSON: {error}", "invalid_request_error"
+                )
+                return
+            named = payload.get("model") if isinstance(payload, dict) else None
+            model = named if isinstance(named, str) and named else None
+        rows = self.fleet.table.rows()
+        if model is not None and rows and not knows_model(rows, model):
+            await request.fail(
+                404,
+                f"model {model!r} is not served here; the models are: "
+                f"{', '.join(fleet_models(rows)) or 'none yet'}",
+                "not_found_error",
+            )
+            return
+        request.watch_for_disconnect()
+        try:
+            if takes_slot:
+                await self._with_slot(request, body, model, rows)
+            else:
+                await self._without_slot(request, body, model)
+        finally:
+            request.stop_watching()
+
+    # -- requests that take a slot ---------------------------------------------------------
+
+    async def _with_slot(
+        self, request: "_Request", body: bytes, model: str | None, rows: list[UpstreamRow]
+    ) -> None:
+        settings = self.settings
+        key = model_key(canonical_model(rows, model)) if model else 0
+        deadline = time.monotonic() + settings.request_buffer_timeout
+        tried: set[tuple[int, int]] = set()
+        last_error = ""
+        for attempt in range(settings.max_retries + 1):
+            choose = self._policy(model, frozenset(tried))
+            if attempt and not choose()(self.fleet.table.rows()):
+                break  # nowhere else to try: say what went wrong instead of waiting
+            try:
+                reservation, row = await self.waiter.acquire(
+                    key, choose, max(0.0, deadline - time.monotonic())
+                )
+            except QueueFullError:
+                retry_after = max(1, round(settings.request_buffer_timeout / 4))
+                await request.fail(
+                    503,
+                    "every slot is busy and the request buffer is full; retry later",
+                    "overloaded_error",
+                    [(b"retry-after", str(retry_after).encode())],
+                )
+                return
+            except QueueTimeoutError:
+                await request.fail(
+                    504,
+                    f"no slot became free within {settings.request_buffer_timeout:g}s",
+                    "timeout_error",
+                )
+                return
+            try:
+                await self._forward(request, row, body)
+                return
+            except RetryableError as error:
+                last_error = f"{row.name} ({row.address}): {error}"
+                log.warning("[%s] %s; trying another upstream", request.request_id, last_error)
+                tried.add((row.index, row.generation))
+                self._failed(row, str(error))
+            finally:
+                self.fleet.table.release(reservation)
+                self.waiter.released()
+        await request.fail(
+            502, f"no upstream could take the request; last: {last_error}", "upstream_error"
+        )
+
+    def _policy(
+        self, model: str | None, exclude: frozenset[tuple[int, int]]
+    ) -> Callable[[], Eligible]:
+        """The upstreams a request may use, evaluated afresh each time it is asked."""
+        missed = self.settings.missed_reports
+        return lambda: eligible(time.monotonic(), missed, model, exclude)
+
+    # -- requests that take none -----------------------------------------------------------
+
+    async def _without_slot(self, request: "_Request", body: bytes, model: str | None) -> None:
+        tried: set[tuple[int, int]] = set()
+        last_error = "no upstream is available"
+        for _ in range(self.settings.max_retries + 1):
+            candidates = eligible(
+                time.monotonic(), self.settings.missed_reports, model, frozenset(tried)
+            )(self.fleet.table.rows())
+            if not candidates:
+                break
+            row = candidates[0]
+            try:
+                await self._forward(request, row, body)
+                return
+            except RetryableError as error:
+                last_error = f"{row.name} ({row.address}): {error}"
+                tried.add((row.index, row.generation))
+                self._failed(row, str(error))
+        await request.fail(503, last_error, "unavailable_error", [(b"retry-after", b"1")])
+
+    # -- forwarding and failures -----------------------------------------------------------
+
+    async def _forward(self, request: "_Request", row: UpstreamRow, body: bytes) -> None:
+        scope = request.scope
+        query = scope.get("query_string", b"")
+        raw_path = scope.get("raw_path")
+        path = raw_path.decode("latin-1") if raw_path else scope["path"]
+        url = f"http://{row.address}{path}"
+        if query:
+            url += "?" + query.decode("latin-1")
+        host = row.address if self.settings.rewrite_host_header else None
+        headers = request_headers(scope["headers"], request.request_id, host)
+        try:
+            outcome: Outcome = await forward(
+                self.session,
+                url,
+                scope["method"],
+                body,
+                headers,
+                request.send,
+                request.request_id,
+                on_start=request.started,
+            )
+        except UpstreamFailedError as error:
+            log.error(
+                "[%s] upstream %s (%s) failed: %s", request.request_id, row.name, row.address, error
+            )
+            self._failed(row, str(error), at_once=request.response_started)
+            await request.end_with_error(f"upstream {row.name} failed: {error}")
+            return
+        if outcome.status >= 500:
+            self._failed(row, f"answered {outcome.status}")
+        else:
+            self._succeeded(row)
+
+    def _failed(self, row: UpstreamRow, reason: str, at_once: bool = False) -> None:
+        key = (row.index, row.generation)
+        failures = self._failures.get(key, 0) + 1
+        self._failures[key] = failures
+        if not at_once and failures < self.settings.eject_after_failures:
+            return
+        seconds = self.fleet.table.eject(
+            row.index,
+            row.generation,
+            time.monotonic(),
+            self.settings.ejection_initial,
+            self.settings.ejection_max,
+            self._is_last,
+        )
+        if seconds is not None:
+            self._failures[key] = 0
+            log.warning(
+                "ejected upstream %s (%s) for %gs: %s", row.name, row.address, seconds, reason
+            )
+
+    def _succeeded(self, row: UpstreamRow) -> None:
+        key = (row.index, row.generation)
+        if self._failures.pop(key, 0) or row.ejections:
+            self.fleet.table.forgive(row.index, row.generation)
+
+    def _is_last(self, rows: list[UpstreamRow], failing: UpstreamRow) -> bool:
+        """Whether no other upstream could serve the failing one's model right now."""
+        now = time.monotonic()
+        names = model_names(failing.model)
+        others = [
+            row
+            for row in eligible(now, self.settings.missed_reports, None)(rows)
+            if row.index != failing.index and (not names or model_names(row.model) & names)
+        ]
+        return not others
+
+    # -- answered by the balancer itself ---------------------------------------------------
+
+    def fleet_health(self) -> dict[str, Any]:
+        now = time.monotonic()
+        rows = self.fleet.table.rows()
+        states: dict[str, int] = {}
+        idle = processing = total = 0
+        for row in rows:
+            state = self.fleet.describe(row, now)
+            states[state] = states.get(state, 0) + 1
+            if self.fleet.in_rotation(row, now):
+                total += row.slots_total
+                processing += row.slots_total - row.free_slots
+                idle += row.free_slots
+        return {
+            "status": "ok",
+            "slots": {"idle": idle, "processing": processing, "total": total},
+            "upstreams": states,
+            "queued": self.fleet.table.waiting(),
+        }
+
+    def models(self) -> dict[str, Any]:
+        rows = [row for row in self.fleet.table.rows() if row.state is not UpstreamState.REMOVED]
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": model,
+                    "object": "model",
+                    "owned_by": "llamacpp",
+                    "upstreams": sum(1 for row in rows if row.model == model),
+                }
+                for model in fleet_models(rows)
+            ],
+        }
+
+
+class _Request:
+    """One client request in flight, and whether its client is still there."""
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.request_id = request_id
+        self.client_left = False
+        self.response_started = False
+        self.status = 0
+        self._sse = False
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def started(self, status: int, content_type: str) -> None:
+        self.response_started = True
+        self.status = status
+        self._sse = content_type == "text/event-stream"
+
+    async def fail(
+        self, status: int, message: str, kind: str, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
+        if status >= 500:
+            log.warning("[%s] %d: %s", self.request_id, status, message)
+        await send_json(
+            self.send,
+            status,
+            error_payload(message, kind, status),
+            [(b"x-request-id", self.request_id.encode()), *(headers or [])],
+        )
+
+    async def end_with_error(self, message: str) -> None:
+        """An upstream broke: tell the client in the way its response allows."""
+        if not self.response_started:
+            await self.fail(502, message, "upstream_error")
+            return
+        if not self._sse:
+            # Anything but a stream of events can only say it by ending before its end.
+            raise UpstreamFailedError(message)
+        # A stream of events ends with an error event, as llama.cpp sends them itself.
+        event = json.dumps(error_payload(message, "upstream_error", 502))
+        await self.send({"type": "http.response.body", "body": f"data: {event}\n\n".encode()})
+
+    def watch_for_disconnect(self) -> None:
+        """Stop this request the moment its client leaves (the body has been read)."""
+        task = asyncio.current_task()
+        assert task is not None
+
+        async def watch() -> None:
+            while True:
+                message = await self.receive()
+                if message["type"] == "http.disconnect":
+                    self.client_left = True
+                    task.cancel()
+                    return
+
+        self._watcher = asyncio.create_task(watch())
+
+    def stop_watching(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None

@@ -1,0 +1,139 @@
+"""Forwarding one request to one upstream with aiohttp, streaming the answer back.
+
+aiohttp, not httpx, on this path: measured here (docs/performance.md), httpx cost
+about 7 times the CPU per proxied request and collapsed at 32 concurrent
+requests; httpx stays in the control plane (agents, tests).
+"""
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+import aiohttp
+from starlette.types import Send
+
+# Hop-by-hop headers (RFC 9110 7.6.1) and those the two HTTP stacks set themselves.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+    }
+)
+NOT_FORWARDED = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
+NOT_RETURNED = HOP_BY_HOP | {b"server", b"date"}
+
+
+class RetryableError(Exception):
+    """The upstream failed before it can have started work: another one may take it."""
+
+
+class UpstreamFailedError(Exception):
+    """The upstream failed after answering began: nothing can be retried."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: int
+    first_byte: float  # seconds from sending the request to the first response byte
+
+
+def new_session(connect_timeout: float, read_timeout: float) -> aiohttp.ClientSession:
+    # No pool limit: the balancer sends no more requests than there are free slots, and a
+    # pool limit would be a second, hidden queue behind the explicit one.
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=60)
+    timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=read_timeout)
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Accept-Encoding"),
+    )
+
+
+def request_headers(
+    raw: Iterable[tuple[bytes, bytes]], request_id: str, host: str | None
+) -> list[tuple[str, str]]:
+    headers = [
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in raw
+        if name.lower() not in NOT_FORWARDED and name.lower() != b"x-request-id"
+    ]
+    headers.append(("X-Request-Id", request_id))
+    if host is not None:
+        headers.append(("Host", host))
+    return headers
+
+
+async def forward(
+    session: aiohttp.ClientSession,
+    url: str,
+    method: str,
+    body: bytes,
+    headers: list[tuple[str, str]],
+    send: Send,
+    request_id: str,
+    on_start: Callable[[int, str], Awaitable[None]] | None = None,
+) -> Outcome:
+    """Send the request, then pass the response on chunk by chunk as it arrives.
+
+    Raises RetryableError for a failure before any response byte that means the
+    upstream did no work (cannot connect, refused, llama.cpp's 503 while loading),
+    UpstreamFailedError for one after the response started.
+    """
+    loop = asyncio.get_running_loop()
+    sent_at = loop.time()
+    try:
+        response = await session.request(
+            method, url, data=body or None, headers=headers, allow_redirects=False
+        )
+    except aiohttp.ClientConnectorError as error:
+        raise RetryableError(f"cannot connect: {error.os_error or error}") from None
+    except aiohttp.ServerDisconnectedError:
+        # A kept-alive connection the upstream had closed, or an upstream that died
+        # while reading the request: it cannot have answered anything yet.
+        raise RetryableError("it closed the connection before answering") from None
+    except (aiohttp.ClientError, TimeoutError) as error:
+        raise UpstreamFailedError(f"no answer: {error or type(error).__name__}") from None
+    first_byte = loop.time() - sent_at
+    fully_read = False
+    try:
+        if response.status == 503:
+            await response.read()
+            fully_read = True
+            raise RetryableError("503: it is loading its model or overloaded")
+        if on_start is not None:
+            await on_start(response.status, response.content_type)
+        out_headers = [
+            (name.lower(), value)
+            for name, value in response.raw_headers
+            if name.lower() not in NOT_RETURNED
+        ]
+        out_headers.append((b"x-request-id", request_id.encode()))
+        await send(
+            {"type": "http.response.start", "status": response.status, "headers": out_headers}
+        )
+        try:
+            async for chunk in response.content.iter_any():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise UpstreamFailedError(
+                f"it failed mid-response: {error or type(error).__name__}"
+            ) from None
+        fully_read = True
+        await send({"type": "http.response.body", "body": b""})
+        return Outcome(response.status, first_byte)
+    finally:
+        # A response not read to its end (the client left, or it broke) must not go back
+        # to the pool: closing the connection is also what tells llama.cpp to stop.
+        if fully_read:
+            response.release()
+        else:
+            response.close()
