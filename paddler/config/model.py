@@ -154,6 +154,9 @@ class BalancerSettings:
         "Seconds of a first ejection; each ejection in a row doubles it.", 5.0, minimum=0.1
     )
     ejection_max: float = setting("Longest ejection, in seconds.", 300.0, minimum=0.1)
+    debug_headers: bool = setting(
+        "Add X-Paddler-Upstream (the upstream's name) to responses.", False
+    )
     rewrite_host_header: bool = setting(
         "Send upstreams their own address as Host instead of the client's.", False
     )

@@ -72,6 +72,8 @@ def _python_role(
 
 
 def llamacpp_argv(instance: LlamaCppSettings) -> tuple[str, ...]:
+    # --metrics: the agent reads busy slots from /metrics, which (unlike /slots) does not
+    # keep a llama-server started with --sleep-idle-seconds from falling asleep.
     argv = [
         instance.binary,
         "--model",
@@ -82,6 +84,7 @@ def llamacpp_argv(instance: LlamaCppSettings) -> tuple[str, ...]:
         str(instance.port),
         "--parallel",
         str(instance.slots),
+        "--metrics",
     ]
     alias = instance.alias or PurePath(instance.model).name.removesuffix(".gguf")
     argv += ["--alias", alias]

@@ -257,6 +257,9 @@ class Proxy:
                 request.send,
                 request.request_id,
                 on_start=request.started,
+                extra_headers=[(b"x-paddler-upstream", row.name.encode())]
+                if self.settings.debug_headers
+                else None,
             )
         except UpstreamFailedError as error:
             log.error(

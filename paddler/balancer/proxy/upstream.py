@@ -81,6 +81,7 @@ async def forward(
     send: Send,
     request_id: str,
     on_start: Callable[[int, str], Awaitable[None]] | None = None,
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
 ) -> Outcome:
     """Send the request, then pass the response on chunk by chunk as it arrives.
 
@@ -117,6 +118,7 @@ async def forward(
             if name.lower() not in NOT_RETURNED
         ]
         out_headers.append((b"x-request-id", request_id.encode()))
+        out_headers.extend(extra_headers or ())
         await send(
             {"type": "http.response.start", "status": response.status, "headers": out_headers}
         )

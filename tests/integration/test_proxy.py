@@ -1,0 +1,349 @@
+"""The balancer's proxy in front of real llama-servers (2 servers x 2 slots)."""
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from paddler.testbed.models import write_model
+from tests.integration.fleet import Fleet, start_fleet
+from tests.integration.harness import PaddlerdRunner
+
+pytestmark = pytest.mark.llamacpp
+
+
+@pytest.fixture
+def fleet(paddlerd: PaddlerdRunner, llama_server_binary: Path, tiny_model: Path) -> Fleet:
+    return start_fleet(paddlerd, llama_server_binary, {"a": tiny_model, "b": tiny_model})
+
+
+def chat(tokens: int, stream: bool = False, **extra: object) -> dict[str, object]:
+    return {
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": tokens,
+        "ignore_eos": True,
+        "stream": stream,
+        **extra,
+    }
+
+
+class DeferralWatch:
+    """Samples every llama-server's requests_deferred while a test runs."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self.highest = 0
+        self.busiest = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for name in self.fleet.servers:
+                self.highest = max(self.highest, self.fleet.deferred(name))
+                self.busiest = max(self.busiest, self.fleet.busy_slots(name))
+            time.sleep(0.02)
+
+    def __enter__(self) -> "DeferralWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+async def stream_chat(url: str, tokens: int) -> tuple[int, float, float, str]:
+    """Status, first-byte time, end time, and the last data line of a streamed chat."""
+    async with (
+        httpx.AsyncClient(timeout=120) as client,
+        client.stream("POST", url, json=chat(tokens, stream=True)) as response,
+    ):
+        first = end = 0.0
+        last = ""
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                if not first:
+                    first = time.monotonic()
+                last = line
+        end = time.monotonic()
+        return response.status_code, first, end, last
+
+
+def test_twelve_streams_on_four_slots_never_overbook_and_queue_fairly(fleet: Fleet) -> None:
+    async def run() -> list[tuple[int, float, float, str]]:
+        return await asyncio.gather(
+            *(stream_chat(fleet.url("/v1/chat/completions"), 600) for _ in range(12))
+        )
+
+    with DeferralWatch(fleet) as watch:
+        results = asyncio.run(run())
+    assert [status for status, *_ in results] == [200] * 12
+    assert all(last == "data: [DONE]" for *_, last in results)
+    # llama.cpp never had to queue a request itself: at most 2 in flight per server.
+    assert watch.highest == 0
+    assert watch.busiest <= 2
+    # Queued requests start as soon as slots free: the 5th start comes right after the
+    # 1st end, the 6th after the 2nd, and so on (no report interval in between).
+    starts = sorted(first for _, first, _, _ in results)
+    ends = sorted(end for _, _, end, _ in results)
+    gaps = [starts[i] - ends[i - 4] for i in range(4, 12)]
+    assert max(gaps) < 0.25, (gaps, sorted((round(f, 2), round(e, 2)) for _, f, e, _ in results))
+    assert fleet.health()["queued"] == 0
+
+
+def test_full_buffer_answers_503_for_exactly_the_overflow(
+    paddlerd: PaddlerdRunner, llama_server_binary: Path, tiny_model: Path
+) -> None:
+    fleet = start_fleet(
+        paddlerd,
+        llama_server_binary,
+        {"a": tiny_model, "b": tiny_model},
+        balancer="request_buffer_size = 4\n",
+    )
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(
+                *(
+                    client.post(fleet.url("/v1/chat/completions"), json=chat(1500))
+                    for _ in range(12)
+                )
+            )
+
+    responses = asyncio.run(run())
+    statuses = sorted(response.status_code for response in responses)
+    assert statuses == [200] * 8 + [503] * 4
+    refused = [r for r in responses if r.status_code == 503]
+    assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
+    assert (
+        refused[0]
+        .json()["error"]["message"]
+        .startswith("every slot is busy and the request buffer is full")
+    )
+
+
+def test_requests_wait_for_an_upstream_to_join_or_time_out(
+    paddlerd: PaddlerdRunner, llama_server_binary: Path, tiny_model: Path
+) -> None:
+    fleet = start_fleet(
+        paddlerd,
+        llama_server_binary,
+        {"a": tiny_model},
+        agents=False,
+        balancer="request_buffer_timeout = 3.0\n",
+    )
+    assert fleet.health()["slots"] == {"idle": 0, "processing": 0, "total": 0}
+
+    started = time.monotonic()
+    timed_out = httpx.post(fleet.url("/v1/chat/completions"), json=chat(4), timeout=30)
+    assert timed_out.status_code == 504
+    assert time.monotonic() - started >= 3.0
+
+    answer: list[httpx.Response] = []
+    waiting = threading.Thread(
+        target=lambda: answer.append(
+            httpx.post(fleet.url("/v1/chat/completions"), json=chat(4), timeout=30)
+        )
+    )
+    waiting.start()
+    time.sleep(1.0)
+    assert fleet.health()["queued"] == 1
+    # An agent joins (as an autoscaler's new host would): the waiting request goes there.
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "paddler",
+            "agent",
+            "--local-llamacpp-port",
+            str(fleet.servers["a"]),
+            "--management-port",
+            str(fleet.management),
+            "--monitoring-interval",
+            "0.3",
+        ],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        waiting.join(20)
+        assert answer[0].status_code == 200
+        assert answer[0].json()["choices"][0]["finish_reason"] == "length"
+    finally:
+        agent.terminate()
+        agent.wait(10)
+
+
+def test_a_client_leaving_mid_stream_frees_its_slot(fleet: Fleet) -> None:
+    with (
+        httpx.Client(timeout=60) as client,
+        client.stream(
+            "POST", fleet.url("/v1/chat/completions"), json=chat(3000, stream=True)
+        ) as response,
+    ):
+        upstream = response.headers["x-paddler-upstream"]
+        lines = response.iter_lines()
+        for _ in range(5):
+            next(lines)
+        assert fleet.busy_slots(upstream) == 1
+        left = time.monotonic()
+    # The connection is closed: llama.cpp stops generating and the reservation goes.
+    while fleet.busy_slots(upstream) and time.monotonic() - left < 5:
+        time.sleep(0.02)
+    assert time.monotonic() - left < 1.0
+    deadline = time.monotonic() + 2
+    while fleet.agents()[upstream]["reservations"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert fleet.agents()[upstream]["reservations"] == 0
+    # The busy slot the last report saw is free again by the next one.
+    assert fleet.wait_idle(4, timeout=0.3 + 0.5)
+
+
+def test_a_llama_server_killed_before_answering_is_retried_elsewhere(
+    paddlerd: PaddlerdRunner, llama_server_binary: Path, tiny_model: Path
+) -> None:
+    # Slow reports and a long restart back-off: the table still thinks it is ready.
+    fleet = start_fleet(
+        paddlerd,
+        llama_server_binary,
+        {"a": tiny_model, "b": tiny_model},
+        interval=5.0,
+        paddlerd_extra="backoff_max = 30.0\n",
+    )
+    fleet.paddlerd.children()[f"port:{fleet.servers['a']}"].send_signal(signal.SIGKILL)
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(
+                *(client.post(fleet.url("/v1/chat/completions"), json=chat(8)) for _ in range(4))
+            )
+
+    responses = asyncio.run(run())
+    assert [response.status_code for response in responses] == [200] * 4
+    assert {response.headers["x-paddler-upstream"] for response in responses} == {"b"}
+    log = fleet.paddlerd.log()
+    assert "a (127.0.0.1:" in log
+    assert "cannot connect" in log
+    assert "; trying another upstream" in log
+
+
+def test_a_llama_server_killed_mid_stream_ends_the_stream_with_an_error(fleet: Fleet) -> None:
+    with (
+        httpx.Client(timeout=60) as client,
+        client.stream(
+            "POST", fleet.url("/v1/chat/completions"), json=chat(3000, stream=True)
+        ) as response,
+    ):
+        upstream = response.headers["x-paddler-upstream"]
+        lines = response.iter_lines()
+        for _ in range(3):
+            next(lines)
+        fleet.paddlerd.children()[f"port:{fleet.servers[upstream]}"].send_signal(signal.SIGKILL)
+        rest = [line for line in lines if line.startswith("data: ")]
+    error = json.loads(rest[-1].removeprefix("data: "))
+    assert error["error"]["type"] == "upstream_error"
+    assert f"upstream {upstream} failed" in error["error"]["message"]
+    fleet.paddlerd.wait_for_log(rf"ejected upstream {upstream} \(127\.0\.0\.1:\d+\) for 5s")
+    # The other upstream serves meanwhile.
+    answer = httpx.post(fleet.url("/v1/chat/completions"), json=chat(4), timeout=30)
+    assert answer.status_code == 200
+    assert answer.headers["x-paddler-upstream"] != upstream
+
+
+def test_a_worker_killed_holding_reservations_gives_them_back(fleet: Fleet) -> None:
+    def balancer_workers() -> list[psutil.Process]:
+        master = fleet.paddlerd.children()["balancer"]
+        return master.children()
+
+    streams: list[Iterator[str]] = []
+    clients = [httpx.Client(timeout=60) for _ in range(4)]
+    contexts = [
+        client.stream("POST", fleet.url("/v1/chat/completions"), json=chat(3000, stream=True))
+        for client in clients
+    ]
+    try:
+        for context in contexts:
+            response = context.__enter__()
+            lines = response.iter_lines()
+            next(lines)
+            streams.append(lines)
+        held = sum(int(str(agent["reservations"])) for agent in fleet.agents().values())
+        assert held == 4
+        victims = [
+            worker
+            for worker in balancer_workers()
+            if any(
+                c.status == psutil.CONN_ESTABLISHED
+                and c.raddr
+                and c.raddr.port in fleet.servers.values()
+                for c in worker.net_connections()
+            )
+        ]
+        assert victims
+        for victim in victims:
+            victim.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        # Gunicorn's child_exit (and the workers' reclaim pass) hand the slots back.
+        while time.monotonic() - killed < 5:
+            if sum(int(str(a["reservations"])) for a in fleet.agents().values()) < held:
+                break
+            time.sleep(0.02)
+        assert time.monotonic() - killed < 0.3 + 0.5
+    finally:
+        for context in contexts:
+            context.__exit__(None, None, None)
+        for client in clients:
+            client.close()
+    assert fleet.wait_idle(4, timeout=5)
+    answer = httpx.post(fleet.url("/v1/chat/completions"), json=chat(4), timeout=30)
+    assert answer.status_code == 200
+
+
+def test_two_models_each_request_reaches_its_model(
+    paddlerd: PaddlerdRunner, llama_server_binary: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    other = write_model(tmp_path / "other.gguf", "tiny", seed=7)
+    fleet = start_fleet(
+        paddlerd,
+        llama_server_binary,
+        {"a": tiny_model, "b": other},
+        aliases={"a": "alpha", "b": "beta"},
+    )
+    models = httpx.get(fleet.url("/v1/models"), timeout=5).json()
+    assert [model["id"] for model in models["data"]] == ["alpha", "beta"]
+    for _ in range(4):
+        for model, upstream in (("alpha", "a"), ("beta", "b")):
+            answer = httpx.post(
+                fleet.url("/v1/chat/completions"), json=chat(4, model=model), timeout=30
+            )
+            assert answer.status_code == 200
+            assert answer.headers["x-paddler-upstream"] == upstream
+    unknown = httpx.post(fleet.url("/v1/chat/completions"), json=chat(4, model="gamma"), timeout=30)
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["message"] == (
+        "model 'gamma' is not served here; the models are: alpha, beta"
+    )
+
+
+def test_bad_input(fleet: Fleet) -> None:
+    malformed = httpx.post(fleet.url("/v1/chat/completions"), content=b'{"messages": [', timeout=10)
+    assert malformed.status_code == 400
+    assert malformed.json()["error"]["message"].startswith("the request body is not valid JSON")
+    huge = httpx.post(fleet.url("/v1/chat/completions"), content=b"x" * 50_000_000, timeout=60)
+    assert huge.status_code == 413
+    hidden = httpx.get(fleet.url("/slots"), timeout=10)
+    assert hidden.status_code == 404
+    # Nothing of that disturbed the fleet.
+    assert (
+        httpx.post(fleet.url("/v1/chat/completions"), json=chat(4), timeout=30).status_code == 200
+    )
+    assert "x-request-id" in malformed.headers
