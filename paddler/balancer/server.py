@@ -15,6 +15,7 @@ from gunicorn.app.base import BaseApplication
 from starlette.types import ASGIApp
 
 from paddler.balancer.app import build_app
+from paddler.balancer.worker import HeaderDeadlineProtocol
 from paddler.config import BalancerSettings
 from paddler.config.addresses import format_address
 from paddler.config.model import EXAMPLE_TOKEN, slot_table_path
@@ -70,7 +71,7 @@ class BalancerApplication(BaseApplication):  # type: ignore[misc]
                 format_address(settings.reverseproxy_host, settings.reverseproxy_port),
             ],
             "workers": settings.workers or os.cpu_count() or 1,
-            "worker_class": "uvicorn_worker.UvicornWorker",
+            "worker_class": "paddler.balancer.worker.BalancerWorker",
             "proc_name": "paddler-balancer",
             "accesslog": None,
             "errorlog": "-",
@@ -87,6 +88,8 @@ class BalancerApplication(BaseApplication):  # type: ignore[misc]
             options["control_socket_disable"] = True
         for key, value in options.items():
             self.cfg.set(key, value)
+        # Read by each worker's protocol after fork.
+        HeaderDeadlineProtocol.header_timeout = settings.header_timeout
 
     def load(self) -> ASGIApp:
         return self.application

@@ -219,6 +219,8 @@ def _complaint(check: str | None, value: Any) -> str:
         return f"is not a valid IP address or host name, nor {AWS_LOCAL_IPV4!r}: {value!r}"
     if check == "token" and (not value or any(c.isspace() for c in value)):
         return "must be a non-empty string without spaces"
+    if check == "tokens" and any(not key or any(c.isspace() for c in key) for key in value):
+        return "must be non-empty strings without spaces"
     if check == "name" and not _NAME.match(value):
         return f"must be 1-63 letters, digits, '.', '_' or '-': {value!r}"
     if check == "addresses":

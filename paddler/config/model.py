@@ -117,6 +117,12 @@ class BalancerSettings:
     max_body_size: int = setting(
         "Largest request body in bytes; a larger one gets 413.", 32 * 1024 * 1024, minimum=1024
     )
+    header_timeout: float = setting(
+        "Seconds a client may take to send a request's line and headers; slower ones are "
+        "disconnected (slowloris).",
+        10.0,
+        minimum=0.1,
+    )
     body_timeout: float = setting(
         "Seconds a client may take to send its request body; slower ones get 408.",
         60.0,
@@ -154,6 +160,15 @@ class BalancerSettings:
         "Seconds of a first ejection; each ejection in a row doubles it.", 5.0, minimum=0.1
     )
     ejection_max: float = setting("Longest ejection, in seconds.", 300.0, minimum=0.1)
+    api_keys: list[str] = setting(
+        "Keys clients must send (Authorization: Bearer KEY, or X-Api-Key); empty: none.",
+        factory=list,
+        check="tokens",
+    )
+    upstream_api_key: str | None = setting(
+        "Key sent to every llama-server (their --api-key) in place of the client's.",
+        check="token",
+    )
     debug_headers: bool = setting(
         "Add X-Paddler-Upstream (the upstream's name) to responses.", False
     )

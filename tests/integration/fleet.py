@@ -63,6 +63,7 @@ def start_fleet(
     context_per_slot: int = 4096,
     agents: bool = True,
     aliases: dict[str, str] | None = None,
+    llama_api_key: str | None = None,
 ) -> Fleet:
     """Start a fleet with one llama-server (and agent) per entry of ``models``."""
     fleet = Fleet(paddlerd, proxy=free_port(), management=free_port())
@@ -81,7 +82,10 @@ def start_fleet(
                 f'balancers = ["127.0.0.1:{fleet.management}"]\n'
                 f"monitoring_interval = {interval}\n"
             )
-        entry = llamacpp_entry(name, binary, model, port, slots=slots)
+            if llama_api_key:
+                text += f'local_llamacpp_api_key = "{llama_api_key}"\n'
+        extra = f'extra_args = ["--api-key", "{llama_api_key}"]' if llama_api_key else ""
+        entry = llamacpp_entry(name, binary, model, port, slots=slots, extra=extra)
         text += entry.replace(
             f"context_size = {256 * slots}",
             f"context_size = {context_per_slot * slots}\n"

@@ -3,6 +3,7 @@
 import asyncio
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import openai
 import psutil
 import pytest
 
@@ -347,3 +349,143 @@ def test_bad_input(fleet: Fleet) -> None:
         httpx.post(fleet.url("/v1/chat/completions"), json=chat(4), timeout=30).status_code == 200
     )
     assert "x-request-id" in malformed.headers
+
+
+def test_the_official_openai_client_and_curl_work_unchanged(fleet: Fleet) -> None:
+    client = openai.OpenAI(base_url=fleet.url("/v1"), api_key="unused", max_retries=0)
+    models = [model.id for model in client.models.list()]
+    assert models == ["tiny"]
+    completion = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=8
+    )
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == 8
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=8, stream=True
+        )
+    )
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert sum(1 for chunk in chunks if chunk.choices and chunk.choices[0].delta.content) >= 1
+    client.close()
+
+    curl = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--fail-with-body",
+            fleet.url("/v1/chat/completions"),
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            json.dumps(
+                {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert curl.returncode == 0, curl.stderr
+    assert json.loads(curl.stdout)["choices"][0]["finish_reason"] == "length"
+    native = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--fail-with-body",
+            fleet.url("/completion"),
+            "-d",
+            '{"prompt": "hello", "n_predict": 4}',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert json.loads(native.stdout)["tokens_predicted"] == 4
+
+
+def test_clients_trickling_their_headers_are_cut_off_without_slowing_others(
+    paddlerd: PaddlerdRunner, llama_server_binary: Path, tiny_model: Path
+) -> None:
+    fleet = start_fleet(
+        paddlerd, llama_server_binary, {"a": tiny_model}, balancer="header_timeout = 2.0\n"
+    )
+
+    def latency() -> float:
+        started = time.monotonic()
+        assert (
+            httpx.post(fleet.url("/tokenize"), json={"content": "hello"}, timeout=10).status_code
+            == 200
+        )
+        return time.monotonic() - started
+
+    baseline = sorted(latency() for _ in range(20))[10]
+    tricklers = []
+    for _ in range(40):
+        sock = socket.create_connection(("127.0.0.1", fleet.proxy))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        tricklers.append(sock)
+    started = time.monotonic()
+    during = []
+    closed: set[int] = set()
+    while len(closed) < len(tricklers) and time.monotonic() - started < 10:
+        for number, sock in enumerate(tricklers):
+            if number in closed:
+                continue
+            try:
+                sock.sendall(b"X")  # one byte of a header, now and then
+                sock.settimeout(0.001)
+                if sock.recv(1) == b"":
+                    closed.add(number)
+            except TimeoutError:
+                pass
+            except OSError:
+                closed.add(number)
+        during.append(latency())
+        time.sleep(0.1)
+    elapsed = time.monotonic() - started
+    for sock in tricklers:
+        sock.close()
+    assert len(closed) == len(tricklers)
+    assert 2.0 <= elapsed < 4.0
+    assert sorted(during)[len(during) // 2] < baseline * 3 + 0.05
+    fleet.paddlerd.wait_for_log(
+        r"closed the connection of 127\.0\.0\.1:\d+: its request "
+        r"headers took over 2s"
+    )
+
+
+def test_client_keys_are_checked_and_the_upstream_key_injected(
+    paddlerd: PaddlerdRunner, llama_server_binary: Path, tiny_model: Path
+) -> None:
+    fleet = start_fleet(
+        paddlerd,
+        llama_server_binary,
+        {"a": tiny_model},
+        llama_api_key="upstream-secret",
+        balancer='api_keys = ["client-one", "client-two"]\nupstream_api_key = "upstream-secret"\n',
+    )
+    url = fleet.url("/v1/chat/completions")
+    refused = httpx.post(url, json=chat(4), timeout=30)
+    assert refused.status_code == 401
+    assert refused.json()["error"]["type"] == "authentication_error"
+    wrong = httpx.post(url, json=chat(4), headers={"Authorization": "Bearer nope"}, timeout=30)
+    assert wrong.status_code == 401
+    # The llama-server wants its own key, which only the balancer knows.
+    direct = httpx.post(
+        f"http://127.0.0.1:{fleet.servers['a']}/v1/chat/completions",
+        json=chat(4),
+        headers={"Authorization": "Bearer client-one"},
+        timeout=30,
+    )
+    assert direct.status_code == 401
+    bearer = httpx.post(
+        url, json=chat(4), headers={"Authorization": "Bearer client-one"}, timeout=30
+    )
+    assert bearer.status_code == 200
+    header = httpx.post(url, json=chat(4), headers={"X-Api-Key": "client-two"}, timeout=30)
+    assert header.status_code == 200
+    assert httpx.get(fleet.url("/health"), timeout=10).status_code == 200

@@ -1,6 +1,7 @@
 """The proxy's request flow: classify, find a slot (or wait for one), forward, release."""
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -54,6 +55,7 @@ class Proxy:
         self.settings = fleet.settings
         self.slot_endpoints = frozenset(self.settings.slot_endpoints)
         self.exposed = tuple(self.settings.exposed_endpoints)
+        self.api_keys = [key.encode() for key in self.settings.api_keys]
         self._session: aiohttp.ClientSession | None = None
         self._waiter: SlotWaiter | None = None
         self._failures: dict[tuple[int, int], int] = {}
@@ -99,6 +101,14 @@ class Proxy:
         method, path = request.scope["method"], request.scope["path"]
         if method == "GET" and path == "/health":
             await send_json(request.send, 200, self.fleet_health())
+            return
+        if self.api_keys and not self._authorized(request.scope):
+            await request.fail(
+                401,
+                "a valid API key is required (Authorization: Bearer KEY)",
+                "authentication_error",
+                [(b"www-authenticate", b"Bearer")],
+            )
             return
         if method == "GET" and path in ("/v1/models", "/models"):
             await send_json(request.send, 200, self.models())
@@ -157,6 +167,17 @@ class Proxy:
                 await self._without_slot(request, body, model)
         finally:
             request.stop_watching()
+
+    def _authorized(self, scope: Scope) -> bool:
+        given = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
+                given = value[7:].strip()
+            elif name == b"x-api-key" and not given:
+                given = value.strip()
+        # Compare with every key, in constant time, so timing tells nothing about them.
+        matches = [hmac.compare_digest(given, key) for key in self.api_keys]
+        return any(matches)
 
     # -- requests that take a slot ---------------------------------------------------------
 
@@ -246,7 +267,13 @@ class Proxy:
         if query:
             url += "?" + query.decode("latin-1")
         host = row.address if self.settings.rewrite_host_header else None
-        headers = request_headers(scope["headers"], request.request_id, host)
+        headers = request_headers(
+            scope["headers"],
+            request.request_id,
+            host,
+            keep_credentials=not self.api_keys,
+            upstream_api_key=self.settings.upstream_api_key,
+        )
         try:
             outcome: Outcome = await forward(
                 self.session,

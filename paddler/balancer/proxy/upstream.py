@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import aiohttp
 from starlette.types import Send
 
-# Hop-by-hop headers (RFC 9110 7.6.1) and those the two HTTP stacks set themselves.
+# Hop-by-hop headers (RFC 9110 7.6.1), and what aiohttp sets itself.
 HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -28,7 +28,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 NOT_FORWARDED = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
-NOT_RETURNED = HOP_BY_HOP | {b"server", b"date"}
+NOT_RETURNED = HOP_BY_HOP  # Server and Date pass through: the workers add neither
 
 
 class RetryableError(Exception):
@@ -58,15 +58,32 @@ def new_session(connect_timeout: float, read_timeout: float) -> aiohttp.ClientSe
     )
 
 
+CLIENT_CREDENTIALS = frozenset({b"authorization", b"x-api-key"})
+
+
 def request_headers(
-    raw: Iterable[tuple[bytes, bytes]], request_id: str, host: str | None
+    raw: Iterable[tuple[bytes, bytes]],
+    request_id: str,
+    host: str | None,
+    keep_credentials: bool,
+    upstream_api_key: str | None,
 ) -> list[tuple[str, str]]:
+    """The client's headers as the upstream gets them.
+
+    The client's own credentials go upstream only when the balancer neither checks
+    keys of its own nor has the upstreams' key to send instead.
+    """
+    dropped = NOT_FORWARDED | {b"x-request-id"}
+    if not keep_credentials or upstream_api_key:
+        dropped |= CLIENT_CREDENTIALS
     headers = [
         (name.decode("latin-1"), value.decode("latin-1"))
         for name, value in raw
-        if name.lower() not in NOT_FORWARDED and name.lower() != b"x-request-id"
+        if name.lower() not in dropped
     ]
     headers.append(("X-Request-Id", request_id))
+    if upstream_api_key:
+        headers.append(("Authorization", f"Bearer {upstream_api_key}"))
     if host is not None:
         headers.append(("Host", host))
     return headers
