@@ -21,7 +21,7 @@ llama-server: $(INSTALLED)
 	$(BIN)/python -m paddler.testbed.llama_server
 
 demo: setup
-	$(BIN)/python -m paddler.testbed.demo
+	$(BIN)/python -m paddler.testbed.demo $(ARGS)
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .

@@ -1,9 +1,11 @@
 """The demo fleet: everything `make demo` starts, on this machine alone.
 
 Builds llama-server once, writes a generated model, writes the demo configuration
-next to it and hands over to paddlerd, which runs until Ctrl-C.
+next to it and hands over to paddlerd, which runs until Ctrl-C. Ports, from
+--base-port (8080): the proxy, +1 and +2 the llama-servers, +5 the management API.
 """
 
+import argparse
 import os
 import socket
 import sys
@@ -12,24 +14,30 @@ from importlib import resources
 from paddler.testbed.llama_server import InstallError, cache_root, ensure_llama_server
 from paddler.testbed.models import write_model
 
-PORTS = (8080, 8081, 8082, 8085)
+
+def ports(base: int) -> dict[str, int]:
+    return {"proxy": base, "llama_a": base + 1, "llama_b": base + 2, "management": base + 5}
 
 
-def busy_ports() -> list[int]:
-    busy = []
-    for port in PORTS:
+def busy(candidates: list[int]) -> list[int]:
+    taken = []
+    for port in candidates:
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
-                busy.append(port)
-    return busy
+                taken.append(port)
+    return taken
 
 
-def main() -> int:
-    taken = busy_ports()
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run the demo fleet on this machine.")
+    parser.add_argument("--base-port", type=int, default=8080)
+    args = parser.parse_args(argv)
+    chosen = ports(args.base_port)
+    taken = busy(list(chosen.values()))
     if taken:
         print(
-            f"demo: ports {', '.join(map(str, taken))} are in use on 127.0.0.1; the demo "
-            f"needs {', '.join(map(str, PORTS))}",
+            f"demo: ports {', '.join(map(str, taken))} are in use on 127.0.0.1; choose "
+            "others with --base-port",
             file=sys.stderr,
         )
         return 1
@@ -44,8 +52,13 @@ def main() -> int:
         write_model(model, "tiny", seed=0)
     template = resources.files("paddler.testbed").joinpath("demo.toml").read_text()
     config = state / "paddler.toml"
-    config.write_text(template.format(state=state, binary=binary, model=model))
-    print(f"demo: starting paddlerd with {config}; Ctrl-C stops it", file=sys.stderr)
+    config.write_text(template.format(state=state, binary=binary, model=model, **chosen))
+    print(
+        f"demo: starting paddlerd with {config}; Ctrl-C stops it\n"
+        f'demo: the proxy is http://127.0.0.1:{chosen["proxy"]} (model "tiny"), the '
+        f"management API http://127.0.0.1:{chosen['management']}",
+        file=sys.stderr,
+    )
     paddlerd = [sys.executable, "-m", "paddler.supervisor.cli", "-c", str(config)]
     os.execv(sys.executable, paddlerd)
     return 127  # not reached: execv replaces this process or raises
