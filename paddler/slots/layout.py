@@ -14,6 +14,7 @@ Header page (4096 bytes)
     offset 36  u32  max_waiters (entries of the waiting queue)
     offset 40  u64  next ticket of the waiting queue
     offset 48  u32  entries in use in the waiting queue (0: nobody waits, skip the scan)
+    offset 52  u32  rows ever used: every row from there on is free (scans stop there)
     offset 64  owners: max_owners x 16 bytes, each
                u32 pid, u32 padding, u64 process start time (clock ticks since boot,
                from /proc/PID/stat); pid 0 marks a free entry. The start time tells
@@ -59,9 +60,10 @@ import struct
 MAGIC = b"PDLRSLOT"
 LAYOUT_VERSION = 2
 HEADER_SIZE = 4096
-HEADER = struct.Struct("<8sIIIIdIIQI")
+HEADER = struct.Struct("<8sIIIIdIIQII")
 NEXT_TICKET_OFFSET = 40
 WAITING_OFFSET = 48
+ROWS_USED_OFFSET = 52
 OWNERS_OFFSET = 64
 OWNER = struct.Struct("<IIQ")
 ROW_META = struct.Struct("<IBxxxIHHHHHxxddQd32s64s128s128s64s160s")

@@ -30,6 +30,7 @@ from paddler.slots.layout import (
     OWNERS_OFFSET,
     RESERVATIONS_OFFSET,
     ROW_META,
+    ROWS_USED_OFFSET,
     WAITER,
     WAITING_OFFSET,
     UpstreamState,
@@ -163,7 +164,7 @@ class SlotTable:
                 f"{path} has slot table layout version {version}, but this Paddler reads "
                 f"version {LAYOUT_VERSION}: run paddlerctl from the same release as the balancer"
             )
-        (_, _, max_upstreams, max_owners, size_of_row, created, creator, max_waiters, _, _) = (
+        (_, _, max_upstreams, max_owners, size_of_row, created, creator, max_waiters, *_) = (
             HEADER.unpack_from(self._map, 0)
         )
         self.max_upstreams: int = max_upstreams
@@ -200,6 +201,7 @@ class SlotTable:
             os.getpid(),
             max_waiters,
             1,
+            0,
             0,
         )
         partial = path.with_name(f".{path.name}.{os.getpid()}")
@@ -301,9 +303,13 @@ class SlotTable:
             ejections=ejections,
         )
 
+    def _rows_used(self) -> int:
+        count: int = struct.unpack_from("<I", self._map, ROWS_USED_OFFSET)[0]
+        return count
+
     def _used_rows(self) -> list[UpstreamRow]:
         rows = []
-        for index in range(self.max_upstreams):
+        for index in range(self._rows_used()):
             if self._map[self._offset(index) + 4] != UpstreamState.FREE:
                 rows.append(self._row(index))
         return rows
@@ -311,7 +317,7 @@ class SlotTable:
     def rows(self) -> list[UpstreamRow]:
         """Every upstream, read without the lock (seqlock: a row being rewritten is re-read)."""
         rows = []
-        for index in range(self.max_upstreams):
+        for index in range(self._rows_used()):
             offset = self._offset(index)
             for _ in range(1000):
                 before = self._u32[offset // 4]
@@ -425,6 +431,8 @@ class SlotTable:
     def _first_free_row(self) -> int:
         for index in range(self.max_upstreams):
             if self._map[self._offset(index) + 4] == UpstreamState.FREE:
+                if index >= self._rows_used():
+                    struct.pack_into("<I", self._map, ROWS_USED_OFFSET, index + 1)
                 return index
         raise SlotTableError(f"the slot table is full ({self.max_upstreams} upstreams)")
 
@@ -539,7 +547,7 @@ class SlotTable:
         if self._owner is None:
             raise SlotTableError("join() the table before releasing")
         with self.locked():
-            if self._row(reservation.row).generation != reservation.generation:
+            if self._u32[(self._offset(reservation.row) + 8) // 4] != reservation.generation:
                 return  # the upstream was forgotten meanwhile; its counters were reset
             index = self._reservation_index(reservation.row, self._owner)
             if self._u16[index] > 0:

@@ -150,7 +150,7 @@ class Proxy:
                 return
             named = payload.get("model") if isinstance(payload, dict) else None
             model = named if isinstance(named, str) and named else None
-        rows = self.fleet.table.rows()
+        rows = self.fleet.table.rows() if model is not None else []
         if model is not None and rows and not knows_model(rows, model):
             await request.fail(
                 404,

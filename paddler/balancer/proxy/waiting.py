@@ -89,8 +89,11 @@ class SlotWaiter:
 
     async def _run(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), POLL_INTERVAL)
+            if self._waiters:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), POLL_INTERVAL)
+            else:
+                await self._wake.wait()  # idle: no polling while nobody here waits
             self._wake.clear()
             if not self._waiters:
                 continue
