@@ -8,6 +8,7 @@ from pathlib import Path
 from paddler.config import BalancerSettings
 from paddler.config.model import slot_table_path
 from paddler.slots import SlotTable, UpstreamRow, UpstreamState
+from paddler.slots.view import in_rotation, state_name
 
 log = logging.getLogger("paddler.balancer")
 
@@ -36,15 +37,10 @@ class Fleet:
             self._table = None
 
     def in_rotation(self, row: UpstreamRow, now: float) -> bool:
-        return row.state is UpstreamState.READY and not row.is_stale(
-            now, self.settings.missed_reports
-        )
+        return in_rotation(row, now, self.settings.missed_reports)
 
-    def describe(self, row: UpstreamRow, now: float) -> str:
-        stale = row.state is not UpstreamState.REMOVED and row.is_stale(
-            now, self.settings.missed_reports
-        )
-        return "stale" if stale else row.state.name.lower()
+    def state_name(self, row: UpstreamRow, now: float) -> str:
+        return state_name(row, now, self.settings.missed_reports)
 
     async def maintain(self) -> None:
         """Forget silent upstreams and reclaim dead processes' reservations, forever.

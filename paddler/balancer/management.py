@@ -4,7 +4,6 @@ import hmac
 import json
 import logging
 import time
-from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -13,6 +12,7 @@ from starlette.routing import Route
 from paddler.balancer.fleet import Fleet
 from paddler.reports import ReportError, parse_report
 from paddler.slots import Applied, SlotTableError
+from paddler.slots.view import describe
 
 log = logging.getLogger("paddler.balancer")
 
@@ -50,7 +50,7 @@ def management_routes(fleet: Fleet) -> list[Route]:
         if denied is not None:
             return denied
         now = time.monotonic()
-        agents = [_describe(fleet, row, now) for row in fleet.table.rows()]
+        agents = [describe(row, now, fleet.settings.missed_reports) for row in fleet.table.rows()]
         return JSONResponse({"agents": agents})
 
     async def report(request: Request) -> Response:
@@ -103,25 +103,3 @@ def management_routes(fleet: Fleet) -> list[Route]:
 
 def _bad(message: str, status: int = 400) -> Response:
     return JSONResponse({"error": message}, status_code=status)
-
-
-def _describe(fleet: Fleet, row: Any, now: float) -> dict[str, Any]:
-    return {
-        "agent_id": row.agent_id,
-        "name": row.name,
-        "address": row.address,
-        "model": row.model,
-        "build": row.build,
-        "state": fleet.describe(row, now),
-        "in_rotation": fleet.in_rotation(row, now),
-        "error": row.error,
-        "slots": {
-            "total": row.slots_total,
-            "idle": row.slots_idle,
-            "processing": row.slots_processing,
-            "free": row.free_slots,
-        },
-        "reservations": row.reservations,
-        "last_report_age": round(row.age(now), 3),
-        "report_interval": row.interval,
-    }

@@ -14,7 +14,8 @@ from typing import Any
 import httpx
 
 from paddler.config import BalancerSettings
-from paddler.slots import SlotTable, SlotTableError, UpstreamState
+from paddler.slots import SlotTable, SlotTableError
+from paddler.slots.view import describe
 
 COLUMNS = ("name", "address", "state", "busy/total", "reserved", "age", "model", "error")
 
@@ -26,29 +27,7 @@ def from_table(path: Path, settings: BalancerSettings) -> list[dict[str, Any]]:
     finally:
         table.close()
     now = time.monotonic()
-    agents = []
-    for row in rows:
-        stale = row.state is not UpstreamState.REMOVED and row.is_stale(
-            now, settings.missed_reports
-        )
-        agents.append(
-            {
-                "name": row.name,
-                "address": row.address,
-                "model": row.model,
-                "state": "stale" if stale else row.state.name.lower(),
-                "error": row.error,
-                "slots": {
-                    "total": row.slots_total,
-                    "idle": row.slots_idle,
-                    "processing": row.slots_processing,
-                    "free": row.free_slots,
-                },
-                "reservations": row.reservations,
-                "last_report_age": round(row.age(now), 3),
-            }
-        )
-    return agents
+    return [describe(row, now, settings.missed_reports) for row in rows]
 
 
 def from_management(url: str, token: str | None) -> list[dict[str, Any]]:

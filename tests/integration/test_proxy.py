@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -111,6 +112,9 @@ def test_full_buffer_answers_503_for_exactly_the_overflow(
         llama_server_binary,
         {"a": tiny_model, "b": tiny_model},
         balancer="request_buffer_size = 4\n",
+        # Reports once a second: two busy llama-servers on two cores must not starve the
+        # agents into missing three reports in a row (their upstreams would turn stale).
+        interval=1.0,
     )
 
     async def run() -> list[httpx.Response]:
@@ -124,7 +128,7 @@ def test_full_buffer_answers_503_for_exactly_the_overflow(
 
     responses = asyncio.run(run())
     statuses = sorted(response.status_code for response in responses)
-    assert statuses == [200] * 8 + [503] * 4
+    assert statuses == [200] * 8 + [503] * 4, fleet.paddlerd.log()[-6000:]
     refused = [r for r in responses if r.status_code == 503]
     assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
     assert (
@@ -185,15 +189,20 @@ def test_requests_wait_for_an_upstream_to_join_or_time_out(
         agent.wait(10)
 
 
-def test_a_client_leaving_mid_stream_frees_its_slot(fleet: Fleet) -> None:
+@contextmanager
+def long_stream(fleet: Fleet) -> Iterator[tuple[str, Iterator[str]]]:
+    """A streamed chat long enough to act on mid-stream: its upstream, and its lines."""
     with (
         httpx.Client(timeout=60) as client,
         client.stream(
             "POST", fleet.url("/v1/chat/completions"), json=chat(3000, stream=True)
         ) as response,
     ):
-        upstream = response.headers["x-paddler-upstream"]
-        lines = response.iter_lines()
+        yield response.headers["x-paddler-upstream"], response.iter_lines()
+
+
+def test_a_client_leaving_mid_stream_frees_its_slot(fleet: Fleet) -> None:
+    with long_stream(fleet) as (upstream, lines):
         for _ in range(5):
             next(lines)
         assert fleet.busy_slots(upstream) == 1
@@ -239,14 +248,7 @@ def test_a_llama_server_killed_before_answering_is_retried_elsewhere(
 
 
 def test_a_llama_server_killed_mid_stream_ends_the_stream_with_an_error(fleet: Fleet) -> None:
-    with (
-        httpx.Client(timeout=60) as client,
-        client.stream(
-            "POST", fleet.url("/v1/chat/completions"), json=chat(3000, stream=True)
-        ) as response,
-    ):
-        upstream = response.headers["x-paddler-upstream"]
-        lines = response.iter_lines()
+    with long_stream(fleet) as (upstream, lines):
         for _ in range(3):
             next(lines)
         fleet.paddlerd.children()[f"port:{fleet.servers[upstream]}"].send_signal(signal.SIGKILL)

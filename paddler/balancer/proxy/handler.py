@@ -344,7 +344,7 @@ class Proxy:
         states: dict[str, int] = {}
         idle = processing = total = 0
         for row in rows:
-            state = self.fleet.describe(row, now)
+            state = self.fleet.state_name(row, now)
             states[state] = states.get(state, 0) + 1
             if self.fleet.in_rotation(row, now):
                 total += row.slots_total

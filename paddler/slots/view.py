@@ -1,0 +1,41 @@
+"""What an upstream's row means to people: its state name and its JSON description.
+
+One description, used by the management API and by paddlerctl reading the table.
+"""
+
+from typing import Any
+
+from paddler.slots.layout import UpstreamState
+from paddler.slots.table import UpstreamRow
+
+
+def in_rotation(row: UpstreamRow, now: float, missed_reports: int) -> bool:
+    """Whether the upstream takes new requests: ready and reporting."""
+    return row.state is UpstreamState.READY and not row.is_stale(now, missed_reports)
+
+
+def state_name(row: UpstreamRow, now: float, missed_reports: int) -> str:
+    stale = row.state is not UpstreamState.REMOVED and row.is_stale(now, missed_reports)
+    return "stale" if stale else row.state.name.lower()
+
+
+def describe(row: UpstreamRow, now: float, missed_reports: int) -> dict[str, Any]:
+    return {
+        "agent_id": row.agent_id,
+        "name": row.name,
+        "address": row.address,
+        "model": row.model,
+        "build": row.build,
+        "state": state_name(row, now, missed_reports),
+        "in_rotation": in_rotation(row, now, missed_reports),
+        "error": row.error,
+        "slots": {
+            "total": row.slots_total,
+            "idle": row.slots_idle,
+            "processing": row.slots_processing,
+            "free": row.free_slots,
+        },
+        "reservations": row.reservations,
+        "last_report_age": round(row.age(now), 3),
+        "report_interval": row.interval,
+    }
