@@ -84,8 +84,8 @@ def start_fleet(
             )
             if llama_api_key:
                 text += f'local_llamacpp_api_key = "{llama_api_key}"\n'
-        extra = f'extra_args = ["--api-key", "{llama_api_key}"]' if llama_api_key else ""
-        entry = llamacpp_entry(name, binary, model, port, slots=slots, extra=extra)
+        extra = ("--api-key", llama_api_key) if llama_api_key else ()
+        entry = llamacpp_entry(name, binary, model, port, slots=slots, extra_args=extra)
         text += entry.replace(
             f"context_size = {256 * slots}",
             f"context_size = {context_per_slot * slots}\n"

@@ -142,11 +142,20 @@ def health(port: int) -> int:
 
 
 def llamacpp_entry(
-    name: str, binary: Path, model: Path, port: int, slots: int = 1, extra: str = ""
+    name: str,
+    binary: Path,
+    model: Path,
+    port: int,
+    slots: int = 1,
+    extra_args: tuple[str, ...] = (),
 ) -> str:
+    # One thread each: llama.cpp's threads spin while they wait, so two servers of two
+    # threads on a two-core machine slow each other down by an order of magnitude.
+    arguments = json.dumps(["--threads", "1", *extra_args])
     return (
         f'[[llamacpp]]\nname = "{name}"\nbinary = "{binary}"\nmodel = "{model}"\n'
-        f"port = {port}\nslots = {slots}\ncontext_size = {256 * slots}\n{extra}\n"
+        f"port = {port}\nslots = {slots}\ncontext_size = {256 * slots}\n"
+        f"extra_args = {arguments}\n"
     )
 
 

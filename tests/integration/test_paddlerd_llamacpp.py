@@ -116,7 +116,7 @@ def test_child_that_keeps_dying_at_start_becomes_fatal_without_spinning(
             llama_server_binary,
             tiny_model,
             free_port(),
-            extra='extra_args = ["--no-such-flag"]',
+            extra_args=("--no-such-flag",),
         )
     )
     started = time.monotonic()
