@@ -27,7 +27,7 @@ HOP_BY_HOP = frozenset(
         b"proxy-connection",
     }
 )
-NOT_FORWARDED = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
+NOT_FORWARDED = HOP_BY_HOP | {b"content-length", b"expect"}
 NOT_RETURNED = HOP_BY_HOP  # Server and Date pass through: the workers add neither
 
 
@@ -74,6 +74,8 @@ def request_headers(
     keys of its own nor has the upstreams' key to send instead.
     """
     dropped = NOT_FORWARDED | {b"x-request-id"}
+    if host is not None:
+        dropped |= {b"host"}  # rewritten: the upstream's own address instead
     if not keep_credentials or upstream_api_key:
         dropped |= CLIENT_CREDENTIALS
     headers = [
