@@ -18,8 +18,9 @@ from paddler.balancer.app import build_app
 from paddler.balancer.worker import HeaderDeadlineProtocol
 from paddler.config import BalancerSettings
 from paddler.config.addresses import format_address
-from paddler.config.model import EXAMPLE_TOKEN, slot_table_path
+from paddler.config.model import EXAMPLE_TOKEN, MAX_WORKERS, slot_table_path
 from paddler.slots import SlotTable, SlotTableError
+from paddler.slots.layout import DEFAULT_MAX_OWNERS, MAX_OWNERS
 from paddler.supervisor.spawn import die_with_parent
 
 log = logging.getLogger("paddler.balancer")
@@ -70,7 +71,7 @@ class BalancerApplication(BaseApplication):  # type: ignore[misc]
                 format_address(settings.management_host, settings.management_port),
                 format_address(settings.reverseproxy_host, settings.reverseproxy_port),
             ],
-            "workers": settings.workers or os.cpu_count() or 1,
+            "workers": worker_count(settings),
             "worker_class": "paddler.balancer.worker.BalancerWorker",
             "proc_name": "paddler-balancer",
             "accesslog": None,
@@ -109,11 +110,23 @@ def warn_about_exposure(settings: BalancerSettings) -> None:
         )
 
 
+def worker_count(settings: BalancerSettings) -> int:
+    return settings.workers or min(MAX_WORKERS, os.cpu_count() or 1)
+
+
+def owner_entries(settings: BalancerSettings) -> int:
+    """Room in the table for every worker twice over (old and new ones overlap when a
+    worker is replaced), and for the processes that only read it."""
+    return min(MAX_OWNERS, max(DEFAULT_MAX_OWNERS, 2 * worker_count(settings) + 8))
+
+
 def run(settings: BalancerSettings) -> int:
     warn_about_exposure(settings)
     try:
         SlotTable.create(
-            Path(slot_table_path(settings)), max_waiters=settings.request_buffer_size
+            Path(slot_table_path(settings)),
+            max_waiters=settings.request_buffer_size,
+            max_owners=owner_entries(settings),
         ).close()
     except (OSError, SlotTableError) as error:
         log.error("cannot create the slot table %s: %s", slot_table_path(settings), error)

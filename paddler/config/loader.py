@@ -135,6 +135,10 @@ class _Validator:
         if minimum is not None and value < minimum:
             self.problem(key, f"must be at least {minimum}, not {value}")
             return None
+        maximum = metadata.get("maximum")
+        if maximum is not None and value > maximum:
+            self.problem(key, f"must be at most {maximum}, not {value}")
+            return None
         choices = metadata.get("choices")
         if choices and value not in choices:
             self.problem(key, f"must be one of {', '.join(choices)}; not {value!r}")

@@ -12,6 +12,8 @@ from typing import Any
 
 DEFAULT_MANAGEMENT_PORT = 8085
 DEFAULT_REVERSEPROXY_PORT = 8080
+# Each worker needs an owner entry in the slot table, twice over while being replaced.
+MAX_WORKERS = 120
 DEFAULT_SLOT_ENDPOINTS = (
     "/completion",
     "/completions",
@@ -40,10 +42,17 @@ def setting(
     required: bool = False,
     check: str | None = None,
     minimum: float | None = None,
+    maximum: float | None = None,
     choices: tuple[str, ...] = (),
     factory: Any = None,
 ) -> Any:
-    metadata = {"doc": doc, "check": check, "minimum": minimum, "choices": choices}
+    metadata = {
+        "doc": doc,
+        "check": check,
+        "minimum": minimum,
+        "maximum": maximum,
+        "choices": choices,
+    }
     if required:
         return field(metadata={**metadata, "required": True})
     if factory is not None:
@@ -101,7 +110,11 @@ class BalancerSettings:
     reverseproxy_port: int = setting(
         "Port of the reverse proxy that clients call.", DEFAULT_REVERSEPROXY_PORT, check="port"
     )
-    workers: int | None = setting("Balancer worker processes; unset: one per CPU core.", minimum=1)
+    workers: int | None = setting(
+        "Balancer worker processes; unset: one per CPU core, at most 120.",
+        minimum=1,
+        maximum=MAX_WORKERS,
+    )
     slot_table: str | None = setting(
         "The shared-memory slot table file (on a tmpfs); unset: "
         "/run/paddler/balancer-<management_port>.slots."

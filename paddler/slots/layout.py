@@ -78,7 +78,8 @@ DEFAULT_MAX_UPSTREAMS = 256
 assert ROW_META.size == EJECTION_OFFSET
 assert EJECTION_OFFSET + EJECTION.size == RESERVATIONS_OFFSET
 assert WAITER.size == 32
-assert OWNERS_OFFSET + OWNER.size * 128 <= HEADER_SIZE
+# The owners table fills the rest of the header page.
+MAX_OWNERS = (HEADER_SIZE - OWNERS_OFFSET) // OWNER.size
 
 
 def row_size(max_owners: int) -> int:

@@ -345,6 +345,9 @@ class SlotTable:
         offset = self._offset(row)
         sequence_index = offset // 4
         seqlock = self._u32[sequence_index]
+        # Odd here means a writer died mid-write (the lock is ours now): start from even,
+        # or the row would read as being written forever.
+        seqlock += seqlock & 1
         self._u32[sequence_index] = seqlock + 1  # odd: readers wait
         if report is None:
             fields = ROW_META.pack(
@@ -502,6 +505,7 @@ class SlotTable:
             if free is None:
                 raise SlotTableError(f"more than {self.max_owners} processes use {self.path}")
             self._clear_owner(free)
+            self._drop_waiters(free)  # a dead owner's tickets would block the line for good
             self._map[self._owner_offset(free) : self._owner_offset(free) + OWNER.size] = (
                 OWNER.pack(pid, 0, started or 0)
             )

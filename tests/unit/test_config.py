@@ -214,3 +214,9 @@ def test_locating_keys_in_arrays_subtables_and_multiline_values() -> None:
     assert lines["llamacpp[1].port"] == 10
     assert lines["llamacpp[1].env.A"] == 12
     assert lines["balancer.tls.cert"] == 14
+
+
+def test_worker_count_is_bounded_by_the_slot_tables_owner_entries(tmp_path: Path) -> None:
+    assert problems("[balancer]\nworkers = 121\n", tmp_path) == [
+        "f:2: balancer.workers: must be at most 120, not 121"
+    ]

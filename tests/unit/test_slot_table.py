@@ -218,3 +218,31 @@ def test_a_read_only_reader_sees_rows_and_changes_nothing(table: SlotTable) -> N
 def test_long_texts_are_cut_on_character_boundaries(table: SlotTable) -> None:
     table.apply_report(replace(REPORT, error="é" * 200), now=1.0)
     assert table.rows()[0].error == "é" * 80
+
+
+def test_a_row_left_mid_write_by_a_dead_writer_is_repaired_by_the_next_report(
+    table: SlotTable,
+) -> None:
+    table.apply_report(REPORT, now=1.0)
+    offset = table._offset(0) // 4
+    table._u32[offset] += 1  # what a writer SIGKILLed inside _write leaves behind
+    with pytest.raises(SlotTableError, match="stays mid-write"):
+        table.rows()
+    table.apply_report(replace(REPORT, sequence=2, slots_idle=3), now=2.0)
+    assert table.rows()[0].slots_idle == 3
+
+
+def test_a_process_taking_a_dead_owners_entry_drops_its_place_in_line(tmp_path: Path) -> None:
+    table = SlotTable.create(tmp_path / "one-owner", max_owners=1)
+    table.apply_report(replace(REPORT, slots_total=0, slots_idle=0), now=1.0)
+    code = (
+        "import time; from pathlib import Path; from paddler.slots import SlotTable\n"
+        f"t = SlotTable.open(Path({str(table.path)!r})); t.join()\n"
+        "assert t.enqueue(0, time.monotonic()) is not None\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+    assert table.waiting() == 1
+    table.join()  # takes the dead process's owner entry, and must take its tickets out
+    assert table.waiting() == 0
+    assert table.enqueue(0, 2.0) is not None
+    table.close()

@@ -207,6 +207,8 @@ class Proxy:
                 )
                 return
             except QueueTimeoutError:
+                if last_error:
+                    break  # time ran out retrying: the upstream's failure is the news
                 await request.fail(
                     504,
                     f"no slot became free within {settings.request_buffer_timeout:g}s",

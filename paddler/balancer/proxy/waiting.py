@@ -8,11 +8,14 @@ releases at once and by polling for everyone else's.
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from paddler.slots import Reservation, SlotTable, UpstreamRow
+
+log = logging.getLogger("paddler.balancer")
 
 POLL_INTERVAL = 0.005
 
@@ -97,12 +100,19 @@ class SlotWaiter:
             self._wake.clear()
             if not self._waiters:
                 continue
-            refused: set[int] = set()
-            for waiter in list(self._waiters):
-                if waiter.granted.done() or waiter.model_key in refused:
-                    continue
-                granted = self.table.acquire(waiter.model_key, waiter.eligible(), waiter.ticket)
-                if granted is None:
-                    refused.add(waiter.model_key)  # younger waiters of that model: no chance
-                else:
-                    waiter.granted.set_result(granted)
+            try:
+                self._offer()
+            except Exception:
+                # A pump that died would leave every waiter of this worker to time out.
+                log.exception("offering free slots to waiting requests failed; retrying")
+
+    def _offer(self) -> None:
+        refused: set[int] = set()
+        for waiter in list(self._waiters):
+            if waiter.granted.done() or waiter.model_key in refused:
+                continue
+            granted = self.table.acquire(waiter.model_key, waiter.eligible(), waiter.ticket)
+            if granted is None:
+                refused.add(waiter.model_key)  # younger waiters of that model: no chance
+            else:
+                waiter.granted.set_result(granted)
