@@ -28,6 +28,7 @@ class Echo(BaseHTTPRequestHandler):
         self.send_header("Connection", "keep-alive")
         self.send_header("X-Echo-Request-Id", self.headers.get("X-Request-Id", ""))
         self.send_header("X-Echo-Authorization", self.headers.get("Authorization", ""))
+        self.send_header("X-Echo-Secret", self.headers.get("X-Secret", "absent"))
         self.end_headers()
         self.wfile.write(body)
 
@@ -82,6 +83,8 @@ def test_host_header_is_the_clients_unless_rewritten(
             "Host": "client.example",
             "X-Request-Id": "abc123",
             "Authorization": "Bearer client-key",
+            "Connection": "keep-alive, X-Secret",
+            "X-Secret": "1",
         },
         timeout=10,
     )
@@ -92,3 +95,5 @@ def test_host_header_is_the_clients_unless_rewritten(
     assert answer.headers["x-request-id"] == "abc123"
     assert answer.headers["x-echo-request-id"] == "abc123"
     assert answer.headers["x-echo-authorization"] == "Bearer client-key"
+    # A header the client named in Connection is for this hop only.
+    assert answer.headers["x-echo-secret"] == "absent"

@@ -304,6 +304,8 @@ class Proxy:
 
     def _failed(self, row: UpstreamRow, reason: str, at_once: bool = False) -> None:
         key = (row.index, row.generation)
+        if len(self._failures) > 4096:
+            self._failures.clear()  # counts of long-gone upstreams: a bound, not a reset rule
         failures = self._failures.get(key, 0) + 1
         self._failures[key] = failures
         if not at_once and failures < self.settings.eject_after_failures:
@@ -317,7 +319,7 @@ class Proxy:
             self._is_last,
         )
         if seconds is not None:
-            self._failures[key] = 0
+            del self._failures[key]
             log.warning(
                 "ejected upstream %s (%s) for %gs: %s", row.name, row.address, seconds, reason
             )

@@ -61,6 +61,17 @@ def new_session(connect_timeout: float, read_timeout: float) -> aiohttp.ClientSe
 CLIENT_CREDENTIALS = frozenset({b"authorization", b"x-api-key"})
 
 
+def _connection_tokens(raw: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
+    """Headers the client named in Connection: hop-by-hop as well (RFC 9110 7.6.1)."""
+    return {
+        token.strip().lower()
+        for name, value in raw
+        if name.lower() == b"connection"
+        for token in value.split(b",")
+        if token.strip()
+    }
+
+
 def request_headers(
     raw: Iterable[tuple[bytes, bytes]],
     request_id: str,
@@ -73,7 +84,7 @@ def request_headers(
     The client's own credentials go upstream only when the balancer neither checks
     keys of its own nor has the upstreams' key to send instead.
     """
-    dropped = NOT_FORWARDED | {b"x-request-id"}
+    dropped = NOT_FORWARDED | {b"x-request-id"} | _connection_tokens(raw)
     if host is not None:
         dropped |= {b"host"}  # rewritten: the upstream's own address instead
     if not keep_credentials or upstream_api_key:
