@@ -195,7 +195,7 @@ class Proxy:
                 break  # nowhere else to try: say what went wrong instead of waiting
             try:
                 reservation, row = await self.waiter.acquire(
-                    key, choose, max(0.0, deadline - time.monotonic())
+                    key, choose, max(0.0, deadline - time.monotonic()), partial=bool(tried)
                 )
             except QueueFullError:
                 retry_after = max(1, round(settings.request_buffer_timeout / 4))

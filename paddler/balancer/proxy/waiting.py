@@ -37,6 +37,8 @@ class _Waiter:
     model_key: int = field(compare=False)
     eligible: Callable[[], Eligible] = field(compare=False)
     granted: asyncio.Future[Granted] = field(compare=False)
+    # A retry that excludes upstreams it tried: its refusal says nothing about others'.
+    partial: bool = field(compare=False, default=False)
 
 
 class SlotWaiter:
@@ -61,7 +63,11 @@ class SlotWaiter:
             self._wake.set()
 
     async def acquire(
-        self, model_key: int, eligible: Callable[[], Eligible], timeout: float
+        self,
+        model_key: int,
+        eligible: Callable[[], Eligible],
+        timeout: float,
+        partial: bool = False,
     ) -> Granted:
         granted = self.table.acquire(model_key, eligible())
         if granted is not None:
@@ -69,7 +75,9 @@ class SlotWaiter:
         ticket = self.table.enqueue(model_key, time.monotonic())
         if ticket is None:
             raise QueueFullError
-        waiter = _Waiter(ticket, model_key, eligible, asyncio.get_running_loop().create_future())
+        waiter = _Waiter(
+            ticket, model_key, eligible, asyncio.get_running_loop().create_future(), partial
+        )
         self._waiters.append(waiter)
         self._waiters.sort()
         self._wake.set()
@@ -112,7 +120,7 @@ class SlotWaiter:
             if waiter.granted.done() or waiter.model_key in refused:
                 continue
             granted = self.table.acquire(waiter.model_key, waiter.eligible(), waiter.ticket)
-            if granted is None:
-                refused.add(waiter.model_key)  # younger waiters of that model: no chance
-            else:
+            if granted is not None:
                 waiter.granted.set_result(granted)
+            elif not waiter.partial:
+                refused.add(waiter.model_key)  # younger waiters of that model: no chance
