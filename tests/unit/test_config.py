@@ -220,3 +220,15 @@ def test_worker_count_is_bounded_by_the_slot_tables_owner_entries(tmp_path: Path
     assert problems("[balancer]\nworkers = 121\n", tmp_path) == [
         "f:2: balancer.workers: must be at most 120, not 121"
     ]
+
+
+def test_the_balancers_two_ports_must_differ_even_on_different_addresses(
+    tmp_path: Path,
+) -> None:
+    text = (
+        '[balancer]\nmanagement_host = "127.0.0.1"\nmanagement_port = 9000\n'
+        'reverseproxy_host = "127.0.0.2"\nreverseproxy_port = 9000\n'
+    )
+    assert problems(text, tmp_path) == [
+        "f:5: balancer.reverseproxy_port: must differ from management_port"
+    ]
