@@ -9,7 +9,7 @@ from pathlib import Path
 from paddler.cli import TOKEN_VARIABLE
 from paddler.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
 from paddler.config.model import slot_table_path
-from paddler.ctl import agents
+from paddler.ctl import agents, status
 from paddler.supervisor.pidfile import read_pid
 
 
@@ -36,12 +36,26 @@ def main(argv: list[str] | None = None) -> int:
     agents_parser.add_argument("--token", help=f"its bearer token (default: ${TOKEN_VARIABLE})")
     agents_parser.add_argument("--table", type=Path, help="read this slot table file")
     agents_parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    status_parser = commands.add_parser("status", help="the fleet and this host, live")
+    status_parser.add_argument("--once", action="store_true", help="print one frame and exit")
+    status_parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     args = parser.parse_args(argv)
+    if args.command == "status":
+        return show_status(args)
     if args.command == "config":
         return check(args.config)
     if args.command == "agents":
         return list_agents(args)
     return reload(args.config)
+
+
+def show_status(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config, check_files=False)
+    except ConfigError as error:
+        print(error.render(), file=sys.stderr)
+        return 78
+    return status.run(config, once=args.once, as_json=args.json)
 
 
 def list_agents(args: argparse.Namespace) -> int:

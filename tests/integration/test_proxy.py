@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -491,3 +492,41 @@ def test_client_keys_are_checked_and_the_upstream_key_injected(
     header = httpx.post(url, json=chat(4), headers={"X-Api-Key": "client-two"}, timeout=30)
     assert header.status_code == 200
     assert httpx.get(fleet.url("/health"), timeout=10).status_code == 200
+
+
+def test_paddlerctl_status_shows_the_fleet(fleet: Fleet) -> None:
+    def paddlerctl(*arguments: str) -> str:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "paddler.ctl.cli",
+                "-c",
+                str(fleet.paddlerd.config_path),
+                "status",
+                *arguments,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={**os.environ, "COLUMNS": "160"},
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    frame = paddlerctl("--once")
+    assert "Fleet: 0/4 slots busy, 0 queued" in frame
+    for name in ("a", "b"):
+        row = next(line for line in frame.splitlines() if f"│ {name} " in line)
+        assert "ready" in row
+        assert "0/2" in row
+    snapshot = json.loads(paddlerctl("--json"))
+    assert sorted(u["name"] for u in snapshot["upstreams"]) == ["a", "b"]
+    assert {u["slots"]["total"] for u in snapshot["upstreams"]} == {2}
+    roles = [process["role"] for process in snapshot["processes"]]
+    assert roles[0] == "paddlerd"
+    assert "balancer" in roles
+    assert sorted(role for role in roles if role.startswith("llamacpp")) == sorted(
+        f"llamacpp :{port}" for port in fleet.servers.values()
+    )
