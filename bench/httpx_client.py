@@ -69,7 +69,7 @@ async def forward(
         async for chunk in response.aiter_raw():
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
-        return Outcome(response.status_code, 0.0)
+        return Outcome(response.status_code)
     finally:
         await response.aclose()
 

@@ -32,6 +32,9 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from paddler.llamacpp.client import UpstreamStatus  # noqa: E402
+from paddler.reports import build_report  # noqa: E402
+from paddler.slots import UpstreamState  # noqa: E402
 from paddler.testbed.ports import free_port  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -214,17 +217,13 @@ def measure(name: str, url: str, pids: list[int], seconds: float, workdir: Path)
 
 
 def register(management: int, upstream: int) -> None:
-    report = {
-        "sequence": 1,
-        "interval": 3600,
-        "name": "fake",
-        "upstream": {"host": "127.0.0.1", "port": upstream},
-        "state": "ready",
-        "slots": {"total": 1024, "idle": 1024, "processing": 0},
-        "model": "bench",
-        "build": "fake",
-        "error": "",
-    }
+    """Report the fake upstream as an agent would, with room for every connection."""
+    status = UpstreamStatus(
+        UpstreamState.READY, slots_total=1024, slots_idle=1024, model="bench", build="fake"
+    )
+    report = build_report(
+        status, sequence=1, interval=3600, name="fake", host="127.0.0.1", port=upstream
+    )
     httpx.put(
         f"http://127.0.0.1:{management}/api/v1/agents/bench", json=report, timeout=5
     ).raise_for_status()

@@ -22,6 +22,7 @@ from paddler.config.model import slot_table_path
 from paddler.slots import SlotTable, SlotTableError
 from paddler.slots.view import describe
 from paddler.supervisor.pidfile import read_pid
+from paddler.supervisor.specs import role_of
 
 BAR_WIDTH = 10
 
@@ -84,14 +85,7 @@ def _processes(pidfile: Path) -> tuple[list[ProcessInfo], str]:
 
 
 def _role(process: psutil.Process) -> str:
-    command = process.cmdline()
-    if "paddler.roles" in command:
-        role = command[command.index("paddler.roles") + 1]
-        name = json.loads(command[-1]).get("name")
-        return f"{role}.{name}" if name else role
-    if "--port" in command:
-        return f"llamacpp :{command[command.index('--port') + 1]}"
-    return Path(command[0]).name if command else "?"
+    return role_of(process.cmdline())
 
 
 # psutil measures CPU between two looks at the same Process object: keep them.

@@ -533,19 +533,16 @@ class SlotTable:
         return reclaimed
 
     def reserve(self, row: int, generation: int) -> Reservation | None:
-        """Take one slot of a ready upstream with a free slot, or None."""
-        if self._owner is None:
-            raise SlotTableError("join() the table before reserving")
-        with self.locked():
-            current = self._row(row)
-            if (
-                current.generation != generation
-                or current.state is not UpstreamState.READY
-                or current.free_slots < 1
-            ):
-                return None
-            self._u16[self._reservation_index(row, self._owner)] += 1
-            return Reservation(row, generation)
+        """Take one slot of this ready upstream if it has one free, or None."""
+        granted = self.acquire(
+            0,
+            lambda rows: [
+                r
+                for r in rows
+                if (r.index, r.generation) == (row, generation) and r.state is UpstreamState.READY
+            ],
+        )
+        return None if granted is None else granted[0]
 
     def release(self, reservation: Reservation) -> None:
         if self._owner is None:

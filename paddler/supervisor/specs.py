@@ -5,7 +5,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import PurePath
+from pathlib import Path, PurePath
 
 from paddler.config import Config, LlamaCppSettings
 
@@ -91,6 +91,18 @@ def llamacpp_argv(instance: LlamaCppSettings) -> tuple[str, ...]:
     if instance.context_size is not None:
         argv += ["--ctx-size", str(instance.context_size)]
     return (*argv, *instance.extra_args)
+
+
+def role_of(argv: list[str]) -> str:
+    """The child a command line belongs to, as paddlerctl shows it: the inverse of the
+    command lines built here ("agent.gpu0", "balancer", "llamacpp :8081")."""
+    if "paddler.roles" in argv:
+        role = argv[argv.index("paddler.roles") + 1]
+        name = json.loads(argv[-1]).get("name")
+        return f"{role}.{name}" if name else role
+    if "--port" in argv:
+        return f"llamacpp :{argv[argv.index('--port') + 1]}"
+    return Path(argv[0]).name if argv else "?"
 
 
 def _llamacpp(instance: LlamaCppSettings) -> ChildSpec:

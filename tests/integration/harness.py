@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import psutil
 
+from paddler.supervisor.specs import role_of
+
 DEFAULT_TIMEOUT = 60.0
 
 
@@ -104,15 +106,8 @@ class PaddlerdRunner:
 
 
 def _child_name(process: psutil.Process) -> str:
-    """The supervisor's name for a child, from its command line."""
-    command = process.cmdline()
-    if "paddler.roles" in command:
-        role = command[command.index("paddler.roles") + 1]
-        name = json.loads(command[-1]).get("name")
-        return f"{role}.{name}" if name else role
-    if "--port" in command:
-        return f"port:{command[command.index('--port') + 1]}"
-    return command[0]
+    """The name paddlerctl shows for a child ("agent.gpu0", "llamacpp :8081")."""
+    return role_of(process.cmdline())
 
 
 def is_gone(process: psutil.Process) -> bool:

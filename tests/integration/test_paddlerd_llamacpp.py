@@ -42,8 +42,8 @@ def test_supervises_two_llama_servers_and_restarts_a_killed_one(
 ) -> None:
     ports = start_two(paddlerd, llama_server_binary, tiny_model)
     assert [health(port) for port in ports] == [200, 200]
-    first_pid = paddlerd.child_pid(f"port:{ports[0]}")
-    other_pid = paddlerd.child_pid(f"port:{ports[1]}")
+    first_pid = paddlerd.child_pid(f"llamacpp :{ports[0]}")
+    other_pid = paddlerd.child_pid(f"llamacpp :{ports[1]}")
 
     mark = len(paddlerd.log())
     kill(first_pid)
@@ -53,8 +53,8 @@ def test_supervises_two_llama_servers_and_restarts_a_killed_one(
     paddlerd.wait_for_log(r"llamacpp\.a: starting -> running", after=mark)
 
     assert health(ports[0]) == 200
-    assert paddlerd.child_pid(f"port:{ports[0]}") != first_pid
-    assert paddlerd.child_pid(f"port:{ports[1]}") == other_pid
+    assert paddlerd.child_pid(f"llamacpp :{ports[0]}") != first_pid
+    assert paddlerd.child_pid(f"llamacpp :{ports[1]}") == other_pid
     # Its log lines reach paddlerd's log under its own name.
     assert "[llamacpp.a] " in paddlerd.log()
 
@@ -146,8 +146,8 @@ def test_sighup_restarts_only_the_changed_llama_server(
     paddlerd: PaddlerdRunner, llama_server_binary: Path, tiny_model: Path
 ) -> None:
     ports = start_two(paddlerd, llama_server_binary, tiny_model)
-    pid_a = paddlerd.child_pid(f"port:{ports[0]}")
-    pid_b = paddlerd.child_pid(f"port:{ports[1]}")
+    pid_a = paddlerd.child_pid(f"llamacpp :{ports[0]}")
+    pid_b = paddlerd.child_pid(f"llamacpp :{ports[1]}")
 
     paddlerd.write_config(
         FAST_BACKOFF + two_instances(llama_server_binary, tiny_model, ports, slots_b=2)
@@ -157,8 +157,8 @@ def test_sighup_restarts_only_the_changed_llama_server(
     paddlerd.wait_for_log(r"SIGHUP: reloaded .*: restart llamacpp\.b\n", after=mark)
     paddlerd.wait_for_log(r"llamacpp\.b: starting -> running", after=mark)
 
-    assert paddlerd.child_pid(f"port:{ports[0]}") == pid_a
-    assert paddlerd.child_pid(f"port:{ports[1]}") != pid_b
+    assert paddlerd.child_pid(f"llamacpp :{ports[0]}") == pid_a
+    assert paddlerd.child_pid(f"llamacpp :{ports[1]}") != pid_b
     props = httpx.get(f"http://127.0.0.1:{ports[1]}/props", timeout=5).json()
     assert props["total_slots"] == 2
     assert "llamacpp.a: running -> stopping" not in paddlerd.log()

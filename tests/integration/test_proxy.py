@@ -231,7 +231,7 @@ def test_a_llama_server_killed_before_answering_is_retried_elsewhere(
         interval=5.0,
         paddlerd_extra="backoff_max = 30.0\n",
     )
-    fleet.paddlerd.children()[f"port:{fleet.servers['a']}"].send_signal(signal.SIGKILL)
+    fleet.paddlerd.children()[f"llamacpp :{fleet.servers['a']}"].send_signal(signal.SIGKILL)
 
     async def run() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=60) as client:
@@ -252,7 +252,9 @@ def test_a_llama_server_killed_mid_stream_ends_the_stream_with_an_error(fleet: F
     with long_stream(fleet) as (upstream, lines):
         for _ in range(3):
             next(lines)
-        fleet.paddlerd.children()[f"port:{fleet.servers[upstream]}"].send_signal(signal.SIGKILL)
+        fleet.paddlerd.children()[f"llamacpp :{fleet.servers[upstream]}"].send_signal(
+            signal.SIGKILL
+        )
         rest = [line for line in lines if line.startswith("data: ")]
     error = json.loads(rest[-1].removeprefix("data: "))
     assert error["error"]["type"] == "upstream_error"

@@ -11,6 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
+from paddler.llamacpp.client import UpstreamStatus
+from paddler.reports import build_report
+from paddler.slots import UpstreamState
 from paddler.testbed.ports import free_port
 from tests.integration.harness import PaddlerdRunner
 
@@ -54,17 +57,10 @@ def balancer(paddlerd: PaddlerdRunner, extra: str, upstream: int) -> int:
     )
     paddlerd.start()
     paddlerd.wait_for_log(r"ready: 1 running")
-    report = {
-        "sequence": 1,
-        "interval": 3600,
-        "name": "echo",
-        "upstream": {"host": "127.0.0.1", "port": upstream},
-        "state": "ready",
-        "slots": {"total": 4, "idle": 4, "processing": 0},
-        "model": "echo",
-        "build": "",
-        "error": "",
-    }
+    status = UpstreamStatus(UpstreamState.READY, slots_total=4, slots_idle=4, model="echo")
+    report = build_report(
+        status, sequence=1, interval=3600, name="echo", host="127.0.0.1", port=upstream
+    )
     httpx.put(
         f"http://127.0.0.1:{management}/api/v1/agents/echo", json=report, timeout=5
     ).raise_for_status()

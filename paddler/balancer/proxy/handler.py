@@ -387,13 +387,11 @@ class _Request:
         self.request_id = request_id
         self.client_left = False
         self.response_started = False
-        self.status = 0
         self._sse = False
         self._watcher: asyncio.Task[None] | None = None
 
     async def started(self, status: int, content_type: str) -> None:
         self.response_started = True
-        self.status = status
         self._sse = content_type == "text/event-stream"
 
     async def fail(

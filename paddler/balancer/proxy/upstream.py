@@ -5,7 +5,6 @@ about 7 times the CPU per proxied request and collapsed at 32 concurrent
 requests; httpx stays in the control plane (agents, tests).
 """
 
-import asyncio
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
@@ -42,7 +41,6 @@ class UpstreamFailedError(Exception):
 @dataclass(frozen=True)
 class Outcome:
     status: int
-    first_byte: float  # seconds from sending the request to the first response byte
 
 
 def new_session(connect_timeout: float, read_timeout: float) -> aiohttp.ClientSession:
@@ -119,8 +117,6 @@ async def forward(
     upstream did no work (cannot connect, refused, llama.cpp's 503 while loading),
     UpstreamFailedError for one after the response started.
     """
-    loop = asyncio.get_running_loop()
-    sent_at = loop.time()
     try:
         response = await session.request(
             method, url, data=body or None, headers=headers, allow_redirects=False
@@ -133,7 +129,6 @@ async def forward(
         raise RetryableError("it closed the connection before answering") from None
     except (aiohttp.ClientError, TimeoutError) as error:
         raise UpstreamFailedError(f"no answer: {error or type(error).__name__}") from None
-    first_byte = loop.time() - sent_at
     fully_read = False
     try:
         if response.status == 503:
@@ -161,7 +156,7 @@ async def forward(
             ) from None
         fully_read = True
         await send({"type": "http.response.body", "body": b""})
-        return Outcome(response.status, first_byte)
+        return Outcome(response.status)
     finally:
         # A response not read to its end (the client left, or it broke) must not go back
         # to the pool: closing the connection is also what tells llama.cpp to stop.
