@@ -159,6 +159,13 @@ class BalancerSettings:
         600.0,
         minimum=0.1,
     )
+    upstream_keepalive_timeout: float = setting(
+        "Seconds an idle connection to an upstream is kept for reuse; keep it below the "
+        "upstream's own idle timeout (llama-server closes idle connections after 5 s), or a "
+        "request can meet a connection the upstream is closing.",
+        4.0,
+        minimum=0.0,
+    )
     max_retries: int = setting(
         "Other upstreams tried after a connection failure or a 503 before the first byte.",
         2,

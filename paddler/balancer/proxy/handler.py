@@ -29,6 +29,7 @@ from paddler.balancer.proxy.routing import (
     model_names,
 )
 from paddler.balancer.proxy.upstream import (
+    ConnectionDroppedError,
     Outcome,
     RetryableError,
     UpstreamFailedError,
@@ -62,7 +63,9 @@ class Proxy:
 
     async def startup(self) -> None:
         self._session = new_session(
-            self.settings.upstream_connect_timeout, self.settings.upstream_read_timeout
+            self.settings.upstream_connect_timeout,
+            self.settings.upstream_read_timeout,
+            self.settings.upstream_keepalive_timeout,
         )
         self._waiter = SlotWaiter(self.fleet.table)
         self._waiter.start()
@@ -189,9 +192,10 @@ class Proxy:
         deadline = time.monotonic() + settings.request_buffer_timeout
         tried: set[tuple[int, int]] = set()
         last_error = ""
-        for attempt in range(settings.max_retries + 1):
+        retries = _Retries(settings.max_retries)
+        while retries.left():
             choose = self._policy(model, frozenset(tried))
-            if attempt and not choose()(self.fleet.table.rows()):
+            if last_error and not choose()(self.fleet.table.rows()):
                 break  # nowhere else to try: say what went wrong instead of waiting
             try:
                 reservation, row = await self.waiter.acquire(
@@ -220,6 +224,9 @@ class Proxy:
                 return
             except RetryableError as error:
                 last_error = f"{row.name} ({row.address}): {error}"
+                if retries.forgives(error):
+                    log.info("[%s] %s; trying again", request.request_id, last_error)
+                    continue
                 log.warning("[%s] %s; trying another upstream", request.request_id, last_error)
                 tried.add((row.index, row.generation))
                 self._failed(row, str(error))
@@ -242,7 +249,8 @@ class Proxy:
     async def _without_slot(self, request: "_Request", body: bytes, model: str | None) -> None:
         tried: set[tuple[int, int]] = set()
         last_error = "no upstream is available"
-        for _ in range(self.settings.max_retries + 1):
+        retries = _Retries(self.settings.max_retries)
+        while retries.left():
             candidates = eligible(
                 time.monotonic(), self.settings.missed_reports, model, frozenset(tried)
             )(self.fleet.table.rows())
@@ -254,6 +262,8 @@ class Proxy:
                 return
             except RetryableError as error:
                 last_error = f"{row.name} ({row.address}): {error}"
+                if retries.forgives(error):
+                    continue
                 tried.add((row.index, row.generation))
                 self._failed(row, str(error))
         await request.fail(503, last_error, "unavailable_error", [(b"retry-after", b"1")])
@@ -375,6 +385,32 @@ class Proxy:
                 for model in fleet_models(rows)
             ],
         }
+
+
+class _Retries:
+    """How many more attempts a request gets.
+
+    The first dropped connection is forgiven: it is most often a kept-alive connection
+    the upstream closed just as it was reused, so the upstream is neither blamed nor
+    avoided and the attempt does not count. A second one counts like any failure.
+    """
+
+    def __init__(self, max_retries: int) -> None:
+        self._attempts_left = max_retries + 1
+        self._forgiven = False
+
+    def left(self) -> bool:
+        if self._attempts_left <= 0:
+            return False
+        self._attempts_left -= 1
+        return True
+
+    def forgives(self, error: RetryableError) -> bool:
+        if self._forgiven or not isinstance(error, ConnectionDroppedError):
+            return False
+        self._forgiven = True
+        self._attempts_left += 1
+        return True
 
 
 class _Request:

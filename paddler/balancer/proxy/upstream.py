@@ -34,6 +34,11 @@ class RetryableError(Exception):
     """The upstream failed before it can have started work: another one may take it."""
 
 
+class ConnectionDroppedError(RetryableError):
+    """The connection closed before any answer: most often a kept-alive one that the
+    upstream closed as it was reused, which says nothing about the upstream's health."""
+
+
 class UpstreamFailedError(Exception):
     """The upstream failed after answering began: nothing can be retried."""
 
@@ -43,10 +48,16 @@ class Outcome:
     status: int
 
 
-def new_session(connect_timeout: float, read_timeout: float) -> aiohttp.ClientSession:
+def new_session(
+    connect_timeout: float, read_timeout: float, keepalive_timeout: float
+) -> aiohttp.ClientSession:
     # No pool limit: the balancer sends no more requests than there are free slots, and a
     # pool limit would be a second, hidden queue behind the explicit one.
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=60)
+    connector = (
+        aiohttp.TCPConnector(limit=0, keepalive_timeout=keepalive_timeout, ttl_dns_cache=60)
+        if keepalive_timeout > 0
+        else aiohttp.TCPConnector(limit=0, force_close=True, ttl_dns_cache=60)
+    )
     timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=read_timeout)
     return aiohttp.ClientSession(
         connector=connector,
@@ -100,6 +111,38 @@ def request_headers(
     return headers
 
 
+async def _response_head(
+    session: aiohttp.ClientSession,
+    url: str,
+    method: str,
+    body: bytes,
+    headers: list[tuple[str, str]],
+) -> aiohttp.ClientResponse:
+    """The upstream's status line and headers, with failures sorted by what they mean."""
+    try:
+        return await session.request(
+            method, url, data=body or None, headers=headers, allow_redirects=False
+        )
+    except aiohttp.ClientConnectorError as error:
+        raise RetryableError(f"cannot connect: {error.os_error or error}") from None
+    except aiohttp.ConnectionTimeoutError:
+        raise RetryableError("cannot connect: timed out") from None
+    except TimeoutError as error:
+        # Before ClientConnectionError: aiohttp's ServerTimeoutError is both. Silence
+        # is not a refusal; the upstream may be working on the request.
+        raise UpstreamFailedError(f"no answer: {error or type(error).__name__}") from None
+    except aiohttp.ServerDisconnectedError:
+        # A kept-alive connection the upstream closed as it was reused, or an upstream
+        # that died while reading the request: nothing was answered.
+        raise ConnectionDroppedError("it closed the connection before answering") from None
+    except aiohttp.ClientConnectionError as error:
+        # Reset (ECONNRESET, EPIPE): the same race as above when the close crossed the
+        # request on the wire, or a dying upstream. Nothing was answered either way.
+        raise ConnectionDroppedError(f"the connection broke before an answer: {error}") from None
+    except aiohttp.ClientError as error:
+        raise UpstreamFailedError(f"no answer: {error or type(error).__name__}") from None
+
+
 async def forward(
     session: aiohttp.ClientSession,
     url: str,
@@ -114,21 +157,11 @@ async def forward(
     """Send the request, then pass the response on chunk by chunk as it arrives.
 
     Raises RetryableError for a failure before any response byte that means the
-    upstream did no work (cannot connect, refused, llama.cpp's 503 while loading),
-    UpstreamFailedError for one after the response started.
+    upstream did no work (cannot connect, refused, llama.cpp's 503 while loading,
+    the connection closed or reset before an answer), UpstreamFailedError for silence
+    past the read timeout or a failure after the response started.
     """
-    try:
-        response = await session.request(
-            method, url, data=body or None, headers=headers, allow_redirects=False
-        )
-    except aiohttp.ClientConnectorError as error:
-        raise RetryableError(f"cannot connect: {error.os_error or error}") from None
-    except aiohttp.ServerDisconnectedError:
-        # A kept-alive connection the upstream had closed, or an upstream that died
-        # while reading the request: it cannot have answered anything yet.
-        raise RetryableError("it closed the connection before answering") from None
-    except (aiohttp.ClientError, TimeoutError) as error:
-        raise UpstreamFailedError(f"no answer: {error or type(error).__name__}") from None
+    response = await _response_head(session, url, method, body, headers)
     fully_read = False
     try:
         if response.status == 503:
