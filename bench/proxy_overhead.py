@@ -229,7 +229,7 @@ def register(management: int, upstream: int) -> None:
     ).raise_for_status()
 
 
-def run(seconds: float, arms: list[str]) -> dict[str, Any]:
+def run(seconds: float) -> dict[str, Any]:
     ensure_tools()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as raw:
@@ -253,38 +253,33 @@ def run(seconds: float, arms: list[str]) -> dict[str, Any]:
                     seconds,
                     workdir,
                 )
-            for arm, entry in (
-                ("paddler", ["-m", "paddler"]),
-                ("paddler-httpx", [str(ROOT / "bench" / "httpx_client.py")]),
-            ):
-                if arm not in arms:
-                    continue
-                proxy, management = free_port(), free_port()
-                with process(
-                    [
-                        sys.executable,
-                        *entry,
-                        "balancer",
-                        "--management-port",
-                        str(management),
-                        "--reverseproxy-port",
-                        str(proxy),
-                        "--workers",
-                        "2",
-                        "--slot-table",
-                        str(workdir / "slots"),
-                    ],
-                    cwd=ROOT,
-                ) as proc:
-                    wait_http(f"http://127.0.0.1:{management}/health")
-                    register(management, upstream)
-                    results[arm] = measure(
-                        arm,
-                        f"http://127.0.0.1:{proxy}/v1/chat/completions",
-                        tree(proc.pid),
-                        seconds,
-                        workdir,
-                    )
+            proxy, management = free_port(), free_port()
+            with process(
+                [
+                    sys.executable,
+                    "-m",
+                    "paddler",
+                    "balancer",
+                    "--management-port",
+                    str(management),
+                    "--reverseproxy-port",
+                    str(proxy),
+                    "--workers",
+                    "2",
+                    "--slot-table",
+                    str(workdir / "slots"),
+                ],
+                cwd=ROOT,
+            ) as proc:
+                wait_http(f"http://127.0.0.1:{management}/health")
+                register(management, upstream)
+                results["paddler"] = measure(
+                    "paddler",
+                    f"http://127.0.0.1:{proxy}/v1/chat/completions",
+                    tree(proc.pid),
+                    seconds,
+                    workdir,
+                )
     return results
 
 
@@ -300,12 +295,6 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
             "added_p50_ms_nginx": nginx[workload]["p50_ms_c1"] - direct[workload]["p50_ms_c1"],
         }
     table["rss_mb_paddler"] = paddler["rss_mb"]
-    if "paddler-httpx" in results:
-        table["httpx_cpu_vs_aiohttp"] = {
-            workload: results["paddler-httpx"][workload]["cpu_ms_per_request"]
-            / paddler[workload]["cpu_ms_per_request"]
-            for workload in BODIES
-        }
     return table
 
 
@@ -336,12 +325,6 @@ def markdown(results: dict[str, Any], compared: dict[str, Any]) -> str:
         f"\nPaddler's processes (master and 2 workers): {compared['rss_mb_paddler']:.0f} "
         "MB resident."
     )
-    if "httpx_cpu_vs_aiohttp" in compared:
-        ratio = compared["httpx_cpu_vs_aiohttp"]
-        lines.append(
-            "\nhttpx as Paddler's upstream client, CPU per request against aiohttp: "
-            f"{ratio['json']:.2f} (JSON), {ratio['sse']:.2f} (SSE)."
-        )
     return "\n".join(lines)
 
 
@@ -350,13 +333,9 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="2 s per cell")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument(
-        "--httpx", action="store_true", help="also run Paddler with httpx as its upstream client"
-    )
     args = parser.parse_args()
     seconds = 2.0 if args.smoke else args.seconds
-    arms = ["paddler", *(["paddler-httpx"] if args.httpx else [])]
-    results = run(seconds, arms)
+    results = run(seconds)
     compared = ratios(results)
     table = markdown(results, compared)
     print(table)

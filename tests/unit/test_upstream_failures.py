@@ -10,20 +10,39 @@ import struct
 from collections.abc import Awaitable, Callable
 
 import pytest
-from starlette.types import Message
 
+from paddler.balancer.proxy.connections import ConnectionPool
 from paddler.balancer.proxy.handler import _Retries
 from paddler.balancer.proxy.upstream import (
     ConnectionDroppedError,
     RetryableError,
     UpstreamFailedError,
     forward,
-    new_session,
 )
 from paddler.testbed.ports import free_port
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+HEADERS = [(b"host", b"upstream")]
 Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class Kept:
+    """A client side that keeps what it is sent."""
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body = b""
+        self.ended = False
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status, self.headers = status, headers
+
+    async def write(self, chunk: bytes) -> None:
+        self.body += chunk
+
+    async def end(self) -> None:
+        self.ended = True
 
 
 async def read_request(reader: asyncio.StreamReader) -> None:
@@ -58,26 +77,21 @@ async def send_through(
 
     port = free_port()
     server = await asyncio.start_server(serve, "127.0.0.1", port)
-    session = new_session(1.0, 0.5, keepalive)
+    pool = ConnectionPool(1.0, keepalive)
     outcomes: list[object] = []
     try:
         for index in range(requests):
             if index:
                 await asyncio.sleep(pause)
-            sent: list[Message] = []
-
-            async def send(message: Message) -> None:
-                sent.append(message)  # noqa: B023 - used before the next iteration
-
             try:
                 outcome = await forward(
-                    session, f"http://127.0.0.1:{port}/completion", "POST", b"{}", [], send, "id"
+                    pool, f"127.0.0.1:{port}", "POST", "/completion", HEADERS, b"{}", Kept(), 0.5
                 )
                 outcomes.append(outcome.status)
             except (RetryableError, UpstreamFailedError) as error:
                 outcomes.append(error)
     finally:
-        await session.close()
+        pool.close()
         server.close()
         await server.wait_closed()
     return outcomes, connections
@@ -136,15 +150,13 @@ def test_idle_connections_are_let_go_after_the_keepalive_timeout(
 
 def test_no_listener_is_retryable_elsewhere() -> None:
     async def run() -> object:
-        session = new_session(1.0, 0.5, 4.0)
+        pool = ConnectionPool(1.0, 4.0)
         try:
-            await forward(
-                session, f"http://127.0.0.1:{free_port()}/", "POST", b"", [], _discard, "id"
-            )
+            await forward(pool, f"127.0.0.1:{free_port()}", "POST", "/", HEADERS, b"", Kept(), 0.5)
         except RetryableError as error:
             return error
         finally:
-            await session.close()
+            pool.close()
         return None
 
     error = asyncio.run(run())
@@ -172,10 +184,6 @@ def test_a_503_is_retryable_elsewhere() -> None:
     outcomes, _ = asyncio.run(send_through(loading))
     assert isinstance(outcomes[0], RetryableError), outcomes
     assert not isinstance(outcomes[0], ConnectionDroppedError)
-
-
-async def _discard(message: Message) -> None:
-    pass
 
 
 def test_one_dropped_connection_is_forgiven_and_costs_no_attempt() -> None:

@@ -9,7 +9,6 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 from starlette.types import Receive, Scope, Send
 
 from paddler.balancer.fleet import Fleet
@@ -20,6 +19,7 @@ from paddler.balancer.proxy.asgi import (
     read_body,
     send_json,
 )
+from paddler.balancer.proxy.connections import ConnectionPool
 from paddler.balancer.proxy.routing import (
     canonical_model,
     eligible,
@@ -34,7 +34,6 @@ from paddler.balancer.proxy.upstream import (
     RetryableError,
     UpstreamFailedError,
     forward,
-    new_session,
     request_headers,
 )
 from paddler.balancer.proxy.waiting import (
@@ -57,15 +56,13 @@ class Proxy:
         self.slot_endpoints = frozenset(self.settings.slot_endpoints)
         self.exposed = tuple(self.settings.exposed_endpoints)
         self.api_keys = [key.encode() for key in self.settings.api_keys]
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: ConnectionPool | None = None
         self._waiter: SlotWaiter | None = None
         self._failures: dict[tuple[int, int], int] = {}
 
     async def startup(self) -> None:
-        self._session = new_session(
-            self.settings.upstream_connect_timeout,
-            self.settings.upstream_read_timeout,
-            self.settings.upstream_keepalive_timeout,
+        self._pool = ConnectionPool(
+            self.settings.upstream_connect_timeout, self.settings.upstream_keepalive_timeout
         )
         self._waiter = SlotWaiter(self.fleet.table)
         self._waiter.start()
@@ -73,13 +70,13 @@ class Proxy:
     async def shutdown(self) -> None:
         if self._waiter is not None:
             await self._waiter.stop()
-        if self._session is not None:
-            await self._session.close()
+        if self._pool is not None:
+            self._pool.close()
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        assert self._session is not None
-        return self._session
+    def pool(self) -> ConnectionPool:
+        assert self._pool is not None
+        return self._pool
 
     @property
     def waiter(self) -> SlotWaiter:
@@ -274,31 +271,29 @@ class Proxy:
         scope = request.scope
         query = scope.get("query_string", b"")
         raw_path = scope.get("raw_path")
-        path = raw_path.decode("latin-1") if raw_path else scope["path"]
-        url = f"http://{row.address}{path}"
+        target = raw_path.decode("latin-1") if raw_path else scope["path"]
         if query:
-            url += "?" + query.decode("latin-1")
-        host = row.address if self.settings.rewrite_host_header else None
+            target += "?" + query.decode("latin-1")
+        rewrite = self.settings.rewrite_host_header or _header(scope, b"host") is None
         headers = request_headers(
             scope["headers"],
             request.request_id,
-            host,
+            row.address if rewrite else None,
             keep_credentials=not self.api_keys,
             upstream_api_key=self.settings.upstream_api_key,
         )
+        if self.settings.debug_headers:
+            request.extra_headers = [(b"x-paddler-upstream", row.name.encode())]
         try:
             outcome: Outcome = await forward(
-                self.session,
-                url,
+                self.pool,
+                row.address,
                 scope["method"],
-                body,
+                target,
                 headers,
-                request.send,
-                request.request_id,
-                on_start=request.started,
-                extra_headers=[(b"x-paddler-upstream", row.name.encode())]
-                if self.settings.debug_headers
-                else None,
+                body,
+                request,
+                self.settings.upstream_read_timeout,
             )
         except UpstreamFailedError as error:
             log.error(
@@ -424,11 +419,25 @@ class _Request:
         self.client_left = False
         self.response_started = False
         self._sse = False
+        self.extra_headers: list[tuple[bytes, bytes]] = []
         self._watcher: asyncio.Task[None] | None = None
 
-    async def started(self, status: int, content_type: str) -> None:
+    # -- the answer, as forward() hands it over (upstream.Responder) ---------------------
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.response_started = True
-        self._sse = content_type == "text/event-stream"
+        for name, value in headers:
+            if name == b"content-type":
+                self._sse = value.startswith(b"text/event-stream")
+        headers.append((b"x-request-id", self.request_id.encode()))
+        headers.extend(self.extra_headers)
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def write(self, chunk: bytes) -> None:
+        await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+    async def end(self) -> None:
+        await self.send({"type": "http.response.body", "body": b""})
 
     async def fail(
         self, status: int, message: str, kind: str, headers: list[tuple[bytes, bytes]] | None = None

@@ -1,15 +1,22 @@
-"""Forwarding one request to one upstream with aiohttp, streaming the answer back.
+"""Forwarding one request to one upstream, streaming the answer back as it arrives.
 
-aiohttp, not httpx, on this path: measured here (docs/performance.md), httpx cost
-about 7 times the CPU per proxied request and collapsed at 32 concurrent
-requests; httpx stays in the control plane (agents, tests).
+The connections are Paddler's own (connections.py); this module decides what goes
+upstream, what comes back, and what a failure at each point means for a retry.
 """
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
-import aiohttp
-from starlette.types import Send
+from paddler.balancer.proxy.connections import (
+    Answer,
+    BrokenAnswerError,
+    ConnectFailedError,
+    ConnectionPool,
+    DroppedError,
+    SilentError,
+    request_bytes,
+)
 
 # Hop-by-hop headers (RFC 9110 7.6.1), and what aiohttp sets itself.
 HOP_BY_HOP = frozenset(
@@ -40,7 +47,7 @@ class ConnectionDroppedError(RetryableError):
 
 
 class UpstreamFailedError(Exception):
-    """The upstream failed after answering began: nothing can be retried."""
+    """The upstream failed after answering began, or stayed silent: nothing is retried."""
 
 
 @dataclass(frozen=True)
@@ -48,26 +55,18 @@ class Outcome:
     status: int
 
 
-def new_session(
-    connect_timeout: float, read_timeout: float, keepalive_timeout: float
-) -> aiohttp.ClientSession:
-    # No pool limit: the balancer sends no more requests than there are free slots, and a
-    # pool limit would be a second, hidden queue behind the explicit one.
-    connector = (
-        aiohttp.TCPConnector(limit=0, keepalive_timeout=keepalive_timeout, ttl_dns_cache=60)
-        if keepalive_timeout > 0
-        else aiohttp.TCPConnector(limit=0, force_close=True, ttl_dns_cache=60)
-    )
-    timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=read_timeout)
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=timeout,
-        auto_decompress=False,
-        skip_auto_headers=("User-Agent", "Accept-Encoding"),
-    )
+class Responder(Protocol):
+    """Where the answer goes: the client's side of the proxy."""
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
+
+    async def write(self, chunk: bytes) -> None: ...
+
+    async def end(self) -> None: ...
 
 
 CLIENT_CREDENTIALS = frozenset({b"authorization", b"x-api-key"})
+_DROPPED_ALWAYS = NOT_FORWARDED | {b"x-request-id"}
 
 
 def _connection_tokens(raw: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
@@ -75,7 +74,7 @@ def _connection_tokens(raw: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     return {
         token.strip().lower()
         for name, value in raw
-        if name.lower() == b"connection"
+        if name == b"connection"
         for token in value.split(b",")
         if token.strip()
     }
@@ -87,113 +86,82 @@ def request_headers(
     host: str | None,
     keep_credentials: bool,
     upstream_api_key: str | None,
-) -> list[tuple[str, str]]:
-    """The client's headers as the upstream gets them.
+) -> list[tuple[bytes, bytes]]:
+    """The client's headers (names in lower case) as the upstream gets them.
 
-    The client's own credentials go upstream only when the balancer neither checks
-    keys of its own nor has the upstreams' key to send instead.
+    ``host`` replaces the client's Host header when given; a request without one
+    (HTTP/1.0) gets ``host`` or nothing. The client's own credentials go upstream only
+    when the balancer neither checks keys of its own nor has the upstreams' key to
+    send instead.
     """
-    dropped = NOT_FORWARDED | {b"x-request-id"} | _connection_tokens(raw)
+    dropped = _DROPPED_ALWAYS
+    if any(name == b"connection" for name, _ in raw):
+        dropped = dropped | _connection_tokens(raw)
     if host is not None:
         dropped |= {b"host"}  # rewritten: the upstream's own address instead
     if not keep_credentials or upstream_api_key:
         dropped |= CLIENT_CREDENTIALS
-    headers = [
-        (name.decode("latin-1"), value.decode("latin-1"))
-        for name, value in raw
-        if name.lower() not in dropped
-    ]
-    headers.append(("X-Request-Id", request_id))
+    headers = [(name, value) for name, value in raw if name not in dropped]
+    headers.append((b"x-request-id", request_id.encode("latin-1")))
     if upstream_api_key:
-        headers.append(("Authorization", f"Bearer {upstream_api_key}"))
+        headers.append((b"authorization", b"Bearer " + upstream_api_key.encode("latin-1")))
     if host is not None:
-        headers.append(("Host", host))
+        headers.append((b"host", host.encode("latin-1")))
     return headers
 
 
-async def _response_head(
-    session: aiohttp.ClientSession,
-    url: str,
-    method: str,
-    body: bytes,
-    headers: list[tuple[str, str]],
-) -> aiohttp.ClientResponse:
-    """The upstream's status line and headers, with failures sorted by what they mean."""
-    try:
-        return await session.request(
-            method, url, data=body or None, headers=headers, allow_redirects=False
-        )
-    except aiohttp.ClientConnectorError as error:
-        raise RetryableError(f"cannot connect: {error.os_error or error}") from None
-    except aiohttp.ConnectionTimeoutError:
-        raise RetryableError("cannot connect: timed out") from None
-    except TimeoutError as error:
-        # Before ClientConnectionError: aiohttp's ServerTimeoutError is both. Silence
-        # is not a refusal; the upstream may be working on the request.
-        raise UpstreamFailedError(f"no answer: {error or type(error).__name__}") from None
-    except aiohttp.ServerDisconnectedError:
-        # A kept-alive connection the upstream closed as it was reused, or an upstream
-        # that died while reading the request: nothing was answered.
-        raise ConnectionDroppedError("it closed the connection before answering") from None
-    except aiohttp.ClientConnectionError as error:
-        # Reset (ECONNRESET, EPIPE): the same race as above when the close crossed the
-        # request on the wire, or a dying upstream. Nothing was answered either way.
-        raise ConnectionDroppedError(f"the connection broke before an answer: {error}") from None
-    except aiohttp.ClientError as error:
-        raise UpstreamFailedError(f"no answer: {error or type(error).__name__}") from None
-
-
 async def forward(
-    session: aiohttp.ClientSession,
-    url: str,
+    pool: ConnectionPool,
+    address: str,
     method: str,
+    target: str,
+    headers: list[tuple[bytes, bytes]],
     body: bytes,
-    headers: list[tuple[str, str]],
-    send: Send,
-    request_id: str,
-    on_start: Callable[[int, str], Awaitable[None]] | None = None,
-    extra_headers: list[tuple[bytes, bytes]] | None = None,
+    responder: Responder,
+    read_timeout: float,
 ) -> Outcome:
-    """Send the request, then pass the response on chunk by chunk as it arrives.
+    """Send the request, then pass the answer on chunk by chunk as it arrives.
 
-    Raises RetryableError for a failure before any response byte that means the
-    upstream did no work (cannot connect, refused, llama.cpp's 503 while loading,
-    the connection closed or reset before an answer), UpstreamFailedError for silence
-    past the read timeout or a failure after the response started.
+    Raises RetryableError for a failure before any answer that means the upstream did
+    no work (cannot connect, llama.cpp's 503 while loading, the connection closed or
+    reset before the status line), UpstreamFailedError for silence past the read
+    timeout or a failure after the answer began.
     """
-    response = await _response_head(session, url, method, body, headers)
-    fully_read = False
     try:
-        if response.status == 503:
-            await response.read()
-            fully_read = True
-            raise RetryableError("503: it is loading its model or overloaded")
-        if on_start is not None:
-            await on_start(response.status, response.content_type)
-        out_headers = [
-            (name.lower(), value)
-            for name, value in response.raw_headers
-            if name.lower() not in NOT_RETURNED
-        ]
-        out_headers.append((b"x-request-id", request_id.encode()))
-        out_headers.extend(extra_headers or ())
-        await send(
-            {"type": "http.response.start", "status": response.status, "headers": out_headers}
-        )
+        connection = await pool.get(address)
+    except ConnectFailedError as error:
+        raise RetryableError(f"cannot connect: {error}") from None
+    answer = connection.send(request_bytes(method, target, headers, body), method == "HEAD")
+    try:
         try:
-            async for chunk in response.content.iter_any():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except (aiohttp.ClientError, TimeoutError) as error:
-            raise UpstreamFailedError(
-                f"it failed mid-response: {error or type(error).__name__}"
+            await answer.head(read_timeout)
+        except DroppedError as error:
+            raise ConnectionDroppedError(
+                f"the connection closed before an answer: {error}"
             ) from None
-        fully_read = True
-        await send({"type": "http.response.body", "body": b""})
-        return Outcome(response.status)
+        except (SilentError, BrokenAnswerError) as error:
+            raise UpstreamFailedError(f"no answer: {error}") from None
+        if answer.status == 503:
+            # Read it to its end so the connection can serve the next request.
+            while await _rest(answer, read_timeout) is not None:
+                pass
+            raise RetryableError("503: it is loading its model or overloaded")
+        await responder.start(
+            answer.status,
+            [(name, value) for name, value in answer.headers if name not in NOT_RETURNED],
+        )
+        while (chunk := await _rest(answer, read_timeout)) is not None:
+            await responder.write(chunk)
+        await responder.end()
+        return Outcome(answer.status)
     finally:
-        # A response not read to its end (the client left, or it broke) must not go back
-        # to the pool: closing the connection is also what tells llama.cpp to stop.
-        if fully_read:
-            response.release()
-        else:
-            response.close()
+        # An answer not read to its end (the client left, or it broke) closes its
+        # connection: that is also what tells llama.cpp to stop generating.
+        connection.finished(answer)
+
+
+async def _rest(answer: Answer, read_timeout: float) -> bytes | None:
+    try:
+        return await answer.body(read_timeout)
+    except (SilentError, BrokenAnswerError, DroppedError) as error:
+        raise UpstreamFailedError(f"it failed mid-response: {error}") from None

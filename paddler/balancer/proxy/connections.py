@@ -1,0 +1,305 @@
+"""Pooled HTTP/1.1 connections to upstreams: requests written whole, answers parsed by httptools.
+
+Why not aiohttp: on this path it was the largest single cost per proxied request
+(request objects, header multidicts and URL parsing for every request; see
+docs/performance.md). The proxy needs little of a general client: no redirects,
+cookies, TLS or decompression, one body already in memory, and responses passed on
+as they come. What it does need, a general client hides: whether a connection was
+fresh or reused, and exactly how far an answer got before it failed.
+
+One pool per worker process, one list of idle connections per upstream address,
+newest first so that the fewest connections stay warm. An idle connection is closed
+after ``keepalive_timeout`` seconds: idle connections hold one of llama-server's
+HTTP threads each, and the upstream closes them itself a little later.
+"""
+
+import asyncio
+import socket
+from collections.abc import Iterable
+from typing import cast
+
+import httptools
+
+# Buffered answer bytes past which the upstream is paused until the client takes them.
+HIGH_WATER = 256 * 1024
+
+
+class ConnectFailedError(Exception):
+    """No connection could be made: nothing reached the upstream."""
+
+
+class DroppedError(Exception):
+    """The connection closed or broke before the answer's status line."""
+
+
+class BrokenAnswerError(Exception):
+    """The answer stopped, or was malformed, after it began."""
+
+
+class SilentError(TimeoutError):
+    """The upstream said nothing for longer than the read timeout."""
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One connection and the one answer it is reading at a time."""
+
+    def __init__(self, pool: "ConnectionPool", address: str) -> None:
+        self.pool = pool
+        self.address = address
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.requests = 0
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self._answer: Answer | None = None
+        self._parser = httptools.HttpResponseParser(self)
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        answer = self._answer
+        if answer is None:
+            self.close()  # bytes nobody asked for: the connection cannot be trusted
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as error:
+            self.close()
+            answer.fail(BrokenAnswerError(f"malformed answer: {error}"))
+
+    def eof_received(self) -> bool:
+        return False  # close the transport; connection_lost reports it
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        answer, self._answer = self._answer, None
+        if answer is not None and not answer.complete:
+            reason = f"{exc}" if exc else "closed by the upstream"
+            if answer.status:
+                answer.fail(BrokenAnswerError(f"the answer broke off: {reason}"))
+            else:
+                answer.fail(DroppedError(reason))
+
+    def pause_writing(self) -> None:
+        pass  # bodies are written whole and bounded by max_body_size
+
+    def resume_writing(self) -> None:
+        pass
+
+    # -- httptools callbacks ---------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self._answer is not None
+        self._answer.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        answer = self._answer
+        assert answer is not None
+        answer.status = self._parser.get_status_code()
+        answer.keep_alive = self._parser.should_keep_alive()
+        answer.started()
+        if answer.bodiless:
+            self.on_message_complete()
+
+    def on_body(self, body: bytes) -> None:
+        assert self._answer is not None
+        self._answer.chunk(body)
+
+    def on_message_complete(self) -> None:
+        answer = self._answer
+        if answer is None or answer.complete:
+            return
+        answer.complete = True
+        answer.wake()
+
+    # -- use -------------------------------------------------------------------------------
+
+    def send(self, request: bytes, bodiless: bool) -> "Answer":
+        assert self.transport is not None
+        self.requests += 1
+        self._parser = httptools.HttpResponseParser(self)
+        self._answer = Answer(self, bodiless)
+        self.transport.write(request)
+        return self._answer
+
+    def finished(self, answer: "Answer") -> None:
+        """The answer's reader is done with it: pool the connection or close it."""
+        self._answer = None
+        if answer.complete and answer.keep_alive and not answer.bodiless and not self.closed:
+            self.pool.put(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.close()
+
+
+class Answer:
+    """The answer to one request, read as it arrives."""
+
+    def __init__(self, connection: UpstreamConnection, bodiless: bool) -> None:
+        self.connection = connection
+        self.bodiless = bodiless
+        self.status = 0
+        self.keep_alive = False
+        self.complete = False
+        self.headers: list[tuple[bytes, bytes]] = []
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._error: Exception | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+
+    # -- fed by the connection -------------------------------------------------------------
+
+    def started(self) -> None:
+        self.wake()
+
+    def chunk(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > HIGH_WATER and not self._paused:
+            transport = self.connection.transport
+            if transport is not None:
+                transport.pause_reading()
+                self._paused = True
+        self.wake()
+
+    def fail(self, error: Exception) -> None:
+        if self._error is None:  # the first cause; a close that follows it is its echo
+            self._error = error
+        self.wake()
+
+    def wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- read by the proxy -----------------------------------------------------------------
+
+    async def head(self, timeout: float) -> None:
+        """Wait for the status line and headers."""
+        while not self.status:
+            if self._error is not None:
+                raise self._error
+            await self._wait(timeout)
+
+    async def body(self, timeout: float) -> bytes | None:
+        """What has arrived since the last call, at least one byte; None at the end."""
+        while True:
+            if self._chunks:
+                data = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
+                self._chunks.clear()
+                self._buffered = 0
+                if self._paused:
+                    self._paused = False
+                    transport = self.connection.transport
+                    if transport is not None and not self.connection.closed:
+                        transport.resume_reading()
+                return data
+            if self.complete:
+                return None
+            if self._error is not None:
+                raise self._error
+            await self._wait(timeout)
+
+    async def _wait(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(timeout, _expire, waiter, timeout)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+
+def _expire(waiter: "asyncio.Future[None]", timeout: float) -> None:
+    if not waiter.done():
+        waiter.set_exception(SilentError(f"silent for {timeout:g}s"))
+
+
+class ConnectionPool:
+    """Idle kept-alive connections per upstream address, for one worker process."""
+
+    def __init__(self, connect_timeout: float, keepalive_timeout: float) -> None:
+        self.connect_timeout = connect_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self._idle: dict[str, list[UpstreamConnection]] = {}
+
+    async def get(self, address: str) -> UpstreamConnection:
+        """A kept-alive connection to ``address`` if one is open, else a new one."""
+        idle = self._idle.get(address)
+        while idle:
+            connection = idle.pop()
+            if connection.idle_timer is not None:
+                connection.idle_timer.cancel()
+                connection.idle_timer = None
+            if not connection.closed:
+                return connection
+        return await self._connect(address)
+
+    async def _connect(self, address: str) -> UpstreamConnection:
+        host, _, port = address.rpartition(":")
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, connection = await loop.create_connection(
+                    lambda: UpstreamConnection(self, address), host.strip("[]"), int(port)
+                )
+        except TimeoutError:
+            raise ConnectFailedError(f"timed out after {self.connect_timeout:g}s") from None
+        except (OSError, ValueError) as error:
+            raise ConnectFailedError(str(error) or type(error).__name__) from None
+        return connection
+
+    def put(self, connection: UpstreamConnection) -> None:
+        if self.keepalive_timeout <= 0:
+            connection.close()
+            return
+        loop = asyncio.get_running_loop()
+        connection.idle_timer = loop.call_later(
+            self.keepalive_timeout, self._expire_idle, connection
+        )
+        self._idle.setdefault(connection.address, []).append(connection)
+
+    def _expire_idle(self, connection: UpstreamConnection) -> None:
+        connection.idle_timer = None
+        idle = self._idle.get(connection.address)
+        if idle and connection in idle:
+            idle.remove(connection)
+            if not idle:
+                del self._idle[connection.address]
+        connection.close()
+
+    def idle_count(self) -> int:
+        return sum(len(idle) for idle in self._idle.values())
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            for connection in idle:
+                if connection.idle_timer is not None:
+                    connection.idle_timer.cancel()
+                connection.close()
+        self._idle.clear()
+
+
+def request_bytes(
+    method: str, target: str, headers: Iterable[tuple[bytes, bytes]], body: bytes
+) -> bytes:
+    """The request as written on the wire, head and body in one piece."""
+    lines = [f"{method} {target} HTTP/1.1".encode("latin-1")]
+    lines.extend(name + b": " + value for name, value in headers)
+    if body or method in ("POST", "PUT", "PATCH"):
+        lines.append(b"content-length: " + str(len(body)).encode())
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body

@@ -1,0 +1,191 @@
+"""The proxy's own upstream connections against raw sockets: streaming, reuse, failures."""
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from paddler.balancer.proxy.connections import HIGH_WATER, ConnectionPool
+from paddler.balancer.proxy.upstream import UpstreamFailedError, forward
+from paddler.testbed.ports import free_port
+from tests.unit.test_upstream_failures import HEADERS, Kept, read_request
+
+Upstream = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class Slow(Kept):
+    """A client that takes its time over the first chunk."""
+
+    def __init__(self, pause: float, upstream_written: list[int]) -> None:
+        super().__init__()
+        self.pause = pause
+        self.upstream_written = upstream_written
+        self.written_at_first_chunk = -1
+
+    async def write(self, chunk: bytes) -> None:
+        if self.written_at_first_chunk < 0:
+            await asyncio.sleep(self.pause)
+            self.written_at_first_chunk = self.upstream_written[0]
+        await super().write(chunk)
+
+
+async def exchange(
+    upstream: Upstream, requests: list[tuple[str, Kept]], pool: ConnectionPool | None = None
+) -> tuple[list[object], int, int]:
+    """Outcomes (status or error), connections the upstream saw, and idle ones left."""
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            await upstream(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass  # the test ended it, or the proxy's side went away first
+        finally:
+            writer.close()
+
+    port = free_port()
+    server = await asyncio.start_server(serve, "127.0.0.1", port)
+    pool = pool or ConnectionPool(1.0, 5.0)
+    outcomes: list[object] = []
+    try:
+        for method, responder in requests:
+            try:
+                outcome = await forward(
+                    pool, f"127.0.0.1:{port}", method, "/v1/x", HEADERS, b"{}", responder, 2.0
+                )
+                outcomes.append(outcome.status)
+            except UpstreamFailedError as error:
+                outcomes.append(error)
+            await asyncio.sleep(0.05)  # let a closing upstream's FIN arrive
+        idle = pool.idle_count()
+    finally:
+        pool.close()
+        server.close()
+        await server.wait_closed()
+    return outcomes, connections, idle
+
+
+def test_a_chunked_event_stream_arrives_whole_and_its_connection_is_reused() -> None:
+    events = [f'data: {{"n": {n}}}\n\n'.encode() for n in range(20)]
+
+    async def stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(2):
+            await read_request(reader)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n"
+            )
+            for event in events:
+                writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+                await writer.drain()
+                await asyncio.sleep(0.002)
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        await reader.read()
+
+    first, second = Kept(), Kept()
+    outcomes, connections, idle = asyncio.run(exchange(stream, [("POST", first), ("POST", second)]))
+    assert outcomes == [200, 200]
+    assert first.body == second.body == b"".join(events)
+    assert first.ended
+    assert second.ended
+    assert (b"content-type", b"text/event-stream") in first.headers
+    assert all(name != b"transfer-encoding" for name, _ in first.headers)  # hop-by-hop
+    assert connections == 1
+    assert idle == 1
+
+
+def test_an_answer_saying_close_is_not_kept() -> None:
+    async def closing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    outcomes, connections, idle = asyncio.run(
+        exchange(closing, [("POST", Kept()), ("POST", Kept())])
+    )
+    assert outcomes == [200, 200]
+    assert connections == 2
+    assert idle == 0
+
+
+def test_an_answer_cut_short_fails_mid_response() -> None:
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b")
+        await writer.drain()
+
+    responder = Kept()
+    outcomes, _, idle = asyncio.run(exchange(cut, [("POST", responder)]))
+    assert isinstance(outcomes[0], UpstreamFailedError), outcomes
+    assert "mid-response" in str(outcomes[0])
+    assert responder.status == 200
+    assert responder.body == b"only ten b"
+    assert not responder.ended
+    assert idle == 0
+
+
+def test_a_malformed_answer_fails_and_is_not_kept() -> None:
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"SPDY/9 banana\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    outcomes, _, idle = asyncio.run(exchange(garbage, [("POST", Kept())]))
+    assert isinstance(outcomes[0], UpstreamFailedError), outcomes
+    assert "malformed" in str(outcomes[0])
+    assert idle == 0
+
+
+def test_bytes_nobody_asked_for_retire_an_idle_connection() -> None:
+    async def chatty(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await asyncio.sleep(0.01)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nno")
+        await writer.drain()
+        await reader.read()
+
+    outcomes, connections, _ = asyncio.run(exchange(chatty, [("POST", Kept()), ("POST", Kept())]))
+    assert outcomes == [200, 200]
+    assert connections == 2  # the second request did not read the stray answer
+
+
+def test_a_head_answer_has_no_body_even_with_a_length() -> None:
+    async def head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    responder = Kept()
+    outcomes, _, _ = asyncio.run(exchange(head, [("HEAD", responder)]))
+    assert outcomes == [200]
+    assert responder.ended
+    assert responder.body == b""
+
+
+@pytest.mark.parametrize("size_mb", [32])
+def test_a_slow_client_holds_the_upstream_back(size_mb: int) -> None:
+    """Only about HIGH_WATER and the kernel's socket buffers may pile up in between."""
+    total = size_mb * 1024 * 1024
+    written = [0]
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+        block = b"x" * 65536
+        while written[0] < total:
+            writer.write(block)
+            await writer.drain()
+            written[0] += len(block)
+
+    responder = Slow(1.0, written)
+    outcomes, _, _ = asyncio.run(exchange(flood, [("GET", responder)]))
+    assert outcomes == [200]
+    assert len(responder.body) == total
+    assert HIGH_WATER < responder.written_at_first_chunk < total // 2
