@@ -354,7 +354,8 @@ def main() -> int:
         )
         (args.out / "proxy_overhead.md").write_text(
             f"# Proxy overhead ({meta['date']}, {meta['cpus']} CPUs, {meta['machine']})\n\n"
-            f"`python bench/proxy_overhead.py {' '.join(sys.argv[1:])}`, {seconds:g} s per cell."
+            f"`{' '.join(['python', 'bench/proxy_overhead.py', *sys.argv[1:]])}`, "
+            f"{seconds:g} s per cell."
             f"\n\n{table}\n"
         )
     return 0

@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
-from starlette.types import ASGIApp
 
-from paddler.balancer.app import build_app
+from paddler.balancer.app import BalancerApp
 from paddler.balancer.worker import HeaderDeadlineProtocol
 from paddler.config import BalancerSettings
 from paddler.config.addresses import format_address
@@ -59,7 +58,7 @@ def _on_exit(server: Any) -> None:
 
 
 class BalancerApplication(BaseApplication):  # type: ignore[misc]
-    def __init__(self, settings: BalancerSettings, app: ASGIApp) -> None:
+    def __init__(self, settings: BalancerSettings, app: BalancerApp) -> None:
         self.settings = settings
         self.application = app
         super().__init__()
@@ -92,7 +91,7 @@ class BalancerApplication(BaseApplication):  # type: ignore[misc]
         # Read by each worker's protocol after fork.
         HeaderDeadlineProtocol.header_timeout = settings.header_timeout
 
-    def load(self) -> ASGIApp:
+    def load(self) -> BalancerApp:
         return self.application
 
 
@@ -137,5 +136,5 @@ def run(settings: BalancerSettings) -> int:
         format_address(settings.management_host, settings.management_port),
         slot_table_path(settings),
     )
-    BalancerApplication(settings, build_app(settings)).run()
+    BalancerApplication(settings, BalancerApp(settings)).run()
     return 0

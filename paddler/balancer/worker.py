@@ -1,5 +1,8 @@
 """The balancer's Gunicorn worker: Uvicorn on uvloop and httptools, with a header deadline.
 
+Uvicorn serves the management API; the proxy port goes to the proxy's own listener
+(proxy/http.py), which applies the same deadline to its clients.
+
 Uvicorn alone does not stop a slowloris client: its keep-alive timer is reset by
 every byte, and a connection that trickles its request line and headers holds a
 slot of the server forever. Here every request's headers must be complete within
@@ -65,11 +68,26 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
 
 class BalancerWorker(UvicornWorker):  # type: ignore[misc]
+    """Uvicorn for the management API; the proxy's sockets go to the proxy's listener."""
+
     CONFIG_KWARGS: ClassVar[dict[str, Any]] = {
         "loop": "uvloop",
         "http": HeaderDeadlineProtocol,
         "server_header": False,
         "date_header": False,
-        # No X-Forwarded-* rewriting of the client address: the proxy does not use it.
+        # No X-Forwarded-* rewriting of the client address: the API does not use it.
         "proxy_headers": False,
     }
+
+    async def _serve(self) -> None:
+        app = self.wsgi
+        proxy_port = app.settings.reverseproxy_port
+        # Gunicorn's socket wrappers; the listener takes the sockets inside them.
+        listeners: list[Any] = self.sockets  # type: ignore[has-type]
+        app.proxy_sockets = [
+            getattr(s, "sock", s) for s in listeners if s.getsockname()[1] == proxy_port
+        ]
+        self.sockets = [s for s in listeners if s.getsockname()[1] != proxy_port]
+        # Answers in flight get the master's grace, less a margin to close cleanly in.
+        app.graceful_timeout = max(1.0, float(self.cfg.graceful_timeout) - 2.0)
+        await super()._serve()

@@ -67,6 +67,9 @@ ROWS_USED_OFFSET = 52
 OWNERS_OFFSET = 64
 OWNER = struct.Struct("<IIQ")
 ROW_META = struct.Struct("<IBxxxIHHHHHxxddQd32s64s128s128s64s160s")
+# The same row in two parts: numbers read on every request, texts once per report.
+ROW_NUMBERS = struct.Struct("<IBxxxIHHHHHxxddQd")
+ROW_TEXTS = struct.Struct("<32s64s128s128s64s160s")
 EJECTION = struct.Struct("<dI4x")
 EJECTION_OFFSET = 632
 RESERVATIONS_OFFSET = 648
@@ -75,7 +78,7 @@ DEFAULT_MAX_WAITERS = 1024
 DEFAULT_MAX_OWNERS = 64
 DEFAULT_MAX_UPSTREAMS = 256
 
-assert ROW_META.size == EJECTION_OFFSET
+assert ROW_META.size == EJECTION_OFFSET == ROW_NUMBERS.size + ROW_TEXTS.size
 assert EJECTION_OFFSET + EJECTION.size == RESERVATIONS_OFFSET
 assert WAITER.size == 32
 # The owners table fills the rest of the header page.

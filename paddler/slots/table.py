@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from paddler.slots.layout import (
     DEFAULT_MAX_OWNERS,
@@ -30,6 +31,8 @@ from paddler.slots.layout import (
     OWNERS_OFFSET,
     RESERVATIONS_OFFSET,
     ROW_META,
+    ROW_NUMBERS,
+    ROW_TEXTS,
     ROWS_USED_OFFSET,
     WAITER,
     WAITING_OFFSET,
@@ -61,7 +64,7 @@ class UpstreamReport:
     interval: float
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class UpstreamRow:
     """What the table says of one upstream at one moment."""
 
@@ -118,10 +121,30 @@ class Applied(enum.Enum):
     IGNORED = "ignored"  # a duplicate, or older than a report already applied
 
 
-@dataclass(frozen=True)
-class Reservation:
+class Reservation(NamedTuple):
+    """One slot held by this process (a tuple: made and dropped on every request)."""
+
     row: int
     generation: int
+
+
+class _Flock:
+    """The table's lock held for a with-block (a plain class: cheaper per request than a
+    generator-based context manager)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __enter__(self) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+
+_STATES = tuple(UpstreamState(value) for value in range(max(UpstreamState) + 1))
 
 
 def _text(raw: bytes) -> str:
@@ -176,6 +199,7 @@ class SlotTable:
         self.creator_pid: int = creator
         self._u16 = memoryview(self._map).cast("H")
         self._u32 = memoryview(self._map).cast("I")
+        self._texts: dict[int, tuple[int, tuple[str, ...]]] = {}
         self._owner: int | None = None
 
     # -- opening ---------------------------------------------------------------------------
@@ -237,13 +261,8 @@ class SlotTable:
 
     # -- locking and rows ------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+    def locked(self) -> "_Flock":
+        return _Flock(self._fd)
 
     def _offset(self, row: int) -> int:
         return HEADER_SIZE + row * self.row_size
@@ -256,6 +275,7 @@ class SlotTable:
         return sum(self._u16[start : start + self.max_owners])
 
     def _row(self, row: int) -> UpstreamRow:
+        offset = self._offset(row)
         (
             _,
             state,
@@ -269,38 +289,39 @@ class SlotTable:
             interval,
             sequence,
             first_report,
+        ) = ROW_NUMBERS.unpack_from(self._map, offset)
+        # The texts change only with a report, which moves the row's write counter:
+        # decoded once per report, not once per request.
+        version = self._u32[offset // 4]
+        cached = self._texts.get(row)
+        if cached is None or cached[0] != version:
+            raw = ROW_TEXTS.unpack_from(self._map, offset + ROW_NUMBERS.size)
+            cached = (version, tuple(_text(field) for field in raw))
+            self._texts[row] = cached
+        agent_id, name, host, model, build, error = cached[1]
+        ejected_until, ejections = EJECTION.unpack_from(self._map, offset + EJECTION_OFFSET)
+        return UpstreamRow(
+            row,
+            generation,
+            _STATES[state],
             agent_id,
             name,
             host,
+            port,
             model,
             build,
             error,
-        ) = ROW_META.unpack_from(self._map, self._offset(row))
-        ejected_until, ejections = EJECTION.unpack_from(
-            self._map, self._offset(row) + EJECTION_OFFSET
-        )
-        return UpstreamRow(
-            index=row,
-            generation=generation,
-            state=UpstreamState(state),
-            agent_id=_text(agent_id),
-            name=_text(name),
-            host=_text(host),
-            port=port,
-            model=_text(model),
-            build=_text(build),
-            error=_text(error),
-            slots_total=total,
-            slots_idle=idle,
-            slots_processing=processing,
-            reserved_at_report=reserved_at_report,
-            reservations=self._reservations(row),
-            last_report=last_report,
-            first_report=first_report,
-            interval=interval,
-            sequence=sequence,
-            ejected_until=ejected_until,
-            ejections=ejections,
+            total,
+            idle,
+            processing,
+            reserved_at_report,
+            self._reservations(row),
+            last_report,
+            first_report,
+            interval,
+            sequence,
+            ejected_until,
+            ejections,
         )
 
     def _rows_used(self) -> int:

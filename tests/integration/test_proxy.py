@@ -220,6 +220,17 @@ def test_a_client_leaving_mid_stream_frees_its_slot(fleet: Fleet) -> None:
     assert fleet.wait_idle(4, timeout=0.3 + 0.5)
 
 
+def test_stopping_paddlerd_lets_a_stream_in_flight_finish(fleet: Fleet) -> None:
+    with long_stream(fleet) as (_, lines):
+        for _ in range(5):
+            next(lines)
+        fleet.paddlerd.signal(signal.SIGTERM)
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    assert len(rest) > 100  # the stream went on after the signal, not just its last event
+    assert fleet.paddlerd.wait_exit() == 0
+
+
 def test_a_llama_server_killed_before_answering_is_retried_elsewhere(
     paddlerd: PaddlerdRunner, llama_server_binary: Path, tiny_model: Path
 ) -> None:

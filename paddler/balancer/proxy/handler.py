@@ -4,22 +4,14 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
-from starlette.types import Receive, Scope, Send
-
 from paddler.balancer.fleet import Fleet
-from paddler.balancer.proxy.asgi import (
-    BodyTooLargeError,
-    ClientDisconnectedError,
-    error_payload,
-    read_body,
-    send_json,
-)
 from paddler.balancer.proxy.connections import ConnectionPool
+from paddler.balancer.proxy.http import Exchange, error_payload
 from paddler.balancer.proxy.routing import (
     canonical_model,
     eligible,
@@ -85,25 +77,27 @@ class Proxy:
 
     # -- entry -----------------------------------------------------------------------------
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request_id = _header(scope, b"x-request-id") or uuid.uuid4().hex[:16]
-        request = _Request(scope, receive, send, request_id)
+    async def handle(self, exchange: Exchange) -> None:
+        """Answer one whole client request; the connection it came on does the rest."""
+        given = exchange.header(b"x-request-id")
+        exchange.request_id = given.decode("latin-1") if given else os.urandom(8).hex()
         try:
-            await self._handle(request)
-        except ClientDisconnectedError:
-            log.info("[%s] the client left before its request was complete", request_id)
+            await self._handle(exchange)
         except asyncio.CancelledError:
-            if not request.client_left:
+            if not exchange.client_left:
                 raise
-            log.info("[%s] the client left; its request was stopped", request_id)
+            log.info("[%s] the client left; its request was stopped", exchange.request_id)
+        except ConnectionError:
+            log.info("[%s] the client left while its answer was sent", exchange.request_id)
 
-    async def _handle(self, request: "_Request") -> None:
-        method, path = request.scope["method"], request.scope["path"]
+    async def _handle(self, exchange: Exchange) -> None:
+        method, path, body = exchange.method, exchange.path, exchange.body
         if method == "GET" and path == "/health":
-            await send_json(request.send, 200, self.fleet_health())
+            await exchange.respond(200, self.fleet_health())
             return
-        if self.api_keys and not self._authorized(request.scope):
-            await request.fail(
+        if self.api_keys and not self._authorized(exchange.headers):
+            await _fail(
+                exchange,
                 401,
                 "a valid API key is required (Authorization: Bearer KEY)",
                 "authentication_error",
@@ -111,66 +105,50 @@ class Proxy:
             )
             return
         if method == "GET" and path in ("/v1/models", "/models"):
-            await send_json(request.send, 200, self.models())
+            await exchange.respond(200, self.models())
             return
         if path.startswith(HIDDEN_ENDPOINTS) and not path.startswith(self.exposed):
-            await request.fail(
+            await _fail(
+                exchange,
                 404,
                 f"{path} is not exposed by this balancer (see balancer.exposed_endpoints)",
                 "not_found_error",
             )
             return
-        try:
-            body = await read_body(
-                request.receive, self.settings.max_body_size, self.settings.body_timeout
-            )
-        except BodyTooLargeError:
-            await request.fail(
-                413,
-                f"the request body is larger than {self.settings.max_body_size} bytes",
-                "invalid_request_error",
-            )
-            return
-        except TimeoutError:
-            await request.fail(
-                408,
-                f"the request body took longer than {self.settings.body_timeout:g}s",
-                "invalid_request_error",
-            )
-            return
         takes_slot = method == "POST" and path in self.slot_endpoints
         model: str | None = None
-        if body and (takes_slot or _header(request.scope, b"content-type") == "application/json"):
+        content_type = exchange.header(b"content-type") or b""
+        if body and (takes_slot or content_type.startswith(b"application/json")):
             try:
                 payload = json.loads(body)
             except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                await request.fail(
-                    400, f"the request body is not valid JSON: {error}", "invalid_request_error"
+                await _fail(
+                    exchange,
+                    400,
+                    f"the request body is not valid JSON: {error}",
+                    "invalid_request_error",
                 )
                 return
             named = payload.get("model") if isinstance(payload, dict) else None
             model = named if isinstance(named, str) and named else None
         rows = self.fleet.table.rows() if model is not None else []
         if model is not None and rows and not knows_model(rows, model):
-            await request.fail(
+            await _fail(
+                exchange,
                 404,
                 f"model {model!r} is not served here; the models are: "
                 f"{', '.join(fleet_models(rows)) or 'none yet'}",
                 "not_found_error",
             )
             return
-        request.watch_for_disconnect()
-        try:
-            if takes_slot:
-                await self._with_slot(request, body, model, rows)
-            else:
-                await self._without_slot(request, body, model)
-        finally:
-            request.stop_watching()
+        if takes_slot:
+            await self._with_slot(exchange, body, model, rows)
+        else:
+            await self._without_slot(exchange, body, model)
 
-    def _authorized(self, scope: Scope) -> bool:
+    def _authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
         given = b""
-        for name, value in scope["headers"]:
+        for name, value in headers:
             if name == b"authorization" and value[:7].lower() == b"bearer ":
                 given = value[7:].strip()
             elif name == b"x-api-key" and not given:
@@ -182,7 +160,7 @@ class Proxy:
     # -- requests that take a slot ---------------------------------------------------------
 
     async def _with_slot(
-        self, request: "_Request", body: bytes, model: str | None, rows: list[UpstreamRow]
+        self, exchange: Exchange, body: bytes, model: str | None, rows: list[UpstreamRow]
     ) -> None:
         settings = self.settings
         key = model_key(canonical_model(rows, model)) if model else 0
@@ -200,7 +178,8 @@ class Proxy:
                 )
             except QueueFullError:
                 retry_after = max(1, round(settings.request_buffer_timeout / 4))
-                await request.fail(
+                await _fail(
+                    exchange,
                     503,
                     "every slot is busy and the request buffer is full; retry later",
                     "overloaded_error",
@@ -210,28 +189,32 @@ class Proxy:
             except QueueTimeoutError:
                 if last_error:
                     break  # time ran out retrying: the upstream's failure is the news
-                await request.fail(
+                await _fail(
+                    exchange,
                     504,
                     f"no slot became free within {settings.request_buffer_timeout:g}s",
                     "timeout_error",
                 )
                 return
             try:
-                await self._forward(request, row, body)
+                await self._forward(exchange, row, body)
                 return
             except RetryableError as error:
                 last_error = f"{row.name} ({row.address}): {error}"
                 if retries.forgives(error):
-                    log.info("[%s] %s; trying again", request.request_id, last_error)
+                    log.info("[%s] %s; trying again", exchange.request_id, last_error)
                     continue
-                log.warning("[%s] %s; trying another upstream", request.request_id, last_error)
+                log.warning("[%s] %s; trying another upstream", exchange.request_id, last_error)
                 tried.add((row.index, row.generation))
                 self._failed(row, str(error))
             finally:
                 self.fleet.table.release(reservation)
                 self.waiter.released()
-        await request.fail(
-            502, f"no upstream could take the request; last: {last_error}", "upstream_error"
+        await _fail(
+            exchange,
+            502,
+            f"no upstream could take the request; last: {last_error}",
+            "upstream_error",
         )
 
     def _policy(
@@ -243,7 +226,7 @@ class Proxy:
 
     # -- requests that take none -----------------------------------------------------------
 
-    async def _without_slot(self, request: "_Request", body: bytes, model: str | None) -> None:
+    async def _without_slot(self, exchange: Exchange, body: bytes, model: str | None) -> None:
         tried: set[tuple[int, int]] = set()
         last_error = "no upstream is available"
         retries = _Retries(self.settings.max_retries)
@@ -255,7 +238,7 @@ class Proxy:
                 break
             row = candidates[0]
             try:
-                await self._forward(request, row, body)
+                await self._forward(exchange, row, body)
                 return
             except RetryableError as error:
                 last_error = f"{row.name} ({row.address}): {error}"
@@ -263,44 +246,42 @@ class Proxy:
                     continue
                 tried.add((row.index, row.generation))
                 self._failed(row, str(error))
-        await request.fail(503, last_error, "unavailable_error", [(b"retry-after", b"1")])
+        await _fail(exchange, 503, last_error, "unavailable_error", [(b"retry-after", b"1")])
 
     # -- forwarding and failures -----------------------------------------------------------
 
-    async def _forward(self, request: "_Request", row: UpstreamRow, body: bytes) -> None:
-        scope = request.scope
-        query = scope.get("query_string", b"")
-        raw_path = scope.get("raw_path")
-        target = raw_path.decode("latin-1") if raw_path else scope["path"]
-        if query:
-            target += "?" + query.decode("latin-1")
-        rewrite = self.settings.rewrite_host_header or _header(scope, b"host") is None
+    async def _forward(self, exchange: Exchange, row: UpstreamRow, body: bytes) -> None:
+        rewrite = self.settings.rewrite_host_header or exchange.header(b"host") is None
         headers = request_headers(
-            scope["headers"],
-            request.request_id,
+            exchange.headers,
+            exchange.request_id,
             row.address if rewrite else None,
             keep_credentials=not self.api_keys,
             upstream_api_key=self.settings.upstream_api_key,
         )
         if self.settings.debug_headers:
-            request.extra_headers = [(b"x-paddler-upstream", row.name.encode())]
+            exchange.extra_headers = [(b"x-paddler-upstream", row.name.encode())]
         try:
             outcome: Outcome = await forward(
                 self.pool,
                 row.address,
-                scope["method"],
-                target,
+                exchange.method,
+                exchange.target,
                 headers,
                 body,
-                request,
+                exchange,
                 self.settings.upstream_read_timeout,
             )
         except UpstreamFailedError as error:
             log.error(
-                "[%s] upstream %s (%s) failed: %s", request.request_id, row.name, row.address, error
+                "[%s] upstream %s (%s) failed: %s",
+                exchange.request_id,
+                row.name,
+                row.address,
+                error,
             )
-            self._failed(row, str(error), at_once=request.response_started)
-            await request.end_with_error(f"upstream {row.name} failed: {error}")
+            self._failed(row, str(error), at_once=exchange.response_started)
+            await _end_with_error(exchange, f"upstream {row.name} failed: {error}")
             return
         if outcome.status >= 500:
             self._failed(row, f"answered {outcome.status}")
@@ -408,83 +389,25 @@ class _Retries:
         return True
 
 
-class _Request:
-    """One client request in flight, and whether its client is still there."""
+async def _fail(
+    exchange: Exchange,
+    status: int,
+    message: str,
+    kind: str,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    if status >= 500:
+        log.warning("[%s] %d: %s", exchange.request_id, status, message)
+    await exchange.respond(status, error_payload(message, kind, status), headers)
 
-    def __init__(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
-        self.scope = scope
-        self.receive = receive
-        self.send = send
-        self.request_id = request_id
-        self.client_left = False
-        self.response_started = False
-        self._sse = False
-        self.extra_headers: list[tuple[bytes, bytes]] = []
-        self._watcher: asyncio.Task[None] | None = None
 
-    # -- the answer, as forward() hands it over (upstream.Responder) ---------------------
-
-    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        self.response_started = True
-        for name, value in headers:
-            if name == b"content-type":
-                self._sse = value.startswith(b"text/event-stream")
-        headers.append((b"x-request-id", self.request_id.encode()))
-        headers.extend(self.extra_headers)
-        await self.send({"type": "http.response.start", "status": status, "headers": headers})
-
-    async def write(self, chunk: bytes) -> None:
-        await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
-
-    async def end(self) -> None:
-        await self.send({"type": "http.response.body", "body": b""})
-
-    async def fail(
-        self, status: int, message: str, kind: str, headers: list[tuple[bytes, bytes]] | None = None
-    ) -> None:
-        if status >= 500:
-            log.warning("[%s] %d: %s", self.request_id, status, message)
-        await send_json(
-            self.send,
-            status,
-            error_payload(message, kind, status),
-            [(b"x-request-id", self.request_id.encode()), *(headers or [])],
-        )
-
-    async def end_with_error(self, message: str) -> None:
-        """An upstream broke: tell the client in the way its response allows."""
-        if not self.response_started:
-            await self.fail(502, message, "upstream_error")
-            return
-        if not self._sse:
-            # Anything but a stream of events can only say it by ending before its end.
-            raise UpstreamFailedError(message)
+async def _end_with_error(exchange: Exchange, message: str) -> None:
+    """An upstream broke: tell the client in the way its answer allows."""
+    if not exchange.response_started:
+        await _fail(exchange, 502, message, "upstream_error")
+    elif exchange.event_stream:
         # A stream of events ends with an error event, as llama.cpp sends them itself.
         event = json.dumps(error_payload(message, "upstream_error", 502))
-        await self.send({"type": "http.response.body", "body": f"data: {event}\n\n".encode()})
-
-    def watch_for_disconnect(self) -> None:
-        """Stop this request the moment its client leaves (the body has been read)."""
-        task = asyncio.current_task()
-        assert task is not None
-
-        async def watch() -> None:
-            while True:
-                message = await self.receive()
-                if message["type"] == "http.disconnect":
-                    self.client_left = True
-                    task.cancel()
-                    return
-
-        self._watcher = asyncio.create_task(watch())
-
-    def stop_watching(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return str(value.decode("latin-1"))
-    return None
+        await exchange.write(f"data: {event}\n\n".encode())
+        await exchange.end()
+    # Anything else can only say it by ending before its end: its connection is closed.

@@ -5,8 +5,7 @@ upstream, what comes back, and what a failure at each point means for a retry.
 """
 
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from paddler.balancer.proxy.connections import (
     Answer,
@@ -50,8 +49,7 @@ class UpstreamFailedError(Exception):
     """The upstream failed after answering began, or stayed silent: nothing is retried."""
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(NamedTuple):
     status: int
 
 

@@ -1,0 +1,460 @@
+"""The proxy's client side: HTTP/1.1 connections parsed by httptools, without ASGI.
+
+Uvicorn and Starlette still serve the management API in every worker; the proxy port
+is served here because what they cost per request is most of what a proxy costs
+(docs/performance.md: a bare uvloop + httptools proxy spent a fifth of the CPU of
+the same proxy behind Uvicorn's ASGI cycle). The protocol hands a request to the
+proxy only once it is whole, and owns everything below that: keep-alive and
+pipelining, Expect: 100-continue, the deadlines for a request's head and body, the
+body limit, chunked answers, backpressure from slow clients, and stopping the
+request the moment its client leaves.
+"""
+
+import asyncio
+import json
+import logging
+import socket
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, cast
+from urllib.parse import unquote
+
+import httptools
+
+log = logging.getLogger("paddler.balancer")
+
+# Request line and headers together; past it, 431. llama.cpp's clients send small heads.
+MAX_HEAD_BYTES = 64 * 1024
+REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+BODILESS_STATUS = frozenset({204, 304})
+
+
+@dataclass(frozen=True)
+class ClientLimits:
+    max_body_size: int
+    header_timeout: float
+    body_timeout: float
+    keepalive_timeout: float
+
+
+def error_payload(message: str, kind: str, code: int) -> dict[str, Any]:
+    """An error in the OpenAI shape, which llama.cpp also uses, so clients parse it."""
+    return {"error": {"message": message, "type": kind, "code": code}}
+
+
+class Exchange:
+    """One client request, whole, and the answer written back on its connection."""
+
+    def __init__(
+        self,
+        connection: "ClientConnection",
+        method: str,
+        target: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        http11: bool,
+        keep_alive: bool,
+    ) -> None:
+        self.connection = connection
+        self.method = method
+        self.target = target  # as the client sent it: forwarded unchanged
+        path, _, _ = target.partition("?")
+        self.path = unquote(path) if "%" in path else path  # what routing decisions see
+        self.headers = headers
+        self.body = body
+        self.http11 = http11
+        self.keep_alive = keep_alive
+        self.request_id = ""
+        self.extra_headers: list[tuple[bytes, bytes]] = []
+        self.client_left = False
+        self.response_started = False
+        self.response_complete = False
+        self.event_stream = False
+        self._chunked = False
+        self._head: bytes | None = None
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    # -- the answer (upstream.Responder) ---------------------------------------------------
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """Compose the status line and headers; they go out with the first body bytes."""
+        self.response_started = True
+        lines = [b"HTTP/1.1 %d %s" % (status, REASONS.get(status, b"Unknown"))]
+        has_length = False
+        for name, value in headers:
+            if name == b"content-length":
+                has_length = True
+            elif name == b"content-type":
+                self.event_stream = value.startswith(b"text/event-stream")
+            lines.append(name + b": " + value)
+        bodiless = self.method == "HEAD" or status in BODILESS_STATUS or status < 200
+        if not has_length and not bodiless:
+            if self.http11:
+                self._chunked = True
+                lines.append(b"transfer-encoding: chunked")
+            else:
+                self.keep_alive = False  # an HTTP/1.0 body without a length ends with the close
+        if self.connection.closing:
+            self.keep_alive = False
+        if not self.keep_alive:
+            lines.append(b"connection: close")
+        elif not self.http11:
+            lines.append(b"connection: keep-alive")
+        lines.append(b"x-request-id: " + self.request_id.encode("latin-1"))
+        lines.extend(name + b": " + value for name, value in self.extra_headers)
+        self._head = b"\r\n".join(lines) + b"\r\n\r\n"
+        if bodiless:
+            self._chunked = False
+
+    async def write(self, chunk: bytes) -> None:
+        if not chunk or self.method == "HEAD":
+            return
+        if self._chunked:
+            chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+        if self._head is not None:
+            chunk, self._head = self._head + chunk, None
+        await self.connection.write(chunk)
+
+    async def end(self) -> None:
+        tail = b"0\r\n\r\n" if self._chunked else b""
+        if self._head is not None:
+            tail, self._head = self._head + tail, None
+        if tail:
+            await self.connection.write(tail)
+        self.response_complete = True
+
+    async def respond(
+        self, status: int, payload: Any, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
+        """A whole JSON answer of the balancer's own."""
+        body = json.dumps(payload).encode()
+        await self.start(
+            status,
+            [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        )
+        await self.write(body)
+        await self.end()
+
+
+Handler = Callable[[Exchange], Coroutine[Any, Any, None]]
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection: its requests, one at a time, in the order they came."""
+
+    def __init__(self, handler: Handler, limits: ClientLimits, registry: set["ClientConnection"]):
+        self.handler = handler
+        self.limits = limits
+        self.registry = registry
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.closing = False
+        self.parser = httptools.HttpRequestParser(self)
+        self.task: asyncio.Task[None] | None = None
+        self.exchange: Exchange | None = None
+        self._pending: deque[Exchange] = deque()
+        self._writable: asyncio.Future[None] | None = None
+        self._paused_writing = False
+        # The request being read.
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._head_size = 0
+        self._reading: str | None = None  # "head" or "body" of a request on its way
+        self._refusal: tuple[int, str] | None = None  # held until the answer in flight ends
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.registry.add(self)
+        self._arm(self.limits.header_timeout, self._head_too_slow)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # No upgrade is offered: the request is answered over HTTP/1.1 as RFC 9110
+            # 7.8 allows, and the connection closes after it, since the parser stops here.
+            self.closing = True
+            if self.transport is not None:
+                self.transport.pause_reading()
+            if self.task is None:
+                self.close()
+        except httptools.HttpParserError as error:
+            self._refuse(400, f"malformed HTTP request: {error}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.registry.discard(self)
+        self._disarm()
+        self.closing = True
+        self._pending.clear()
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_exception(ConnectionResetError("the client left"))
+        if self.task is not None and not self.task.done():
+            assert self.exchange is not None
+            self.exchange.client_left = True
+            self.task.cancel()
+
+    def pause_writing(self) -> None:
+        self._paused_writing = True
+
+    def resume_writing(self) -> None:
+        self._paused_writing = False
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    # -- httptools callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._body = []
+        self._body_size = self._head_size = 0
+        self._reading = "head"
+        if self.task is None:
+            self._arm(self.limits.header_timeout, self._head_too_slow)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._count_head(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.lower(), value))
+        self._count_head(len(name) + len(value))
+
+    def on_headers_complete(self) -> None:
+        length = self._content_length()
+        if length is not None and length > self.limits.max_body_size:
+            self._refuse(413, f"the request body is larger than {self.limits.max_body_size} bytes")
+            return
+        expect = next((v for k, v in self._headers if k == b"expect"), None)
+        if expect is not None:
+            if expect.lower() != b"100-continue":
+                self._refuse(417, "only Expect: 100-continue is understood")
+                return
+            # Not while another answer is on the wire: the client sends the body after a
+            # short wait of its own anyway.
+            if self.transport and self.task is None and self.parser.get_http_version() == "1.1":
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._reading = "body"
+        if self.task is None:
+            self._arm(self.limits.body_timeout, self._body_too_slow)
+
+    def on_body(self, body: bytes) -> None:
+        self._body_size += len(body)
+        if self._body_size > self.limits.max_body_size:
+            self._refuse(413, f"the request body is larger than {self.limits.max_body_size} bytes")
+            return
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.closing or self._refusal:
+            return
+        self._reading = None
+        exchange = Exchange(
+            self,
+            self.parser.get_method().decode("latin-1"),
+            self._target(),
+            self._headers,
+            b"".join(self._body),
+            self.parser.get_http_version() == "1.1",
+            self.parser.should_keep_alive(),
+        )
+        self._body = []
+        if self.task is None:
+            self._disarm()
+            self._run(exchange)
+        else:
+            # Pipelined behind the one in flight: hold it, and stop reading meanwhile.
+            self._pending.append(exchange)
+            if self.transport is not None:
+                self.transport.pause_reading()
+
+    # -- running requests ------------------------------------------------------------------
+
+    def _run(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+        self.task = self.loop.create_task(self.handler(exchange))
+        self.task.add_done_callback(self._finished)
+
+    def _finished(self, task: "asyncio.Task[None]") -> None:
+        exchange = self.exchange
+        self.task = self.exchange = None
+        if exchange is None or self.transport is None or self.transport.is_closing():
+            return
+        if not task.cancelled() and task.exception() is not None:
+            error = task.exception()
+            log.error(
+                "[%s] the request failed inside the balancer: %r",
+                exchange.request_id,
+                error,
+                exc_info=error,
+            )
+        if not exchange.response_complete:
+            # Started and cut short, or never answered: only closing tells the client.
+            if not exchange.response_started:
+                self._refuse(500, "the balancer failed on this request; see its log")
+            self.close()
+            return
+        if not exchange.keep_alive or self.closing:
+            self.close()
+            return
+        if self._refusal is not None and not self._pending:
+            self._refuse(*self._refusal)
+            return
+        if self._pending:
+            self._run(self._pending.popleft())
+            if not self._pending:
+                self.transport.resume_reading()
+            return
+        self.transport.resume_reading()
+        if self._reading == "body":
+            self._arm(self.limits.body_timeout, self._body_too_slow)
+        elif self._reading == "head":
+            self._arm(self.limits.header_timeout, self._head_too_slow)
+        else:
+            self._arm(self.limits.keepalive_timeout, self.close)
+
+    async def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client left")
+        transport.write(data)
+        if self._paused_writing:
+            self._writable = self.loop.create_future()
+            try:
+                await self._writable
+            finally:
+                self._writable = None
+
+    def close(self) -> None:
+        self.closing = True
+        self._disarm()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def shut_down(self) -> None:
+        """Stop taking requests: close now if idle, else after the answer in flight."""
+        self.closing = True
+        if self.task is None:
+            self.close()
+
+    # -- refusals and deadlines ------------------------------------------------------------
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer with an error the balancer makes itself, then close: what is left of
+        the request on the wire cannot be trusted or is not worth reading."""
+        if self.closing or self.transport is None:
+            return
+        if self.task is not None:
+            # An answer is on the wire: this one follows it.
+            self._refusal = (status, message)
+            self.transport.pause_reading()
+            return
+        body = json.dumps(error_payload(message, "invalid_request_error", status)).encode()
+        if status >= 500:
+            body = json.dumps(error_payload(message, "internal_error", status)).encode()
+        log.info("answered %d and closed the connection of %s: %s", status, self._peer(), message)
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%b"
+            % (status, REASONS.get(status, b"Error"), len(body), body)
+        )
+        self.close()
+
+    def _count_head(self, size: int) -> None:
+        self._head_size += size
+        if self._head_size > MAX_HEAD_BYTES:
+            self._refuse(431, f"the request line and headers exceed {MAX_HEAD_BYTES} bytes")
+
+    def _content_length(self) -> int | None:
+        for name, value in self._headers:
+            if name == b"content-length":
+                return int(value)  # httptools has already refused one that is not a number
+        return None
+
+    def _target(self) -> str:
+        url = self._url
+        if not url.startswith(b"/") and url != b"*":
+            parsed = httptools.parse_url(url)  # absolute form: keep the path and query
+            url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
+        return url.decode("latin-1")
+
+    def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
+        self._disarm()
+        self._timer = self.loop.call_later(seconds, callback)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _head_too_slow(self) -> None:
+        self._timer = None
+        if self._reading == "head":
+            log.info(
+                "closed the connection of %s: its request headers took over %gs",
+                self._peer(),
+                self.limits.header_timeout,
+            )
+        self.close()
+
+    def _body_too_slow(self) -> None:
+        self._timer = None
+        self._refuse(408, f"the request body took longer than {self.limits.body_timeout:g}s")
+
+    def _peer(self) -> str:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        return f"{peer[0]}:{peer[1]}" if peer else "a client"
+
+
+class ProxyListener:
+    """The proxy's listening sockets in one worker, and every connection they accepted."""
+
+    def __init__(self, handler: Handler, limits: ClientLimits) -> None:
+        self.handler = handler
+        self.limits = limits
+        self.connections: set[ClientConnection] = set()
+        self._servers: list[asyncio.AbstractServer] = []
+
+    async def start(self, sockets: list[socket.socket]) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in sockets:
+            server = await loop.create_server(
+                lambda: ClientConnection(self.handler, self.limits, self.connections),
+                sock=sock,
+                backlog=2048,
+            )
+            self._servers.append(server)
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting, let answers in flight finish for up to ``grace`` seconds."""
+        for server in self._servers:
+            server.close()
+        for connection in list(self.connections):
+            connection.shut_down()
+        deadline = asyncio.get_running_loop().time() + grace
+        while self.connections and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        for connection in list(self.connections):
+            if connection.task is not None:
+                connection.task.cancel()
+            connection.close()
