@@ -47,6 +47,7 @@ class BalancerApp:
             header_timeout=self.settings.header_timeout,
             body_timeout=self.settings.body_timeout,
             keepalive_timeout=CLIENT_KEEPALIVE,
+            send_timeout=self.settings.send_timeout,
         )
         self._listener = ProxyListener(self.proxy.handle, limits)
         await self._listener.start(self.proxy_sockets)

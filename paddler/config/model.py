@@ -141,6 +141,12 @@ class BalancerSettings:
         60.0,
         minimum=0.1,
     )
+    send_timeout: float = setting(
+        "Seconds a client may accept nothing of its answer before it is disconnected "
+        "(its slot would stay taken meanwhile).",
+        60.0,
+        minimum=0.1,
+    )
     slot_endpoints: list[str] = setting(
         "Paths whose POST requests take a slot; others go to any upstream without one.",
         factory=lambda: list(DEFAULT_SLOT_ENDPOINTS),

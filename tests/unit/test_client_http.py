@@ -5,6 +5,7 @@ the proxy in front of real llama-servers is tested in tests/integration/test_pro
 """
 
 import asyncio
+import contextlib
 import json
 import re
 import socket
@@ -14,7 +15,11 @@ from paddler.balancer.proxy.http import ClientLimits, Exchange, ProxyListener
 from paddler.testbed.ports import free_port
 
 LIMITS = ClientLimits(
-    max_body_size=1000, header_timeout=0.5, body_timeout=0.5, keepalive_timeout=0.5
+    max_body_size=1000,
+    header_timeout=0.5,
+    body_timeout=0.5,
+    keepalive_timeout=0.5,
+    send_timeout=0.5,
 )
 
 
@@ -45,8 +50,12 @@ class Echo:
             return
         if exchange.path == "/big":
             await exchange.start(200, [(b"content-length", b"%d" % (8 << 20))])
-            for _ in range(128):
-                await exchange.write(b"x" * 65536)
+            try:
+                for _ in range(128):
+                    await exchange.write(b"x" * 65536)
+            except asyncio.CancelledError:
+                self.stopped.append(exchange.request_id)
+                raise
             await exchange.end()
             return
         await exchange.respond(
@@ -57,6 +66,7 @@ class Echo:
 async def serving(
     test: Callable[[int, Echo, ProxyListener], Awaitable[None]], limits: ClientLimits = LIMITS
 ) -> None:
+    """Run ``test`` against a listener with the stand-in handler on a free port."""
     echo = Echo()
     listener = ProxyListener(echo, limits)
     sock = socket.socket()
@@ -92,8 +102,10 @@ def statuses(raw: bytes) -> list[int]:
     return [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", raw)]
 
 
-def run(test: Callable[[int, Echo, ProxyListener], Awaitable[None]]) -> None:
-    asyncio.run(serving(test))
+def run(
+    test: Callable[[int, Echo, ProxyListener], Awaitable[None]], limits: ClientLimits = LIMITS
+) -> None:
+    asyncio.run(serving(test, limits))
 
 
 def post(path: str, body: bytes, extra: bytes = b"") -> bytes:
@@ -282,5 +294,115 @@ def test_a_graceful_stop_finishes_answers_in_flight_and_closes_idle_connections(
         assert echo.stopped == []
         idle_writer.close()
         busy_writer.close()
+
+    run(test)
+
+
+def test_an_endless_header_line_is_cut_off_at_the_head_limit() -> None:
+    async def test(port: int, echo: Echo, _: ProxyListener) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /a HTTP/1.1\r\nX-Endless: ")
+        answer = b""
+        with contextlib.suppress(ConnectionError):
+            for _piece in range(40):  # 2.5 MB if nobody stops it; never a line end
+                writer.write(b"z" * 65536)
+                await writer.drain()
+                await asyncio.sleep(0.005)
+        answer = await asyncio.wait_for(reader.read(), 3)
+        assert statuses(answer) == [431]
+        writer.close()
+
+    run(test)
+
+
+def test_an_upgrade_request_with_a_body_is_refused_not_forwarded_without_it() -> None:
+    async def test(port: int, echo: Echo, _: ProxyListener) -> None:
+        raw = await exchange_raw(
+            port, post("/a", b"{}", b"Connection: Upgrade\r\nUpgrade: h2c\r\n"), wait=1
+        )
+        assert statuses(raw) == [400]
+        assert b"upgrade request with a body" in raw
+        assert echo.seen == []
+
+    run(test)
+
+
+def test_trailers_are_not_headers_and_two_hosts_are_refused() -> None:
+    async def test(port: int, echo: Echo, _: ProxyListener) -> None:
+        trailed = await exchange_raw(
+            port,
+            b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\nhi\r\n0\r\nHost: evil\r\nX-Api-Key: k\r\n\r\n",
+        )
+        two_hosts = await exchange_raw(port, b"GET /a HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n")
+        assert statuses(trailed) == [200]
+        assert echo.seen[0].headers == [(b"host", b"x"), (b"transfer-encoding", b"chunked")]
+        assert statuses(two_hosts) == [400]
+        assert b"more than one Host" in two_hosts
+
+    run(test)
+
+
+def test_a_refusal_reaches_a_client_still_sending_its_body() -> None:
+    """Closing with unread bytes would reset the connection and lose the 413."""
+
+    def upload(port: int) -> bytes:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\n\r\n")
+            with contextlib.suppress(ConnectionError):
+                for _ in range(16):
+                    sock.sendall(b"u" * 65536)
+            sock.settimeout(5)
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+            return received
+
+    async def test(port: int, echo: Echo, _: ProxyListener) -> None:
+        answer = await asyncio.to_thread(upload, port)
+        assert statuses(answer) == [413]
+
+    run(test)
+
+
+def test_a_client_that_stops_reading_is_disconnected_after_the_send_timeout() -> None:
+    limits = ClientLimits(
+        max_body_size=1000,
+        header_timeout=5,
+        body_timeout=5,
+        keepalive_timeout=5,
+        send_timeout=0.3,
+    )
+
+    async def test(port: int, echo: Echo, listener: ProxyListener) -> None:
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.sleep(1.0)
+        assert echo.stopped == ["r0"]  # its handler was stopped: its slot would be free
+        assert not listener.connections
+        sock.close()
+
+    run(test, limits)
+
+
+def test_a_pipelined_expect_continue_gets_its_100_after_the_answer_before_it() -> None:
+    async def test(port: int, echo: Echo, _: ProxyListener) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"GET /stall HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+        )
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        echo.stall.set()
+        first = await asyncio.wait_for(reader.readuntil(b"}"), 2)
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+        assert statuses(first) == [200]
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"ok")
+        second = await asyncio.wait_for(reader.readuntil(b"}"), 2)
+        assert b'"body": "ok"' in second
+        writer.close()
 
     run(test)

@@ -189,3 +189,31 @@ def test_a_slow_client_holds_the_upstream_back(size_mb: int) -> None:
     assert outcomes == [200]
     assert len(responder.body) == total
     assert HIGH_WATER < responder.written_at_first_chunk < total // 2
+
+
+def test_an_answer_ended_by_closing_is_whole_not_broken() -> None:
+    async def close_delimited(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nhello, ")
+        await writer.drain()
+        writer.write(b"world")
+        await writer.drain()
+
+    responder = Kept()
+    outcomes, _, idle = asyncio.run(exchange(close_delimited, [("POST", responder)]))
+    assert outcomes == [200]
+    assert responder.body == b"hello, world"
+    assert responder.ended
+    assert idle == 0
+
+
+def test_an_idle_connection_the_upstream_closes_leaves_the_pool_at_once() -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await asyncio.sleep(0.01)  # then the upstream's own idle timeout closes it
+
+    outcomes, _, idle = asyncio.run(exchange(hang_up, [("POST", Kept())]))
+    assert outcomes == [200]
+    assert idle == 0  # not still listed until the next request trips over it

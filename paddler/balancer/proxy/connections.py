@@ -78,10 +78,14 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
         answer, self._answer = self._answer, None
-        if answer is not None and not answer.complete:
+        if answer is None:
+            self.pool.discard(self)  # an idle one: out of the pool now, not when next asked
+            return
+        if answer.status and answer.ends_with_close and exc is None:
+            answer.complete = True  # no length and no chunks: the close is its end
+            answer.wake()
+        elif not answer.complete:
             reason = f"{exc}" if exc else "closed by the upstream"
             if answer.status:
                 answer.fail(BrokenAnswerError(f"the answer broke off: {reason}"))
@@ -105,6 +109,12 @@ class UpstreamConnection(asyncio.Protocol):
         assert answer is not None
         answer.status = self._parser.get_status_code()
         answer.keep_alive = self._parser.should_keep_alive()
+        answer.ends_with_close = not (
+            answer.bodiless
+            or answer.status in (204, 304)
+            or answer.status < 200
+            or any(name in (b"content-length", b"transfer-encoding") for name, _ in answer.headers)
+        )
         answer.started()
         if answer.bodiless:
             self.on_message_complete()
@@ -152,6 +162,7 @@ class Answer:
         self.bodiless = bodiless
         self.status = 0
         self.keep_alive = False
+        self.ends_with_close = False
         self.complete = False
         self.headers: list[tuple[bytes, bytes]] = []
         self._chunks: list[bytes] = []
@@ -275,12 +286,18 @@ class ConnectionPool:
 
     def _expire_idle(self, connection: UpstreamConnection) -> None:
         connection.idle_timer = None
+        self.discard(connection)
+        connection.close()
+
+    def discard(self, connection: UpstreamConnection) -> None:
+        if connection.idle_timer is not None:
+            connection.idle_timer.cancel()
+            connection.idle_timer = None
         idle = self._idle.get(connection.address)
         if idle and connection in idle:
             idle.remove(connection)
             if not idle:
                 del self._idle[connection.address]
-        connection.close()
 
     def idle_count(self) -> int:
         return sum(len(idle) for idle in self._idle.values())

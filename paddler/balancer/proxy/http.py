@@ -29,6 +29,8 @@ log = logging.getLogger("paddler.balancer")
 MAX_HEAD_BYTES = 64 * 1024
 REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 BODILESS_STATUS = frozenset({204, 304})
+# Seconds a refused client's remaining bytes are read and dropped before the close.
+LINGER_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class ClientLimits:
     header_timeout: float
     body_timeout: float
     keepalive_timeout: float
+    send_timeout: float
 
 
 def error_payload(message: str, kind: str, code: int) -> dict[str, Any]:
@@ -172,6 +175,9 @@ class ClientConnection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._body_size = 0
         self._head_size = 0
+        self._partial_head = 0
+        self._expects_continue = False
+        self._discarding = False
         self._reading: str | None = None  # "head" or "body" of a request on its way
         self._refusal: tuple[int, str] | None = None  # held until the answer in flight ends
         self._timer: asyncio.TimerHandle | None = None
@@ -188,8 +194,16 @@ class ClientConnection(asyncio.Protocol):
         self._arm(self.limits.header_timeout, self._head_too_slow)
 
     def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            return  # after a refusal: read and dropped, so that closing sends no reset
         try:
             self.parser.feed_data(data)
+            if self._reading == "head":
+                # httptools reports a header only once its line ends: count what a head
+                # still in progress took, or one endless line would grow without a bound.
+                self._partial_head += len(data)
+                if self._partial_head > MAX_HEAD_BYTES:
+                    self._refuse(431, f"the request line and headers exceed {MAX_HEAD_BYTES} bytes")
         except httptools.HttpParserUpgrade:
             # No upgrade is offered: the request is answered over HTTP/1.1 as RFC 9110
             # 7.8 allows, and the connection closes after it, since the parser stops here.
@@ -228,6 +242,7 @@ class ClientConnection(asyncio.Protocol):
         self._headers = []
         self._body = []
         self._body_size = self._head_size = 0
+        self._expects_continue = False
         self._reading = "head"
         if self.task is None:
             self._arm(self.limits.header_timeout, self._head_too_slow)
@@ -237,11 +252,24 @@ class ClientConnection(asyncio.Protocol):
         self._count_head(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._reading != "head":
+            return  # a trailer after a chunked body: not a header of the request
         self._headers.append((name.lower(), value))
         self._count_head(len(name) + len(value))
 
     def on_headers_complete(self) -> None:
+        self._partial_head = 0
+        if sum(1 for name, _ in self._headers if name == b"host") > 1:
+            self._refuse(400, "more than one Host header (RFC 9112 3.2)")
+            return
         length = self._content_length()
+        if self.parser.should_upgrade() and (
+            length or any(name == b"transfer-encoding" for name, _ in self._headers)
+        ):
+            # httptools skips the body of an upgrade request: forwarding it without its
+            # body would send the upstream something else than what the client sent.
+            self._refuse(400, "a protocol upgrade request with a body is not supported")
+            return
         if length is not None and length > self.limits.max_body_size:
             self._refuse(413, f"the request body is larger than {self.limits.max_body_size} bytes")
             return
@@ -250,10 +278,10 @@ class ClientConnection(asyncio.Protocol):
             if expect.lower() != b"100-continue":
                 self._refuse(417, "only Expect: 100-continue is understood")
                 return
-            # Not while another answer is on the wire: the client sends the body after a
-            # short wait of its own anyway.
-            if self.transport and self.task is None and self.parser.get_http_version() == "1.1":
-                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            # Not while another answer is on the wire: it goes out when that one ends.
+            self._expects_continue = self.parser.get_http_version() == "1.1"
+            if self.task is None:
+                self._send_continue()
         self._reading = "body"
         if self.task is None:
             self._arm(self.limits.body_timeout, self._body_too_slow)
@@ -310,9 +338,10 @@ class ClientConnection(asyncio.Protocol):
             )
         if not exchange.response_complete:
             # Started and cut short, or never answered: only closing tells the client.
-            if not exchange.response_started:
+            if exchange.response_started or self.closing:
+                self.close()
+            else:
                 self._refuse(500, "the balancer failed on this request; see its log")
-            self.close()
             return
         if not exchange.keep_alive or self.closing:
             self.close()
@@ -327,6 +356,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.transport.resume_reading()
         if self._reading == "body":
+            self._send_continue()
             self._arm(self.limits.body_timeout, self._body_too_slow)
         elif self._reading == "head":
             self._arm(self.limits.header_timeout, self._head_too_slow)
@@ -340,9 +370,11 @@ class ClientConnection(asyncio.Protocol):
         transport.write(data)
         if self._paused_writing:
             self._writable = self.loop.create_future()
+            deadline = self.loop.call_later(self.limits.send_timeout, self._too_slow_to_read)
             try:
                 await self._writable
             finally:
+                deadline.cancel()
                 self._writable = None
 
     def close(self) -> None:
@@ -378,7 +410,24 @@ class ClientConnection(asyncio.Protocol):
             b"connection: close\r\n\r\n%b"
             % (status, REASONS.get(status, b"Error"), len(body), body)
         )
-        self.close()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close without a reset: closing with unread bytes makes the kernel send one,
+        which can destroy the answer before the client reads it. So stop sending, and
+        read and drop what the client still sends, for a moment (nginx's lingering close)."""
+        assert self.transport is not None
+        self.closing = True
+        self._discarding = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.transport.resume_reading()
+        self._arm(LINGER_SECONDS, self.close)
+
+    def _send_continue(self) -> None:
+        if self._expects_continue and self.transport is not None:
+            self._expects_continue = False
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _count_head(self, size: int) -> None:
         self._head_size += size
@@ -416,6 +465,15 @@ class ClientConnection(asyncio.Protocol):
                 self.limits.header_timeout,
             )
         self.close()
+
+    def _too_slow_to_read(self) -> None:
+        log.info(
+            "closed the connection of %s: it accepted nothing of its answer for %gs",
+            self._peer(),
+            self.limits.send_timeout,
+        )
+        if self.transport is not None:
+            self.transport.abort()  # close() would wait to flush what it will never read
 
     def _body_too_slow(self) -> None:
         self._timer = None
