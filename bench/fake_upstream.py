@@ -7,6 +7,7 @@ stream of 64 server-sent events, at once: whatever time and CPU a request costs 
 direct access is the proxy's. Only for benchmarks; tests talk to real llama-servers.
 """
 
+import gc
 import json
 import sys
 
@@ -60,6 +61,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 def main() -> None:
+    gc.disable()  # a collection here would be charged to whichever proxy is measured
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/health", health)

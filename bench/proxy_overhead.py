@@ -1,14 +1,25 @@
-"""Part 1 of the benchmarks: what the proxy itself costs, against nginx and direct access.
+"""Part 1 of the benchmarks: what a proxy itself costs, Paddler against nginx and HAProxy.
 
-    python bench/proxy_overhead.py             # about 3 minutes
-    python bench/proxy_overhead.py --smoke     # a few seconds per cell: does it still work
+    python bench/proxy_overhead.py             # 3 repetitions, about 30 minutes
+    python bench/proxy_overhead.py --smoke     # 1 repetition of short cells, about 3 minutes
 
-Every arm proxies the same fast fake upstream (bench/fake_upstream.py): direct access,
-nginx (1.22 from Debian, upstream keep-alive, 2 workers) and Paddler's balancer (2
-workers). wrk drives plain JSON chat completions and 64-event SSE streams; each cell's
-figures are taken in the same run, and every one is also given as a ratio against
-nginx's. CPU is the proxy processes' own (utime + stime from /proc, all of them).
-Installs nginx and wrk from Debian's packages when they are missing (needs root).
+Every arm stands in front of the same two fast fake upstreams (bench/fake_upstream.py):
+direct access (the client spreads requests itself), nginx round robin, nginx least_conn
+(shared zone), HAProxy leastconn (all from Debian's packages, 2 workers or threads, kept-
+alive upstream connections) and Paddler's balancer (2 workers). Per arm and workload
+(plain JSON chat completions; 64-event SSE streams):
+
+- closed loop (wrk): latency at concurrency 1; requests/s at 32 (JSON) or 16 (SSE), and
+  the proxy's CPU time per 1,000 requests over that cell (utime + stime from /proc, all
+  of the arm's processes) and its resident memory;
+- open loop (bench/open_loop.py, a seeded Poisson schedule, the same for every arm):
+  latency p50/p99/p99.9 at two fixed rates, and the highest rate of a doubling ramp held
+  with p99 under 10 ms and no errors (the ramp stops at two failing rates in a row, so
+  that one noisy step on a shared machine does not end it).
+
+Every figure is also given against nginx least_conn's from the same run; each repetition
+runs every arm again, and tables give the median with the spread. wrk, nginx and HAProxy
+are installed from Debian's packages when missing (needs root).
 """
 
 import argparse
@@ -18,6 +29,7 @@ import platform
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,7 +59,7 @@ BODIES = {
 def ensure_tools() -> None:
     missing = [
         tool
-        for tool, package in (("nginx", "nginx"), ("wrk", "wrk"))
+        for tool, package in (("nginx", "nginx"), ("wrk", "wrk"), ("haproxy", "haproxy"))
         if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists()
     ]
     if missing:
@@ -123,12 +135,17 @@ def with_suppress_kill(proc: subprocess.Popen[bytes]) -> None:
 
 NGINX_CONF = """
 worker_processes 2;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
+pid {dir}/nginx-{name}.pid;
+error_log {dir}/nginx-{name}.log warn;
 events {{ worker_connections 4096; }}
 http {{
     access_log off;
-    upstream fake {{ server 127.0.0.1:{upstream}; keepalive 128; }}
+    upstream fake {{
+        {policy}
+        server 127.0.0.1:{upstream1};
+        server 127.0.0.1:{upstream2};
+        keepalive 128;
+    }}
     server {{
         listen 127.0.0.1:{port};
         location / {{
@@ -140,6 +157,35 @@ http {{
     }}
 }}
 """
+
+HAPROXY_CONF = """
+global
+    nbthread 2
+    maxconn 8192
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    option http-keep-alive
+    http-reuse always
+frontend proxy
+    bind 127.0.0.1:{port}
+    default_backend fake
+backend fake
+    balance leastconn
+    server one 127.0.0.1:{upstream1}
+    server two 127.0.0.1:{upstream2}
+"""
+
+ARMS = ("direct", "nginx-rr", "nginx-leastconn", "haproxy-leastconn", "paddler")
+BASELINE = "nginx-leastconn"
+# Closed-loop concurrency for throughput and CPU, and the open loop's fixed rates and
+# ramp, per workload.
+CONCURRENCY = {"json": 32, "sse": 16}
+FIXED_RATES = {"json": (500, 1000), "sse": (100, 200)}
+RAMP = {"json": (250, 500, 1000, 2000, 4000), "sse": (50, 100, 200, 400, 800)}
+P99_BOUND_MS = 10.0
 
 
 def wrk(url: str, body: str, connections: int, seconds: float, workdir: Path) -> dict[str, float]:
@@ -191,153 +237,256 @@ def wrk(url: str, body: str, connections: int, seconds: float, workdir: Path) ->
     return result
 
 
-def measure(name: str, url: str, pids: list[int], seconds: float, workdir: Path) -> dict[str, Any]:
+def open_loop(addresses: list[str], body: str, rate: float, seconds: float) -> dict[str, Any]:
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "open_loop.py"),
+            "--rate",
+            str(rate),
+            "--seconds",
+            str(seconds),
+            "--seed",
+            "7",
+            "--body",
+            body,
+            *addresses,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def measure(
+    name: str, port: int | None, upstreams: list[int], pids: list[int], seconds: float, work: Path
+) -> dict[str, Any]:
+    """Every cell of one arm; ``port`` None means direct access to the upstreams."""
+    addresses = [f"127.0.0.1:{port}"] if port else [f"127.0.0.1:{u}" for u in upstreams]
+    # wrk takes one address: direct access gets the first upstream's.
+    url = f"http://{addresses[0]}/v1/chat/completions"
     cells: dict[str, Any] = {}
     for workload, body in BODIES.items():
-        wrk(url, body, 4, 1.0, workdir)  # warm the connections and caches
-        latency = wrk(url, body, 1, seconds, workdir)
+        wrk(url, body, 4, 1.0, work)  # warm the connections and caches
+        latency = wrk(url, body, 1, seconds, work)
         before = cpu_seconds(pids)
-        load = wrk(url, body, 32, seconds, workdir)
+        load = wrk(url, body, CONCURRENCY[workload], seconds, work)
         cpu = cpu_seconds(pids) - before
-        cells[workload] = {
+        cell: dict[str, Any] = {
             "p50_ms_c1": latency["p50"],
             "p99_ms_c1": latency["p99"],
-            "rps_c32": load["rps"],
-            "p99_ms_c32": load["p99"],
-            "cpu_ms_per_request": 1000 * cpu / load["requests"] if pids else 0.0,
+            "rps_closed": load["rps"],
+            "p99_ms_closed": load["p99"],
+            "cpu_ms_per_1000": 1_000_000 * cpu / load["requests"] if pids else 0.0,
             "errors": latency["errors"] + load["errors"],
         }
+        for rate in FIXED_RATES[workload]:
+            cell[f"open_{rate}"] = open_loop(addresses, body, rate, seconds)
+            cell["errors"] += cell[f"open_{rate}"]["errors"]
+        held = 0.0
+        missed = 0
+        for rate in RAMP[workload]:
+            step = open_loop(addresses, body, rate, seconds / 2)
+            if step["errors"] or step["latency_ms"]["p99"] > P99_BOUND_MS:
+                missed += 1
+                if missed == 2:
+                    break  # two rates in a row over the bound: past the knee, not noise
+                continue
+            missed = 0
+            held = rate
+        cell["highest_rate_p99_under_10ms"] = held
+        cells[workload] = cell
+        fixed = cell[f"open_{FIXED_RATES[workload][0]}"]["latency_ms"]
         print(
-            f"{name:8} {workload:4} p50 {latency['p50']:.3f} ms  {load['rps']:.0f} req/s  "
-            f"cpu {cells[workload]['cpu_ms_per_request']:.3f} ms/req",
+            f"{name:17} {workload:4} c1 p50 {latency['p50']:.3f} ms  "
+            f"{load['rps']:.0f} req/s at c={CONCURRENCY[workload]}  "
+            f"cpu {cell['cpu_ms_per_1000']:.0f} ms/1000  "
+            f"open p99 {fixed['p99']:.2f} ms  held {held:.0f}/s",
             file=sys.stderr,
         )
     cells["rss_mb"] = rss_mb(pids)
     return cells
 
 
-def register(management: int, upstream: int) -> None:
+def register(management: int, upstream: int, name: str) -> None:
     """Report the fake upstream as an agent would, with room for every connection."""
     status = UpstreamStatus(
         UpstreamState.READY, slots_total=1024, slots_idle=1024, model="bench", build="fake"
     )
     report = build_report(
-        status, sequence=1, interval=3600, name="fake", host="127.0.0.1", port=upstream
+        status, sequence=1, interval=3600, name=name, host="127.0.0.1", port=upstream
     )
     httpx.put(
-        f"http://127.0.0.1:{management}/api/v1/agents/bench", json=report, timeout=5
+        f"http://127.0.0.1:{management}/api/v1/agents/bench-{name}", json=report, timeout=5
     ).raise_for_status()
 
 
-def run(seconds: float) -> dict[str, Any]:
-    ensure_tools()
-    results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as raw:
-        workdir = Path(raw)
-        upstream = free_port()
-        with process([sys.executable, str(ROOT / "bench" / "fake_upstream.py"), str(upstream)]):
-            wait_http(f"http://127.0.0.1:{upstream}/health")
-            results["direct"] = measure(
-                "direct", f"http://127.0.0.1:{upstream}/v1/chat/completions", [], seconds, workdir
+@contextmanager
+def arm(name: str, upstreams: list[int], work: Path) -> Iterator[tuple[int | None, list[int]]]:
+    """Start one arm; its port (None: direct) and the pids whose CPU counts."""
+    if name == "direct":
+        yield None, []
+        return
+    port = free_port()
+    one, two = upstreams
+    if name.startswith("nginx"):
+        policy = "least_conn; zone fake 64k;" if name == "nginx-leastconn" else ""
+        conf = work / f"{name}.conf"
+        conf.write_text(
+            NGINX_CONF.format(
+                dir=work, name=name, policy=policy, upstream1=one, upstream2=two, port=port
             )
-            nginx_port = free_port()
-            conf = workdir / "nginx.conf"
-            conf.write_text(NGINX_CONF.format(dir=workdir, upstream=upstream, port=nginx_port))
-            nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-            with process([nginx, "-c", str(conf), "-g", "daemon off;"]) as proc:
-                wait_http(f"http://127.0.0.1:{nginx_port}/")
-                results["nginx"] = measure(
-                    "nginx",
-                    f"http://127.0.0.1:{nginx_port}/v1/chat/completions",
-                    tree(proc.pid),
-                    seconds,
-                    workdir,
-                )
-            proxy, management = free_port(), free_port()
-            with process(
-                [
-                    sys.executable,
-                    "-m",
-                    "paddler",
-                    "balancer",
-                    "--management-port",
-                    str(management),
-                    "--reverseproxy-port",
-                    str(proxy),
-                    "--workers",
-                    "2",
-                    "--slot-table",
-                    str(workdir / "slots"),
-                ],
-                cwd=ROOT,
-            ) as proc:
-                wait_http(f"http://127.0.0.1:{management}/health")
-                register(management, upstream)
-                results["paddler"] = measure(
-                    "paddler",
-                    f"http://127.0.0.1:{proxy}/v1/chat/completions",
-                    tree(proc.pid),
-                    seconds,
-                    workdir,
-                )
+        )
+        binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        argv = [binary, "-c", str(conf), "-g", "daemon off;"]
+    elif name == "haproxy-leastconn":
+        conf = work / "haproxy.cfg"
+        conf.write_text(HAPROXY_CONF.format(port=port, upstream1=one, upstream2=two))
+        argv = [shutil.which("haproxy") or "/usr/sbin/haproxy", "-f", str(conf), "-db"]
+    else:
+        management = free_port()
+        argv = [
+            sys.executable,
+            "-m",
+            "paddler",
+            "balancer",
+            "--management-port",
+            str(management),
+            "--reverseproxy-port",
+            str(port),
+            "--workers",
+            "2",
+            "--slot-table",
+            str(work / "slots"),
+        ]
+    with process(argv, cwd=ROOT) as proc:
+        if name == "paddler":
+            wait_http(f"http://127.0.0.1:{management}/health")
+            for upstream in upstreams:
+                register(management, upstream, f"fake-{upstream}")
+        wait_http(f"http://127.0.0.1:{port}/v1/models")
+        time.sleep(0.5)  # let every worker start
+        yield port, tree(proc.pid)
+
+
+def run(seconds: float, repetitions: int) -> dict[str, list[dict[str, Any]]]:
+    ensure_tools()
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in ARMS}
+    with tempfile.TemporaryDirectory() as raw:
+        work = Path(raw)
+        upstreams = [free_port(), free_port()]
+        with (
+            process([sys.executable, str(ROOT / "bench" / "fake_upstream.py"), str(upstreams[0])]),
+            process([sys.executable, str(ROOT / "bench" / "fake_upstream.py"), str(upstreams[1])]),
+        ):
+            for upstream in upstreams:
+                wait_http(f"http://127.0.0.1:{upstream}/health")
+            for repetition in range(repetitions):
+                print(f"repetition {repetition + 1} of {repetitions}", file=sys.stderr)
+                for name in ARMS:
+                    with arm(name, upstreams, work) as (port, pids):
+                        results[name].append(measure(name, port, upstreams, pids, seconds, work))
     return results
 
 
-def ratios(results: dict[str, Any]) -> dict[str, Any]:
-    nginx, paddler, direct = results["nginx"], results["paddler"], results["direct"]
-    table: dict[str, Any] = {}
+def _values(runs: list[dict[str, Any]], workload: str, path: tuple[str, ...]) -> list[float]:
+    values = []
+    for one in runs:
+        value: Any = one[workload] if workload else one
+        for key in path:
+            value = value[key]
+        values.append(float(value))
+    return values
+
+
+def summary(runs: list[dict[str, Any]], workload: str, *path: str) -> dict[str, float]:
+    values = _values(runs, workload, path)
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+FIGURES: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("added p50 at c=1 (ms)", ("p50_ms_c1",), "{:.3f}"),
+    ("requests/s closed loop", ("rps_closed",), "{:.0f}"),
+    ("CPU ms per 1,000 requests", ("cpu_ms_per_1000",), "{:.0f}"),
+    ("open loop, lower rate: p50 (ms)", ("open_low", "latency_ms", "p50"), "{:.2f}"),
+    ("open loop, lower rate: p99 (ms)", ("open_low", "latency_ms", "p99"), "{:.2f}"),
+    ("open loop, lower rate: p99.9 (ms)", ("open_low", "latency_ms", "p999"), "{:.2f}"),
+    ("open loop, higher rate: p99 (ms)", ("open_high", "latency_ms", "p99"), "{:.2f}"),
+    ("highest rate with p99 < 10 ms (/s)", ("highest_rate_p99_under_10ms",), "{:.0f}"),
+    ("errors", ("errors",), "{:.0f}"),
+)
+
+
+def _normalise(results: dict[str, list[dict[str, Any]]]) -> None:
+    """Name the fixed-rate cells by their place (low, high), and make added latency added."""
+    for runs in results.values():
+        for index, one in enumerate(runs):
+            for workload in BODIES:
+                low, high = FIXED_RATES[workload]
+                one[workload]["open_low"] = one[workload][f"open_{low}"]
+                one[workload]["open_high"] = one[workload][f"open_{high}"]
+                direct = results["direct"][index][workload]["p50_ms_c1"]
+                one[workload]["added_p50_ms_c1"] = one[workload]["p50_ms_c1"] - direct
+
+
+def tables(results: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
+    _normalise(results)
+    compared: dict[str, Any] = {}
+    lines: list[str] = []
     for workload in BODIES:
-        table[workload] = {
-            "cpu_per_request_vs_nginx": paddler[workload]["cpu_ms_per_request"]
-            / nginx[workload]["cpu_ms_per_request"],
-            "rps_c32_vs_nginx": paddler[workload]["rps_c32"] / nginx[workload]["rps_c32"],
-            "added_p50_ms_paddler": paddler[workload]["p50_ms_c1"] - direct[workload]["p50_ms_c1"],
-            "added_p50_ms_nginx": nginx[workload]["p50_ms_c1"] - direct[workload]["p50_ms_c1"],
-        }
-    table["rss_mb_paddler"] = paddler["rss_mb"]
-    return table
-
-
-def markdown(results: dict[str, Any], compared: dict[str, Any]) -> str:
-    lines = [
-        "| arm | workload | p50 c=1 (ms) | p99 c=1 (ms) | req/s c=32 | p99 c=32 (ms) "
-        "| CPU/request (ms) | errors |",
-        "|" + " --- |" * 8,
+        low, high = FIXED_RATES[workload]
+        lines += [
+            f"### {workload.upper()} (closed loop at c={CONCURRENCY[workload]}; open loop "
+            f"at {low} and {high}/s)",
+            "",
+            "| figure | " + " | ".join(ARMS) + f" | Paddler / {BASELINE} |",
+            "|" + " --- |" * (len(ARMS) + 2),
+        ]
+        compared[workload] = {}
+        for label, path, form in FIGURES:
+            key = ("added_p50_ms_c1",) if path == ("p50_ms_c1",) else path
+            cells = []
+            medians = {}
+            for name in ARMS:
+                if name == "direct" and path in (("cpu_ms_per_1000",), ("p50_ms_c1",)):
+                    cells.append("-")
+                    continue
+                figure = summary(results[name], workload, *key)
+                medians[name] = figure["median"]
+                spread = (
+                    f" ({form.format(figure['min'])}-{form.format(figure['max'])})"
+                    if figure["min"] != figure["max"]
+                    else ""
+                )
+                cells.append(form.format(figure["median"]) + spread)
+            base = medians.get(BASELINE, 0.0)
+            ratio = medians.get("paddler", 0.0) / base if base else float("nan")
+            compared[workload][label] = ratio
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio:.2f} |")
+        lines.append("")
+    memory = [
+        f"{name} {statistics.median(_values(results[name], '', ('rss_mb',))):.0f} MB"
+        for name in ARMS
+        if name != "direct"
     ]
-    for arm in results:
-        for workload in BODIES:
-            cell = results[arm][workload]
-            lines.append(
-                f"| {arm} | {workload} | {cell['p50_ms_c1']:.3f} | "
-                f"{cell['p99_ms_c1']:.3f} | {cell['rps_c32']:.0f} | "
-                f"{cell['p99_ms_c32']:.2f} | {cell['cpu_ms_per_request']:.3f} | "
-                f"{cell['errors']:.0f} |"
-            )
-    lines += ["", "| Paddler against nginx | json | sse |", "| --- | --- | --- |"]
-    for key, label in (
-        ("cpu_per_request_vs_nginx", "CPU per request, ratio"),
-        ("rps_c32_vs_nginx", "requests/s at c=32, ratio"),
-        ("added_p50_ms_paddler", "added p50 at c=1, Paddler (ms)"),
-        ("added_p50_ms_nginx", "added p50 at c=1, nginx (ms)"),
-    ):
-        lines.append(f"| {label} | {compared['json'][key]:.2f} | {compared['sse'][key]:.2f} |")
-    lines.append(
-        f"\nPaddler's processes (master and 2 workers): {compared['rss_mb_paddler']:.0f} "
-        "MB resident."
-    )
-    return "\n".join(lines)
+    lines.append("Resident memory, all of an arm's processes: " + ", ".join(memory) + ".")
+    compared["rss_mb_paddler"] = statistics.median(_values(results["paddler"], "", ("rss_mb",)))
+    return "\n".join(lines), compared
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="2 s per cell")
+    parser.add_argument("--smoke", action="store_true", help="1 repetition of 2 s cells")
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     seconds = 2.0 if args.smoke else args.seconds
-    results = run(seconds)
-    compared = ratios(results)
-    table = markdown(results, compared)
+    repetitions = 1 if args.smoke else args.repetitions
+    results = run(seconds, repetitions)
+    table, compared = tables(results)
     print(table)
     if not args.smoke:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -345,20 +494,28 @@ def main() -> int:
             "machine": platform.platform(),
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
+            "nginx": _version([shutil.which("nginx") or "/usr/sbin/nginx", "-v"]),
+            "haproxy": _version([shutil.which("haproxy") or "/usr/sbin/haproxy", "-v"]),
             "seconds_per_cell": seconds,
+            "repetitions": repetitions,
             "date": time.strftime("%Y-%m-%d"),
         }
         (args.out / "proxy_overhead.json").write_text(
-            json.dumps({"meta": meta, "results": results, "against_nginx": compared}, indent=2)
+            json.dumps({"meta": meta, "results": results, "paddler_against": compared}, indent=2)
             + "\n"
         )
         (args.out / "proxy_overhead.md").write_text(
             f"# Proxy overhead ({meta['date']}, {meta['cpus']} CPUs, {meta['machine']})\n\n"
-            f"`{' '.join(['python', 'bench/proxy_overhead.py', *sys.argv[1:]])}`, "
-            f"{seconds:g} s per cell."
-            f"\n\n{table}\n"
+            f"`{' '.join(['python', 'bench/proxy_overhead.py', *sys.argv[1:]])}`: "
+            f"{seconds:g} s per cell, {repetitions} repetitions (median, and min-max where "
+            f"they differ); {meta['nginx']}; {meta['haproxy']}.\n\n{table}\n"
         )
     return 0
+
+
+def _version(argv: list[str]) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    return (done.stdout + done.stderr).strip().splitlines()[0] if done.returncode == 0 else "?"
 
 
 if __name__ == "__main__":
