@@ -124,6 +124,7 @@ def run(settings: BalancerSettings) -> int:
     try:
         SlotTable.create(
             Path(slot_table_path(settings)),
+            max_upstreams=settings.max_upstreams,
             max_waiters=settings.request_buffer_size,
             max_owners=owner_entries(settings),
         ).close()

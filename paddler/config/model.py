@@ -119,6 +119,13 @@ class BalancerSettings:
         "The shared-memory slot table file (on a tmpfs); unset: "
         "/run/paddler/balancer-<management_port>.slots."
     )
+    max_upstreams: int = setting(
+        "Upstreams the slot table holds at once; one more agent's reports are refused "
+        "(503) until a row frees. About 1 KB of shared memory each.",
+        1024,
+        minimum=1,
+        maximum=65535,
+    )
     request_buffer_size: int = setting(
         "Requests that may wait for a free slot at once; one more gets 503 with Retry-After.",
         30,

@@ -1,7 +1,7 @@
 """The slot table's binary layout.
 
 One file in a tmpfs (``/run/paddler``), mapped by every balancer process. All
-integers little-endian. Version 1:
+integers little-endian. Version 3:
 
 Header page (4096 bytes)
     offset 0   8s   magic b"PDLRSLOT"
@@ -15,6 +15,8 @@ Header page (4096 bytes)
     offset 40  u64  next ticket of the waiting queue
     offset 48  u32  entries in use in the waiting queue (0: nobody waits, skip the scan)
     offset 52  u32  rows ever used: every row from there on is free (scans stop there)
+    offset 56  u32  structure version: bumped when a row gets another state, model or
+                    generation, or is freed (what a process may remember between requests)
     offset 64  owners: max_owners x 16 bytes, each
                u32 pid, u32 padding, u64 process start time (clock ticks since boot,
                from /proc/PID/stat); pid 0 marks a free entry. The start time tells
@@ -39,6 +41,9 @@ Rows, from offset 4096, max_upstreams x row size, each
     (offsets 4 to 632 are the report fields, rewritten whole by every report)
     offset 632  f64  ejected until (CLOCK_MONOTONIC; 0: not ejected)
     offset 640  u32  ejections in a row (the next ejection lasts longer)
+    offset 644  i16  free slots: total - foreign busy - reservations, kept current by
+                     every writer so that choosing reads one number per row
+    offset 646  u16  reservations: the sum of the per-owner counters below
     offset 648  reservations: max_owners x u16, one counter per owner process
 
 The waiting queue, after the rows, max_waiters x 32 bytes, each
@@ -58,20 +63,24 @@ import enum
 import struct
 
 MAGIC = b"PDLRSLOT"
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 HEADER_SIZE = 4096
 HEADER = struct.Struct("<8sIIIIdIIQII")
 NEXT_TICKET_OFFSET = 40
 WAITING_OFFSET = 48
 ROWS_USED_OFFSET = 52
+STRUCTURE_OFFSET = 56
 OWNERS_OFFSET = 64
 OWNER = struct.Struct("<IIQ")
 ROW_META = struct.Struct("<IBxxxIHHHHHxxddQd32s64s128s128s64s160s")
 # The same row in two parts: numbers read on every request, texts once per report.
 ROW_NUMBERS = struct.Struct("<IBxxxIHHHHHxxddQd")
 ROW_TEXTS = struct.Struct("<32s64s128s128s64s160s")
-EJECTION = struct.Struct("<dI4x")
+EJECTION = struct.Struct("<dI4x")  # read whole; written without the counters after it
+EJECTION_FIELDS = struct.Struct("<dI")
 EJECTION_OFFSET = 632
+FREE_OFFSET = 644
+RESERVED_OFFSET = 646
 RESERVATIONS_OFFSET = 648
 WAITER = struct.Struct("<QHxxId8x")
 DEFAULT_MAX_WAITERS = 1024

@@ -13,6 +13,7 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,7 +22,9 @@ from paddler.slots.layout import (
     DEFAULT_MAX_UPSTREAMS,
     DEFAULT_MAX_WAITERS,
     EJECTION,
+    EJECTION_FIELDS,
     EJECTION_OFFSET,
+    FREE_OFFSET,
     HEADER,
     HEADER_SIZE,
     LAYOUT_VERSION,
@@ -30,15 +33,18 @@ from paddler.slots.layout import (
     OWNER,
     OWNERS_OFFSET,
     RESERVATIONS_OFFSET,
+    RESERVED_OFFSET,
     ROW_META,
     ROW_NUMBERS,
     ROW_TEXTS,
     ROWS_USED_OFFSET,
+    STRUCTURE_OFFSET,
     WAITER,
     WAITING_OFFSET,
     UpstreamState,
     row_size,
 )
+from paddler.slots.policy import SERVING, Policy
 
 
 class SlotTableError(Exception):
@@ -199,7 +205,16 @@ class SlotTable:
         self.creator_pid: int = creator
         self._u16 = memoryview(self._map).cast("H")
         self._u32 = memoryview(self._map).cast("I")
+        self._i16 = memoryview(self._map).cast("h")
+        self._f64 = memoryview(self._map).cast("d")
         self._texts: dict[int, tuple[int, tuple[str, ...]]] = {}
+        # What acquire() remembers between requests, valid while the structure version
+        # stays: per policy, the rows that match it structurally, grouped best state
+        # first; and rows found stale or ejected, skipped until they report or return.
+        self._structure_seen = -1
+        self._groups: dict[object, list[list[int]]] = {}
+        self._unfit: dict[int, tuple[float, float]] = {}
+        self._agent_rows: dict[str, int] = {}
         self._owner: int | None = None
 
     # -- opening ---------------------------------------------------------------------------
@@ -251,7 +266,7 @@ class SlotTable:
         self._close_map()
 
     def _close_map(self) -> None:
-        for view in ("_u16", "_u32"):
+        for view in ("_u16", "_u32", "_i16", "_f64"):
             if hasattr(self, view):
                 getattr(self, view).release()
         if hasattr(self, "_map"):
@@ -271,8 +286,32 @@ class SlotTable:
         return (self._offset(row) + RESERVATIONS_OFFSET) // 2 + owner
 
     def _reservations(self, row: int) -> int:
-        start = (self._offset(row) + RESERVATIONS_OFFSET) // 2
-        return sum(self._u16[start : start + self.max_owners])
+        return int(self._u16[(self._offset(row) + RESERVED_OFFSET) // 2])
+
+    def _recount(self, row: int) -> None:
+        """Recompute a row's reservation sum and free slots from what they derive from."""
+        offset = self._offset(row)
+        start = (offset + RESERVATIONS_OFFSET) // 2
+        reserved = sum(self._u16[start : start + self.max_owners])
+        _, _, _, _, total, _, processing, reserved_at_report, *_ = ROW_NUMBERS.unpack_from(
+            self._map, offset
+        )
+        free = total - max(0, processing - reserved_at_report) - reserved
+        self._u16[(offset + RESERVED_OFFSET) // 2] = reserved
+        self._i16[(offset + FREE_OFFSET) // 2] = max(-32768, min(32767, free))
+
+    def _count_reservation(self, row: int, owner: int, change: int) -> None:
+        """One reservation more (1) or fewer (-1) of ``owner`` on ``row``."""
+        offset = self._offset(row)
+        self._u16[self._reservation_index(row, owner)] += change
+        self._u16[(offset + RESERVED_OFFSET) // 2] += change
+        self._i16[(offset + FREE_OFFSET) // 2] -= change
+
+    def _structure(self) -> int:
+        return int(self._u32[STRUCTURE_OFFSET // 4])
+
+    def _restructured(self) -> None:
+        self._u32[STRUCTURE_OFFSET // 4] = (self._u32[STRUCTURE_OFFSET // 4] + 1) & 0xFFFFFFFF
 
     def _row(self, row: int) -> UpstreamRow:
         offset = self._offset(row)
@@ -364,6 +403,9 @@ class SlotTable:
         last_report: float,
     ) -> None:
         offset = self._offset(row)
+        model_at = offset + ROW_NUMBERS.size + 32 + 64 + 128
+        before = (self._map[offset + 4], self._u32[(offset + 8) // 4])
+        model_before = bytes(self._map[model_at : model_at + 128])
         sequence_index = offset // 4
         seqlock = self._u32[sequence_index]
         # Odd here means a writer died mid-write (the lock is ours now): start from even,
@@ -415,6 +457,10 @@ class SlotTable:
         # By slice: one copy, never a zeroed row in between (struct.pack_into clears first).
         self._map[offset + 4 : offset + ROW_META.size] = fields[4:]
         self._u32[sequence_index] = seqlock + 2
+        self._recount(row)
+        after = (self._map[offset + 4], self._u32[(offset + 8) // 4])
+        if after != before or self._map[model_at : model_at + 128] != model_before:
+            self._restructured()
 
     def _free(self, row: UpstreamRow) -> None:
         self._write(row.index, UpstreamState.FREE, row.generation, None, 0, 0.0, 0.0)
@@ -422,14 +468,15 @@ class SlotTable:
         start = (self._offset(row.index) + RESERVATIONS_OFFSET) // 2
         for owner in range(self.max_owners):
             self._u16[start + owner] = 0
+        self._recount(row.index)
 
     # -- what the management API does -------------------------------------------------------
 
     def apply_report(self, report: UpstreamReport, now: float) -> Applied:
         """Store a report, unless it is a duplicate or older than one already applied."""
         with self.locked():
-            rows = self._used_rows()
-            same_agent = next((r for r in rows if r.agent_id == report.agent_id), None)
+            found = self._find_agent(report.agent_id)
+            same_agent = None if found is None else self._row(found)
             target: UpstreamRow | None
             if same_agent is not None:
                 if report.sequence <= same_agent.sequence:
@@ -439,7 +486,12 @@ class SlotTable:
                 # A new agent run for an upstream already known takes its row over, with
                 # the reservations in flight on it.
                 target = next(
-                    (r for r in rows if (r.host, r.port) == (report.host, report.port)), None
+                    (
+                        r
+                        for r in self._used_rows()
+                        if (r.host, r.port) == (report.host, report.port)
+                    ),
+                    None,
                 )
             if target is None:
                 index = self._first_free_row()
@@ -450,7 +502,28 @@ class SlotTable:
             self._write(
                 index, report.state, generation, report, self._reservations(index), first, now
             )
+            self._agent_rows[report.agent_id] = index
             return Applied.NEW if target is None else Applied.UPDATED
+
+    def _find_agent(self, agent_id: str) -> int | None:
+        """The row of this agent's upstream, if it has one: remembered per process and
+        checked against the row, so that a report costs the same among 1,000 upstreams
+        as among 2; a scan of the agent ids only when the row moved or is new."""
+        wanted = _bytes(agent_id, 32).ljust(32, b"\0")
+        start = ROW_NUMBERS.size
+        remembered = self._agent_rows.get(agent_id)
+        if remembered is not None:
+            offset = self._offset(remembered)
+            if self._map[offset + 4] and self._map[offset + start : offset + start + 32] == wanted:
+                return remembered
+        for index in range(self._rows_used()):
+            offset = self._offset(index)
+            if self._map[offset + 4] and self._map[offset + start : offset + start + 32] == wanted:
+                if len(self._agent_rows) > 4 * self.max_upstreams:
+                    self._agent_rows.clear()  # agents come and go: a bound, not a policy
+                self._agent_rows[agent_id] = index
+                return index
+        return None
 
     def _first_free_row(self) -> int:
         for index in range(self.max_upstreams):
@@ -537,7 +610,9 @@ class SlotTable:
 
     def _clear_owner(self, index: int) -> None:
         for row in range(self.max_upstreams):
-            self._u16[self._reservation_index(row, index)] = 0
+            if self._u16[self._reservation_index(row, index)]:
+                self._u16[self._reservation_index(row, index)] = 0
+                self._recount(row)
         offset = self._owner_offset(index)
         self._map[offset : offset + OWNER.size] = bytes(OWNER.size)
 
@@ -555,15 +630,20 @@ class SlotTable:
 
     def reserve(self, row: int, generation: int) -> Reservation | None:
         """Take one slot of this ready upstream if it has one free, or None."""
-        granted = self.acquire(
-            0,
-            lambda rows: [
-                r
-                for r in rows
-                if (r.index, r.generation) == (row, generation) and r.state is UpstreamState.READY
-            ],
-        )
-        return None if granted is None else granted[0]
+        if self._owner is None:
+            raise SlotTableError("join() the table before reserving")
+        with self.locked():
+            offset = self._offset(row)
+            free = self._i16[(offset + FREE_OFFSET) // 2]
+            if (
+                self._u32[(offset + 8) // 4] != generation
+                or self._map[offset + 4] != UpstreamState.READY
+                or free <= 0
+                or (self._waiting() and free <= self._ahead(0, None))
+            ):
+                return None
+            self._count_reservation(row, self._owner, 1)
+            return Reservation(row, generation)
 
     def release(self, reservation: Reservation) -> None:
         if self._owner is None:
@@ -571,41 +651,127 @@ class SlotTable:
         with self.locked():
             if self._u32[(self._offset(reservation.row) + 8) // 4] != reservation.generation:
                 return  # the upstream was forgotten meanwhile; its counters were reset
-            index = self._reservation_index(reservation.row, self._owner)
-            if self._u16[index] > 0:
-                self._u16[index] -= 1
+            if self._u16[self._reservation_index(reservation.row, self._owner)] > 0:
+                self._count_reservation(reservation.row, self._owner, -1)
 
     # -- choosing an upstream, and waiting in line for one ---------------------------------
 
     def acquire(
-        self,
-        model_key: int,
-        eligible: Callable[[list[UpstreamRow]], list[UpstreamRow]],
-        ticket: int | None = None,
+        self, model_key: int, policy: Policy, ticket: int | None = None
     ) -> tuple[Reservation, UpstreamRow] | None:
-        """Reserve a slot on the best upstream ``eligible`` allows, first in, first out.
+        """Reserve a slot on the upstream with the most free slots that ``policy`` allows,
+        first in, first out.
 
-        ``eligible`` gets every upstream and returns those this request may use, best
-        first. A request takes a slot only if more are free on those upstreams than
-        requests of a compatible model wait ahead of it (all waiting ones, for a request
-        not in line yet): a newcomer never jumps the queue, and a waiter at the back is
-        not held up by one at the front that wants another model.
+        A request takes a slot only if more are free on those upstreams than requests of
+        a compatible model wait ahead of it (all waiting ones, for a request not in line
+        yet): a newcomer never jumps the queue, and a waiter at the back is not held up
+        by one at the front that wants another model.
+
+        Fast with many upstreams: each row's free slots are one number kept current by
+        every writer, read for all rows at once; the rows a policy allows by state and
+        model are remembered until the table's structure changes; time-dependent checks
+        (staleness, ejection) run only on the row about to be chosen.
         """
         if self._owner is None:
             raise SlotTableError("join() the table before reserving")
         with self.locked():
-            candidates = [row for row in eligible(self._used_rows()) if row.free_slots > 0]
-            if not candidates:
+            chosen = self._choose(policy, model_key, ticket)
+            if chosen is None:
                 return None
-            if self._waiting() and sum(r.free_slots for r in candidates) <= self._ahead(
-                model_key, ticket
-            ):
-                return None
-            chosen = candidates[0]
-            self._u16[self._reservation_index(chosen.index, self._owner)] += 1
+            self._count_reservation(chosen, self._owner, 1)
             if ticket is not None:
                 self._remove_waiter(ticket)
-            return Reservation(chosen.index, chosen.generation), chosen
+            row = self._row(chosen)
+            return Reservation(chosen, row.generation), row
+
+    def _choose(self, policy: Policy, model_key: int, ticket: int | None) -> int | None:
+        groups = self._groups_for(policy)
+        used = self._rows_used()
+        if not used:
+            return None
+        start = (HEADER_SIZE + FREE_OFFSET) // 2
+        step = self.row_size // 2
+        frees = self._i16[start : start + used * step : step].tolist()
+        self._forget_recovered(policy.now)
+        waiting = self._waiting()
+        available = 0
+        best: int | None = None
+        for indices in groups:
+            values = self._free_of(indices, frees)
+            while best is None:
+                most = max(values, default=0)
+                if most <= 0:
+                    break
+                position = values.index(most)
+                if self._fresh(indices[position], policy):
+                    best = indices[position]
+                else:
+                    values[position] = 0
+            if not waiting and best is not None:
+                return best
+            if waiting:
+                # Only with a line: how many slots the fresh ones of this group have.
+                available += sum(
+                    value
+                    for value, index in zip(values, indices, strict=True)
+                    if value > 0 and (index == best or self._fresh(index, policy))
+                )
+        if best is None or (waiting and available <= self._ahead(model_key, ticket)):
+            return None
+        return best
+
+    def _groups_for(self, policy: Policy) -> list[list[int]]:
+        structure = self._structure()
+        if structure != self._structure_seen:
+            self._structure_seen = structure
+            self._groups.clear()
+            self._unfit.clear()
+        groups = self._groups.get(policy.key)
+        if groups is None:
+            if len(self._groups) > 256:
+                self._groups.clear()  # retries' exclusions make many keys: a bound
+            groups = self._groups[policy.key] = self._match(policy)
+        return groups
+
+    def _free_of(self, indices: list[int], frees: list[int]) -> list[int]:
+        """The free slots of these rows, 0 for rows known to be stale or ejected."""
+        if len(indices) == len(frees):
+            values = frees  # every row in use (one model, none excluded): as read
+        else:
+            picked = itemgetter(*indices)(frees)
+            values = list(picked) if len(indices) > 1 else [picked]
+        if self._unfit:
+            for position, index in enumerate(indices):
+                if index in self._unfit:
+                    values[position] = 0
+        return values
+
+    def _match(self, policy: Policy) -> list[list[int]]:
+        """The rows ``policy`` allows by state, model and exclusion, best state first."""
+        by_rank: dict[int, list[int]] = {}
+        for row in self._used_rows():
+            if policy.matches(row.state, row.model, row.index, row.generation):
+                by_rank.setdefault(SERVING[row.state], []).append(row.index)
+        return [by_rank[rank] for rank in sorted(by_rank, reverse=True)]
+
+    def _fresh(self, row: int, policy: Policy) -> bool:
+        offset = self._offset(row)
+        last_report = self._f64[(offset + 24) // 8]
+        interval = self._f64[(offset + 32) // 8]
+        ejected_until = self._f64[(offset + EJECTION_OFFSET) // 8]
+        if policy.fresh(last_report, interval, ejected_until):
+            return True
+        self._unfit[row] = (last_report, ejected_until)
+        return False
+
+    def _forget_recovered(self, now: float) -> None:
+        """Rows skipped as stale or ejected come back when they report or are let back."""
+        for row, (last_report, ejected_until) in list(self._unfit.items()):
+            offset = self._offset(row)
+            reported = self._f64[(offset + 24) // 8] != last_report
+            let_back = self._f64[(offset + EJECTION_OFFSET) // 8] != ejected_until
+            if reported or let_back or (ejected_until and ejected_until <= now):
+                del self._unfit[row]
 
     def enqueue(self, model_key: int, now: float) -> int | None:
         """A ticket in the waiting line, or None when the line is full."""
@@ -675,7 +841,7 @@ class SlotTable:
 
     def _set_ejection(self, row: int, until: float, ejections: int) -> None:
         offset = self._offset(row) + EJECTION_OFFSET
-        self._map[offset : offset + EJECTION.size] = EJECTION.pack(until, ejections)
+        EJECTION_FIELDS.pack_into(self._map, offset, until, ejections)
 
     def eject(
         self,

@@ -1,3 +1,4 @@
+import random
 import struct
 import subprocess
 import sys
@@ -7,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from paddler.slots import Applied, SlotTable, SlotTableError, UpstreamReport, UpstreamState
+from paddler.slots import (
+    LAYOUT_VERSION,
+    Applied,
+    SlotTable,
+    SlotTableError,
+    UpstreamReport,
+    UpstreamState,
+)
+from paddler.slots.policy import Policy
 
 REPORT = UpstreamReport(
     agent_id="a1",
@@ -191,8 +200,7 @@ def test_readers_of_another_layout_version_get_a_clear_error(tmp_path: Path) -> 
         raw.write(struct.pack("<I", 99))
     with pytest.raises(
         SlotTableError,
-        match=r"layout version 99, but this Paddler reads "
-        r"version 2",
+        match=rf"layout version 99, but this Paddler reads version {LAYOUT_VERSION}",
     ):
         SlotTable.open(path, readonly=True)
 
@@ -246,3 +254,101 @@ def test_a_process_taking_a_dead_owners_entry_drops_its_place_in_line(tmp_path: 
     assert table.waiting() == 0
     assert table.enqueue(0, 2.0) is not None
     table.close()
+
+
+def _counters_agree(table: SlotTable) -> None:
+    """Each row's kept free count and reservation sum equal what they derive from."""
+    for row in table.rows():
+        start = table._reservation_index(row.index, 0)
+        owners = sum(table._u16[start : start + table.max_owners])
+        assert row.reservations == owners, row
+        kept_free = table._i16[(table._offset(row.index) + 644) // 2]
+        expected = row.slots_total - row.foreign_busy - owners
+        assert kept_free == expected, row
+
+
+def test_kept_counters_follow_every_kind_of_write(tmp_path: Path) -> None:
+    table = SlotTable.create(tmp_path / "slots", max_upstreams=8, max_owners=4)
+    table.join()
+    rng = random.Random(3)
+    held = []
+    for step in range(600):
+        choice = rng.random()
+        agent = f"a{rng.randrange(4)}"
+        if choice < 0.3:
+            busy = rng.randrange(5)
+            report = replace(
+                REPORT,
+                agent_id=agent,
+                port=9000 + int(agent[1]),
+                slots_processing=busy,
+                slots_idle=4 - busy,
+                sequence=step + 1,
+            )
+            table.apply_report(report, now=float(step))
+        elif choice < 0.6:
+            granted = table.acquire(0, Policy(float(step), 1000, None))
+            if granted is not None:
+                held.append(granted[0])
+        elif choice < 0.85 and held:
+            table.release(held.pop(rng.randrange(len(held))))
+        elif choice < 0.9:
+            table.remove_agent(agent)
+        elif choice < 0.95:
+            table.expire(float(step), forget_after=50.0)
+        else:
+            table._clear_owner(0)  # what reclaiming a dead owner does to its counters
+            held.clear()
+        _counters_agree(table)
+    table.close()
+
+
+def test_a_thousand_upstreams_choose_the_most_free_fresh_one_of_the_model(
+    tmp_path: Path,
+) -> None:
+    table = SlotTable.create(tmp_path / "slots", max_upstreams=1024)
+    for index in range(1000):
+        table.apply_report(
+            replace(
+                REPORT,
+                agent_id=f"a{index}",
+                port=10000 + index,
+                model="even" if index % 2 == 0 else "odd",
+                slots_idle=1 + index % 3,
+                slots_processing=3 - index % 3,
+            ),
+            now=100.0,
+        )
+    table.join()
+    rows = {row.port - 10000: row for row in table.rows()}
+    # 3 free on every index % 3 == 2; the first even such is 2, the first odd is 5.
+    assert port(table, Policy(101.0, 3, "even")) == 10002
+    excluded = frozenset({(rows[8].index, rows[8].generation)})
+    table.eject(rows[14].index, rows[14].generation, 101.0, 60.0, 60.0, lambda *_: False)
+    chosen = [port(table, Policy(101.0, 3, "even", excluded)) for _ in range(3)]
+    # 2 has 2 free left, ties go to the first; 8 is excluded and 14 ejected.
+    assert chosen == [10020, 10026, 10032]
+    assert port(table, Policy(101.0, 3, "odd")) == 10005
+    # Every upstream but one goes stale; the one that reports again is the only choice.
+    table.apply_report(
+        replace(
+            REPORT,
+            agent_id="a999",
+            port=10999,
+            model="odd",
+            sequence=2,
+            slots_idle=1,
+            slots_processing=3,
+        ),
+        now=200.0,
+    )
+    assert port(table, Policy(201.0, 3, "odd")) == 10999
+    assert table.acquire(0, Policy(201.0, 3, "odd")) is None  # its one slot is taken
+    _counters_agree(table)
+    table.close()
+
+
+def port(table: SlotTable, policy: Policy) -> int | None:
+    """The port of the upstream a request gets a slot on, or None."""
+    granted = table.acquire(0, policy)
+    return None if granted is None else granted[1].port

@@ -18,7 +18,6 @@ from paddler.balancer.proxy.routing import (
     fleet_models,
     knows_model,
     model_key,
-    model_names,
 )
 from paddler.balancer.proxy.upstream import (
     ConnectionDroppedError,
@@ -35,6 +34,7 @@ from paddler.balancer.proxy.waiting import (
     SlotWaiter,
 )
 from paddler.slots import UpstreamRow, UpstreamState
+from paddler.slots.policy import model_names
 
 log = logging.getLogger("paddler.balancer")
 

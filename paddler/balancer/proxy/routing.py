@@ -1,25 +1,9 @@
 """Which upstreams a request may go to, and which endpoints take a slot."""
 
 import zlib
-from collections.abc import Callable
-from pathlib import PurePath
 
 from paddler.slots import UpstreamRow, UpstreamState
-
-# States whose upstreams can serve: ready first; asleep ones cost a wake-up; without
-# /slots only our own reservations are known, which is still better than nothing.
-SERVING = {UpstreamState.READY: 2, UpstreamState.SLOTS_DISABLED: 1, UpstreamState.ASLEEP: 0}
-
-
-def model_names(model: str) -> set[str]:
-    """The names a client may use for an upstream's model: as reported, file name, stem."""
-    if not model:
-        return set()
-    name = PurePath(model).name
-    names = {model, name}
-    if name.endswith(".gguf"):
-        names.add(name[: -len(".gguf")])
-    return names
+from paddler.slots.policy import Policy, model_names
 
 
 def model_key(model: str) -> int:
@@ -32,25 +16,9 @@ def eligible(
     missed_reports: int,
     model: str | None,
     exclude: frozenset[tuple[int, int]] = frozenset(),
-) -> Callable[[list[UpstreamRow]], list[UpstreamRow]]:
+) -> Policy:
     """The policy: serving, fresh, not ejected, of the model asked for; most free first."""
-
-    def choose(rows: list[UpstreamRow]) -> list[UpstreamRow]:
-        fit = [
-            row
-            for row in rows
-            if row.state in SERVING
-            and not row.is_stale(now, missed_reports)
-            and row.ejected_until <= now
-            and (model is None or model in model_names(row.model))
-            and (row.index, row.generation) not in exclude
-        ]
-        fit.sort(
-            key=lambda row: (SERVING[row.state], row.free_slots, -row.reservations), reverse=True
-        )
-        return fit
-
-    return choose
+    return Policy(now, missed_reports, model, exclude)
 
 
 def fleet_models(rows: list[UpstreamRow]) -> list[str]:

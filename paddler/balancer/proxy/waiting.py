@@ -14,12 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from paddler.slots import Reservation, SlotTable, UpstreamRow
+from paddler.slots.policy import Policy
 
 log = logging.getLogger("paddler.balancer")
 
 POLL_INTERVAL = 0.005
 
-Eligible = Callable[[list[UpstreamRow]], list[UpstreamRow]]
+Eligible = Policy
 Granted = tuple[Reservation, UpstreamRow]
 
 

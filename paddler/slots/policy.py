@@ -1,0 +1,73 @@
+"""Which upstreams a request may use: the policy the slot table chooses by.
+
+Split in two so that the table can choose among a thousand upstreams fast: what
+changes only with the table's structure (an upstream's state and model, which ones a
+retry excludes) is matched once and remembered; what changes with time (a report
+gone stale, an ejection) is checked on the upstream about to be chosen.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import PurePath
+from typing import TYPE_CHECKING
+
+from paddler.slots.layout import UpstreamState
+
+if TYPE_CHECKING:
+    from paddler.slots.table import UpstreamRow
+
+# States whose upstreams can serve, best first: ready ones; without /slots only our own
+# reservations are known, which is still better than nothing; asleep ones cost a wake-up.
+SERVING = {UpstreamState.READY: 2, UpstreamState.SLOTS_DISABLED: 1, UpstreamState.ASLEEP: 0}
+
+
+def model_names(model: str) -> set[str]:
+    """The names a client may use for an upstream's model: as reported, file name, stem."""
+    if not model:
+        return set()
+    name = PurePath(model).name
+    names = {model, name}
+    if name.endswith(".gguf"):
+        names.add(name[: -len(".gguf")])
+    return names
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Serving, fresh, not ejected, of the model asked for, not excluded; most free first."""
+
+    now: float
+    missed_reports: int
+    model: str | None = None
+    exclude: frozenset[tuple[int, int]] = field(default_factory=frozenset)
+
+    @property
+    def key(self) -> tuple[str | None, frozenset[tuple[int, int]]]:
+        """What the structural part of the match depends on."""
+        return self.model, self.exclude
+
+    def matches(self, state: UpstreamState, model: str, index: int, generation: int) -> bool:
+        """The structural part: state, model, exclusion."""
+        return (
+            state in SERVING
+            and (self.model is None or self.model in model_names(model))
+            and (index, generation) not in self.exclude
+        )
+
+    def fresh(self, last_report: float, interval: float, ejected_until: float) -> bool:
+        """The part that changes with time: a recent report, no ejection."""
+        return (
+            self.now - last_report <= self.missed_reports * interval and ejected_until <= self.now
+        )
+
+    def __call__(self, rows: "list[UpstreamRow]") -> "list[UpstreamRow]":
+        """The rows this policy allows, best first (for callers that hold rows already)."""
+        fit = [
+            row
+            for row in rows
+            if self.matches(row.state, row.model, row.index, row.generation)
+            and self.fresh(row.last_report, row.interval, row.ejected_until)
+        ]
+        fit.sort(
+            key=lambda row: (SERVING[row.state], row.free_slots, -row.reservations), reverse=True
+        )
+        return fit
