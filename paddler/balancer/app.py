@@ -15,7 +15,7 @@ from starlette.applications import Starlette
 from starlette.types import Receive, Scope, Send
 
 from paddler.balancer.fleet import Fleet
-from paddler.balancer.management import management_routes
+from paddler.balancer.management import REPORTS_PATH, Management
 from paddler.balancer.proxy.handler import Proxy
 from paddler.balancer.proxy.http import ClientLimits, ProxyListener
 from paddler.config import BalancerSettings
@@ -31,7 +31,8 @@ class BalancerApp:
         self.settings = settings
         self.fleet = Fleet(settings)
         self.proxy = Proxy(self.fleet)
-        self.management = Starlette(routes=management_routes(self.fleet))
+        self.reports = Management(self.fleet)
+        self.management = Starlette(routes=self.reports.routes())
         self.proxy_sockets: list[socket.socket] = []
         self.graceful_timeout = 30.0
         self._listener: ProxyListener | None = None
@@ -65,7 +66,10 @@ class BalancerApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            await self.management(scope, receive, send)
+            if scope["method"] == "PUT" and scope["path"].startswith(REPORTS_PATH):
+                await self.reports.report(scope, receive, send)
+            else:
+                await self.management(scope, receive, send)
         elif scope["type"] == "lifespan":
             await self._lifespan(receive, send)
 

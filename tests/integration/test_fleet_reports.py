@@ -208,6 +208,9 @@ def test_reports_without_the_token_or_malformed_change_nothing(
     assert bad_field.json() == {
         "error": "field 'slots.idle' must be a whole number from 0 to 65535"
     }
+    huge = httpx.put(url, json={**report, "error": "x" * 70000}, headers=AUTH, timeout=5)
+    assert huge.status_code == 413
+    assert huge.json() == {"error": "the report is larger than 65536 bytes"}
     assert agents(management) == {}
 
     accepted = httpx.put(url, json=report, headers=AUTH, timeout=5)
