@@ -15,8 +15,11 @@ they cut the proxy's CPU per request by about a quarter.
 
 import asyncio
 import logging
+import sys
 from typing import Any, ClassVar
 
+from gunicorn.arbiter import Arbiter
+from uvicorn import Server
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn_worker import UvicornWorker
 
@@ -82,12 +85,22 @@ class BalancerWorker(UvicornWorker):  # type: ignore[misc]
     async def _serve(self) -> None:
         app = self.wsgi
         proxy_port = app.settings.reverseproxy_port
-        # Gunicorn's socket wrappers; the listener takes the sockets inside them.
-        listeners: list[Any] = self.sockets  # type: ignore[has-type]
+        # Gunicorn's socket wrappers. Both servers get duplicates of the sockets inside:
+        # closing a server closes its sockets, and Gunicorn closes its own afterwards
+        # ("Error while closing socket: Bad file descriptor" at every stop otherwise).
+        listeners: list[Any] = self.sockets
         app.proxy_sockets = [
-            getattr(s, "sock", s) for s in listeners if s.getsockname()[1] == proxy_port
+            getattr(s, "sock", s).dup() for s in listeners if s.getsockname()[1] == proxy_port
         ]
-        self.sockets = [s for s in listeners if s.getsockname()[1] != proxy_port]
+        management = [
+            getattr(s, "sock", s).dup() for s in listeners if s.getsockname()[1] != proxy_port
+        ]
         # Answers in flight get the master's grace, less a margin to close cleanly in.
         app.graceful_timeout = max(1.0, float(self.cfg.graceful_timeout) - 2.0)
-        await super()._serve()
+        # UvicornWorker._serve, with the management sockets only.
+        self.config.app = app
+        server = Server(config=self.config)
+        self._install_sigquit_handler()
+        await server.serve(sockets=management)
+        if not server.started:
+            sys.exit(Arbiter.WORKER_BOOT_ERROR)

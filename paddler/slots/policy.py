@@ -6,7 +6,6 @@ retry excludes) is matched once and remembered; what changes with time (a report
 gone stale, an ejection) is checked on the upstream about to be chosen.
 """
 
-from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import TYPE_CHECKING
 
@@ -31,19 +30,26 @@ def model_names(model: str) -> set[str]:
     return names
 
 
-@dataclass(frozen=True)
 class Policy:
-    """Serving, fresh, not ejected, of the model asked for, not excluded; most free first."""
+    """Serving, fresh, not ejected, of the model asked for, not excluded; most free first.
 
-    now: float
-    missed_reports: int
-    model: str | None = None
-    exclude: frozenset[tuple[int, int]] = field(default_factory=frozenset)
+    A plain slotted class: one is made for every request."""
 
-    @property
-    def key(self) -> tuple[str | None, frozenset[tuple[int, int]]]:
-        """What the structural part of the match depends on."""
-        return self.model, self.exclude
+    __slots__ = ("exclude", "key", "missed_reports", "model", "now")
+
+    def __init__(
+        self,
+        now: float,
+        missed_reports: int,
+        model: str | None = None,
+        exclude: frozenset[tuple[int, int]] = frozenset(),
+    ) -> None:
+        self.now = now
+        self.missed_reports = missed_reports
+        self.model = model
+        self.exclude = exclude
+        # What the structural part of the match depends on.
+        self.key = (model, exclude)
 
     def matches(self, state: UpstreamState, model: str, index: int, generation: int) -> bool:
         """The structural part: state, model, exclusion."""

@@ -766,6 +766,8 @@ class SlotTable:
 
     def _forget_recovered(self, now: float) -> None:
         """Rows skipped as stale or ejected come back when they report or are let back."""
+        if not self._unfit:
+            return
         for row, (last_report, ejected_until) in list(self._unfit.items()):
             offset = self._offset(row)
             reported = self._f64[(offset + 24) // 8] != last_report

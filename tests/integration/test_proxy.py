@@ -229,6 +229,7 @@ def test_stopping_paddlerd_lets_a_stream_in_flight_finish(fleet: Fleet) -> None:
     assert rest[-1] == "data: [DONE]"
     assert len(rest) > 100  # the stream went on after the signal, not just its last event
     assert fleet.paddlerd.wait_exit() == 0
+    assert "Bad file descriptor" not in fleet.paddlerd.log()  # each socket closed once
 
 
 def test_a_llama_server_killed_before_answering_is_retried_elsewhere(

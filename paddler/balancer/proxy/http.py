@@ -176,6 +176,7 @@ class ClientConnection(asyncio.Protocol):
         self._body_size = 0
         self._head_size = 0
         self._partial_head = 0
+        self._hosts = 0
         self._expects_continue = False
         self._discarding = False
         self._reading: str | None = None  # "head" or "body" of a request on its way
@@ -241,7 +242,7 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._body = []
-        self._body_size = self._head_size = 0
+        self._body_size = self._head_size = self._hosts = 0
         self._expects_continue = False
         self._reading = "head"
         if self.task is None:
@@ -254,12 +255,15 @@ class ClientConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._reading != "head":
             return  # a trailer after a chunked body: not a header of the request
-        self._headers.append((name.lower(), value))
+        name = name.lower()
+        if name == b"host":
+            self._hosts += 1
+        self._headers.append((name, value))
         self._count_head(len(name) + len(value))
 
     def on_headers_complete(self) -> None:
         self._partial_head = 0
-        if sum(1 for name, _ in self._headers if name == b"host") > 1:
+        if self._hosts > 1:
             self._refuse(400, "more than one Host header (RFC 9112 3.2)")
             return
         length = self._content_length()
