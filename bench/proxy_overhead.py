@@ -114,14 +114,18 @@ def rss_mb(pids: list[int]) -> float:
 
 
 @contextmanager
-def process(argv: list[str], **kwargs: Any) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, **kwargs
-    )
+def process(
+    argv: list[str], log: Path | None = None, **kwargs: Any
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``argv`` for the block; its output goes to ``log`` (appended) or nowhere."""
+    output = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(argv, stdout=output, stderr=output, start_new_session=True, **kwargs)
     try:
         yield proc
     finally:
         with_suppress_kill(proc)
+        if log:
+            output.close()  # type: ignore[union-attr]
 
 
 def with_suppress_kill(proc: subprocess.Popen[bytes]) -> None:
@@ -361,7 +365,8 @@ def arm(name: str, upstreams: list[int], work: Path) -> Iterator[tuple[int | Non
             "--slot-table",
             str(work / "slots"),
         ]
-    with process(argv, cwd=ROOT) as proc:
+    # Each arm's own log, kept with the run: a cell with errors says why there.
+    with process(argv, log=work / f"{name}.log", cwd=ROOT) as proc:
         if name == "paddler":
             wait_http(f"http://127.0.0.1:{management}/health")
             for upstream in upstreams:
@@ -388,7 +393,19 @@ def run(seconds: float, repetitions: int) -> dict[str, list[dict[str, Any]]]:
                 for name in ARMS:
                     with arm(name, upstreams, work) as (port, pids):
                         results[name].append(measure(name, port, upstreams, pids, seconds, work))
+                    _report_trouble(name, work / f"{name}.log", results[name][-1])
     return results
+
+
+def _report_trouble(name: str, log: Path, cells: dict[str, Any]) -> None:
+    """When an arm had errors, print what its log says about them."""
+    if not any(cells[workload]["errors"] for workload in BODIES) or not log.exists():
+        return
+    lines = log.read_text(errors="replace").splitlines()
+    trouble = [line for line in lines if "WARNING" in line or "ERROR" in line or "Trace" in line]
+    print(f"{name}: errors; the last lines of its log that say why:", file=sys.stderr)
+    for line in (trouble or lines)[-20:]:
+        print(f"  {line}", file=sys.stderr)
 
 
 def _values(runs: list[dict[str, Any]], workload: str, path: tuple[str, ...]) -> list[float]:
