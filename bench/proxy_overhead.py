@@ -327,6 +327,24 @@ def register(management: int, upstream: int, name: str) -> None:
     ).raise_for_status()
 
 
+def balancer_argv(management: int, proxy: int, slot_table: Path, workers: int) -> list[str]:
+    """Paddler's balancer from this checkout, by its original command line."""
+    return [
+        sys.executable,
+        "-m",
+        "paddler",
+        "balancer",
+        "--management-port",
+        str(management),
+        "--reverseproxy-port",
+        str(proxy),
+        "--workers",
+        str(workers),
+        "--slot-table",
+        str(slot_table),
+    ]
+
+
 @contextmanager
 def arm(name: str, upstreams: list[int], work: Path) -> Iterator[tuple[int | None, list[int]]]:
     """Start one arm; its port (None: direct) and the pids whose CPU counts."""
@@ -351,20 +369,7 @@ def arm(name: str, upstreams: list[int], work: Path) -> Iterator[tuple[int | Non
         argv = [shutil.which("haproxy") or "/usr/sbin/haproxy", "-f", str(conf), "-db"]
     else:
         management = free_port()
-        argv = [
-            sys.executable,
-            "-m",
-            "paddler",
-            "balancer",
-            "--management-port",
-            str(management),
-            "--reverseproxy-port",
-            str(port),
-            "--workers",
-            "2",
-            "--slot-table",
-            str(work / "slots"),
-        ]
+        argv = balancer_argv(management, port, work / "slots", workers=2)
     # Each arm's own log, kept with the run: a cell with errors says why there.
     with process(argv, log=work / f"{name}.log", cwd=ROOT) as proc:
         if name == "paddler":

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from proxy_overhead import cpu_seconds, process, tree, wait_http  # noqa: E402
+from proxy_overhead import balancer_argv, cpu_seconds, process, tree, wait_http  # noqa: E402
 
 from paddler.balancer.proxy.connections import ConnectionPool  # noqa: E402
 from paddler.llamacpp.client import UpstreamStatus  # noqa: E402
@@ -107,20 +107,7 @@ async def _send(pool: ConnectionPool, address: str, request: bytes) -> bool:
 def management_load(agents: int, seconds: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as raw:
         proxy, management = free_port(), free_port()
-        argv = [
-            sys.executable,
-            "-m",
-            "paddler",
-            "balancer",
-            "--management-port",
-            str(management),
-            "--reverseproxy-port",
-            str(proxy),
-            "--workers",
-            "2",
-            "--slot-table",
-            str(Path(raw) / "slots"),
-        ]
+        argv = balancer_argv(management, proxy, Path(raw) / "slots", workers=2)
         with process(argv, cwd=ROOT) as balancer:
             wait_http(f"http://127.0.0.1:{management}/health")
             time.sleep(1.0)

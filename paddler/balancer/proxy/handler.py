@@ -200,13 +200,7 @@ class Proxy:
                 await self._forward(exchange, row, body)
                 return
             except RetryableError as error:
-                last_error = f"{row.name} ({row.address}): {error}"
-                if retries.forgives(error):
-                    log.info("[%s] %s; trying again", exchange.request_id, last_error)
-                    continue
-                log.warning("[%s] %s; trying another upstream", exchange.request_id, last_error)
-                tried.add((row.index, row.generation))
-                self._failed(row, str(error))
+                last_error = self._note_failure(exchange, row, error, retries, tried)
             finally:
                 self.fleet.table.release(reservation)
                 self.waiter.released()
@@ -241,11 +235,7 @@ class Proxy:
                 await self._forward(exchange, row, body)
                 return
             except RetryableError as error:
-                last_error = f"{row.name} ({row.address}): {error}"
-                if retries.forgives(error):
-                    continue
-                tried.add((row.index, row.generation))
-                self._failed(row, str(error))
+                last_error = self._note_failure(exchange, row, error, retries, tried)
         await _fail(exchange, 503, last_error, "unavailable_error", [(b"retry-after", b"1")])
 
     # -- forwarding and failures -----------------------------------------------------------
@@ -287,6 +277,24 @@ class Proxy:
             self._failed(row, f"answered {outcome.status}")
         else:
             self._succeeded(row)
+
+    def _note_failure(
+        self,
+        exchange: Exchange,
+        row: UpstreamRow,
+        error: RetryableError,
+        retries: "_Retries",
+        tried: set[tuple[int, int]],
+    ) -> str:
+        """What a retryable failure on ``row`` means for the next attempt; its account."""
+        described = f"{row.name} ({row.address}): {error}"
+        if retries.forgives(error):
+            log.info("[%s] %s; trying again", exchange.request_id, described)
+        else:
+            log.warning("[%s] %s; trying another upstream", exchange.request_id, described)
+            tried.add((row.index, row.generation))
+            self._failed(row, str(error))
+        return described
 
     def _failed(self, row: UpstreamRow, reason: str, at_once: bool = False) -> None:
         key = (row.index, row.generation)
