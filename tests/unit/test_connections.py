@@ -1,16 +1,12 @@
 """The proxy's own upstream connections against raw sockets: streaming, reuse, failures."""
 
 import asyncio
-from collections.abc import Awaitable, Callable
 
 import pytest
 
-from paddler.balancer.proxy.connections import HIGH_WATER, ConnectionPool
-from paddler.balancer.proxy.upstream import UpstreamFailedError, forward
-from paddler.testbed.ports import free_port
-from tests.unit.test_upstream_failures import HEADERS, Kept, read_request
-
-Upstream = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+from paddler.balancer.proxy.connections import HIGH_WATER
+from paddler.balancer.proxy.upstream import UpstreamFailedError
+from tests.unit.stand_in_upstreams import Kept, exchange, read_request
 
 
 class Slow(Kept):
@@ -27,44 +23,6 @@ class Slow(Kept):
             await asyncio.sleep(self.pause)
             self.written_at_first_chunk = self.upstream_written[0]
         await super().write(chunk)
-
-
-async def exchange(
-    upstream: Upstream, requests: list[tuple[str, Kept]], pool: ConnectionPool | None = None
-) -> tuple[list[object], int, int]:
-    """Outcomes (status or error), connections the upstream saw, and idle ones left."""
-    connections = 0
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        try:
-            await upstream(reader, writer)
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
-            pass  # the test ended it, or the proxy's side went away first
-        finally:
-            writer.close()
-
-    port = free_port()
-    server = await asyncio.start_server(serve, "127.0.0.1", port)
-    pool = pool or ConnectionPool(1.0, 5.0)
-    outcomes: list[object] = []
-    try:
-        for method, responder in requests:
-            try:
-                outcome = await forward(
-                    pool, f"127.0.0.1:{port}", method, "/v1/x", HEADERS, b"{}", responder, 2.0
-                )
-                outcomes.append(outcome.status)
-            except UpstreamFailedError as error:
-                outcomes.append(error)
-            await asyncio.sleep(0.05)  # let a closing upstream's FIN arrive
-        idle = pool.idle_count()
-    finally:
-        pool.close()
-        server.close()
-        await server.wait_closed()
-    return outcomes, connections, idle
 
 
 def test_a_chunked_event_stream_arrives_whole_and_its_connection_is_reused() -> None:

@@ -5,9 +5,6 @@ does when killed is covered in tests/integration/test_proxy.py.
 """
 
 import asyncio
-import socket
-import struct
-from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -20,80 +17,28 @@ from paddler.balancer.proxy.upstream import (
     forward,
 )
 from paddler.testbed.ports import free_port
-
-OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
-HEADERS = [(b"host", b"upstream")]
-Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-class Kept:
-    """A client side that keeps what it is sent."""
-
-    def __init__(self) -> None:
-        self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.body = b""
-        self.ended = False
-
-    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        self.status, self.headers = status, headers
-
-    async def write(self, chunk: bytes) -> None:
-        self.body += chunk
-
-    async def end(self) -> None:
-        self.ended = True
-
-
-async def read_request(reader: asyncio.StreamReader) -> None:
-    head = await reader.readuntil(b"\r\n\r\n")
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            await reader.readexactly(int(line.split(b":")[1]))
-
-
-def reset(writer: asyncio.StreamWriter) -> None:
-    """Close with RST instead of FIN, as a socket closed with unread data does."""
-    sock = writer.get_extra_info("socket")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
+from tests.unit.stand_in_upstreams import (
+    HEADERS,
+    OK,
+    Kept,
+    Upstream,
+    exchange,
+    read_request,
+    reset,
+)
 
 
 async def send_through(
-    behaviour: Behaviour, requests: int = 1, pause: float = 0.0, keepalive: float = 4.0
+    upstream: Upstream, requests: int = 1, pause: float = 0.05, keepalive: float = 4.0
 ) -> tuple[list[object], int]:
-    """What forward() made of each request, and how many connections the upstream saw."""
-    connections = 0
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        try:
-            await behaviour(reader, writer)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    port = free_port()
-    server = await asyncio.start_server(serve, "127.0.0.1", port)
-    pool = ConnectionPool(1.0, keepalive)
-    outcomes: list[object] = []
-    try:
-        for index in range(requests):
-            if index:
-                await asyncio.sleep(pause)
-            try:
-                outcome = await forward(
-                    pool, f"127.0.0.1:{port}", "POST", "/completion", HEADERS, b"{}", Kept(), 0.5
-                )
-                outcomes.append(outcome.status)
-            except (RetryableError, UpstreamFailedError) as error:
-                outcomes.append(error)
-    finally:
-        pool.close()
-        server.close()
-        await server.wait_closed()
+    """What forward() made of each of ``requests`` POSTs, and the connections seen."""
+    outcomes, connections, _ = await exchange(
+        upstream,
+        [("POST", Kept()) for _ in range(requests)],
+        pause=pause,
+        keepalive=keepalive,
+        read_timeout=0.5,
+    )
     return outcomes, connections
 
 
