@@ -27,10 +27,15 @@ class Kept:
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.status, self.headers = status, headers
 
-    async def write(self, chunk: bytes) -> None:
+    def send(self, chunk: bytes, last: bool = False) -> bool:
         self.body += chunk
+        return True
+
+    def when_drained(self, callback: Callable[[], None]) -> None:
+        asyncio.get_running_loop().call_soon(callback)
 
     async def end(self) -> None:
+
         self.ended = True
 
 

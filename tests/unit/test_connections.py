@@ -1,28 +1,34 @@
 """The proxy's own upstream connections against raw sockets: streaming, reuse, failures."""
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
-from paddler.balancer.proxy.connections import HIGH_WATER
 from paddler.balancer.proxy.upstream import UpstreamFailedError
 from tests.unit.stand_in_upstreams import Kept, exchange, read_request
 
 
 class Slow(Kept):
-    """A client that takes its time over the first chunk."""
+    """A client whose socket buffer is full after the first chunk, for a while."""
 
     def __init__(self, pause: float, upstream_written: list[int]) -> None:
         super().__init__()
         self.pause = pause
         self.upstream_written = upstream_written
-        self.written_at_first_chunk = -1
+        self.written_when_drained = -1
 
-    async def write(self, chunk: bytes) -> None:
-        if self.written_at_first_chunk < 0:
-            await asyncio.sleep(self.pause)
-            self.written_at_first_chunk = self.upstream_written[0]
-        await super().write(chunk)
+    def send(self, chunk: bytes, last: bool = False) -> bool:
+        first = not self.body
+        super().send(chunk, last)
+        return not first
+
+    def when_drained(self, callback: Callable[[], None]) -> None:
+        def drained() -> None:
+            self.written_when_drained = self.upstream_written[0]
+            callback()
+
+        asyncio.get_running_loop().call_later(self.pause, drained)
 
 
 def test_a_chunked_event_stream_arrives_whole_and_its_connection_is_reused() -> None:
@@ -129,7 +135,8 @@ def test_a_head_answer_has_no_body_even_with_a_length() -> None:
 
 @pytest.mark.parametrize("size_mb", [32])
 def test_a_slow_client_holds_the_upstream_back(size_mb: int) -> None:
-    """Only about HIGH_WATER and the kernel's socket buffers may pile up in between."""
+    """While the client is behind the upstream is not read: only the kernel's socket
+    buffers fill in between."""
     total = size_mb * 1024 * 1024
     written = [0]
 
@@ -143,10 +150,12 @@ def test_a_slow_client_holds_the_upstream_back(size_mb: int) -> None:
             written[0] += len(block)
 
     responder = Slow(1.0, written)
-    outcomes, _, _ = asyncio.run(exchange(flood, [("GET", responder)]))
+    # Held back for longer than the read timeout: the upstream was not silent, we were.
+    outcomes, _, _ = asyncio.run(exchange(flood, [("GET", responder)], read_timeout=0.5))
+
     assert outcomes == [200]
     assert len(responder.body) == total
-    assert HIGH_WATER < responder.written_at_first_chunk < total // 2
+    assert 0 < responder.written_when_drained < total // 2
 
 
 def test_an_answer_ended_by_closing_is_whole_not_broken() -> None:
@@ -175,3 +184,25 @@ def test_an_idle_connection_the_upstream_closes_leaves_the_pool_at_once() -> Non
     outcomes, _, idle = asyncio.run(exchange(hang_up, [("POST", Kept())]))
     assert outcomes == [200]
     assert idle == 0  # not still listed until the next request trips over it
+
+
+def test_a_stream_that_goes_silent_fails_but_a_slow_steady_one_does_not() -> None:
+    """The read timeout counts silence since the last bytes, not the answer's length."""
+    events = [b'data: {"n": %d}\n\n' % n for n in range(6)]
+
+    async def then_silence(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for event in events:  # 6 x 0.2 s: longer than the timeout in all
+            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            await writer.drain()
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(3)
+
+    responder = Kept()
+    outcomes, _, _ = asyncio.run(exchange(then_silence, [("POST", responder)], read_timeout=0.6))
+    assert isinstance(outcomes[0], UpstreamFailedError), outcomes
+    assert "mid-response" in str(outcomes[0])
+    assert "silent" in str(outcomes[0])
+    assert responder.body == b"".join(events)
+    assert not responder.ended

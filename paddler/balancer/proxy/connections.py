@@ -15,7 +15,7 @@ HTTP threads each, and the upstream closes them itself a little later.
 
 import asyncio
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import cast
 
 import httptools
@@ -72,6 +72,8 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserError as error:
             self.close()
             answer.fail(BrokenAnswerError(f"malformed answer: {error}"))
+        else:
+            answer.flush()
 
     def eof_received(self) -> bool:
         return False  # close the transport; connection_lost reports it
@@ -170,6 +172,10 @@ class Answer:
         self._error: Exception | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
+        self._sink: Callable[[bytes, bool], None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._last_data = 0.0
+        self._silence: asyncio.TimerHandle | None = None
 
     # -- fed by the connection -------------------------------------------------------------
 
@@ -178,6 +184,8 @@ class Answer:
 
     def chunk(self, data: bytes) -> None:
         self._chunks.append(data)
+        if self._sink is not None:
+            return  # passed on by flush(), once for all that one read brought
         self._buffered += len(data)
         if self._buffered > HIGH_WATER and not self._paused:
             transport = self.connection.transport
@@ -224,7 +232,75 @@ class Answer:
                 raise self._error
             await self._wait(timeout)
 
+    def flush(self) -> None:
+        """Pass on, in one piece, what the last read brought to a relayed answer: one
+        write to the client for many chunks, and for the answer's end when it came too."""
+        sink = self._sink
+        if sink is None or not self._chunks:
+            return
+        data = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
+        self._chunks.clear()
+        self._last_data = self._loop.time()
+        sink(data, self.complete)
+
+    def relay(self, sink: Callable[[bytes, bool], None]) -> None:
+        """From now on, hand body bytes to ``sink`` from the connection's own callback as
+        they arrive. A stream's reads then cost no task switch, future or timer each:
+        about a quarter less CPU per proxied SSE stream (docs/performance.md)."""
+        self._sink = sink
+        if self._chunks:
+            data = b"".join(self._chunks)
+            self._chunks.clear()
+            self._buffered = 0
+            self.release()  # whatever held the upstream back is in the sink's hands now
+            sink(data, self.complete)
+
+    def hold(self) -> None:
+        """The client is behind: read nothing more from the upstream until release()."""
+        transport = self.connection.transport
+        if not self._paused and transport is not None and not self.connection.closed:
+            transport.pause_reading()
+            self._paused = True
+
+    def release(self) -> None:
+        if self._paused:
+            self._paused = False
+            transport = self.connection.transport
+            if transport is not None and not self.connection.closed:
+                transport.resume_reading()
+        self._last_data = self._loop.time()  # silence while held was not the upstream's
+
+    async def relayed(self, timeout: float) -> None:
+        """Wait until a relayed answer ends. SilentError when the upstream sends nothing
+        for ``timeout`` seconds while the client keeps up."""
+        if self._error is not None:
+            raise self._error
+        if self.complete:
+            return
+        self._last_data = self._loop.time()
+        self._silence = self._loop.call_later(timeout, self._check_silence, timeout)
+        try:
+            while not self.complete:
+                if self._error is not None:
+                    raise self._error
+                waiter = self._waiter = self._loop.create_future()
+                await waiter
+        finally:
+            self._silence.cancel()
+            self._waiter = None
+
+    def _check_silence(self, timeout: float) -> None:
+        # One timer per answer, pushed back lazily, instead of one per chunk.
+        if self.complete or self._error is not None:
+            return
+        quiet = 0.0 if self._paused else self._loop.time() - self._last_data
+        if quiet >= timeout:
+            self.fail(SilentError(f"silent for {timeout:g}s"))
+            return
+        self._silence = self._loop.call_later(timeout - quiet, self._check_silence, timeout)
+
     async def _wait(self, timeout: float) -> None:
+
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
         timer = loop.call_later(timeout, _expire, waiter, timeout)

@@ -116,21 +116,33 @@ class Exchange:
         if bodiless:
             self._chunked = False
 
-    async def write(self, chunk: bytes) -> None:
-        if not chunk or self.method == "HEAD":
-            return
+    def send(self, chunk: bytes, last: bool = False) -> bool:
+        """Pass body bytes on at once, with the answer's end if ``last``: a stream's end
+        then costs no write of its own. False when the client is behind (when_drained)."""
+        if self.method == "HEAD" or not (chunk or last):
+            return True
         if self._chunked:
-            chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+            chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunk else b""
+            if last:
+                chunk += b"0\r\n\r\n"
+                self._chunked = False  # ended: end() adds nothing
         if self._head is not None:
             chunk, self._head = self._head + chunk, None
-        await self.connection.write(chunk)
+        return self.connection.send(chunk) if chunk else True
+
+    def when_drained(self, callback: Callable[[], None]) -> None:
+        self.connection.when_drained(callback)
+
+    async def write(self, chunk: bytes) -> None:
+        if not self.send(chunk):
+            await self.connection.drained()
 
     async def end(self) -> None:
         tail = b"0\r\n\r\n" if self._chunked else b""
         if self._head is not None:
             tail, self._head = self._head + tail, None
-        if tail:
-            await self.connection.write(tail)
+        if tail and not self.connection.send(tail):
+            await self.connection.drained()
         self.response_complete = True
 
     async def respond(
@@ -169,6 +181,8 @@ class ClientConnection(asyncio.Protocol):
         self._pending: deque[Exchange] = deque()
         self._writable: asyncio.Future[None] | None = None
         self._paused_writing = False
+        self._on_drained: list[Callable[[], None]] = []
+        self._send_deadline: asyncio.TimerHandle | None = None
         # The request being read.
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -221,6 +235,10 @@ class ClientConnection(asyncio.Protocol):
         self._disarm()
         self.closing = True
         self._pending.clear()
+        self._on_drained.clear()
+        if self._send_deadline is not None:
+            self._send_deadline.cancel()
+            self._send_deadline = None
         if self._writable is not None and not self._writable.done():
             self._writable.set_exception(ConnectionResetError("the client left"))
         if self.task is not None and not self.task.done():
@@ -230,11 +248,20 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._paused_writing = True
+        if self._send_deadline is not None:
+            self._send_deadline.cancel()
+        self._send_deadline = self.loop.call_later(self.limits.send_timeout, self._too_slow_to_read)
 
     def resume_writing(self) -> None:
         self._paused_writing = False
+        if self._send_deadline is not None:
+            self._send_deadline.cancel()
+            self._send_deadline = None
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
+        callbacks, self._on_drained = self._on_drained, []
+        for callback in callbacks:
+            callback()
 
     # -- httptools callbacks ---------------------------------------------------------------
 
@@ -367,18 +394,30 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._arm(self.limits.keepalive_timeout, self.close)
 
-    async def write(self, data: bytes) -> None:
+    def send(self, data: bytes) -> bool:
+        """Write at once; False when the client's socket buffer is past its high water
+        mark. A client that then takes nothing for send_timeout is cut off."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return True  # it left: connection_lost cancels the request's task
+        transport.write(data)
+        return not self._paused_writing
+
+    def when_drained(self, callback: Callable[[], None]) -> None:
+        if self._paused_writing:
+            self._on_drained.append(callback)
+        else:
+            self.loop.call_soon(callback)
+
+    async def drained(self) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("the client left")
-        transport.write(data)
         if self._paused_writing:
             self._writable = self.loop.create_future()
-            deadline = self.loop.call_later(self.limits.send_timeout, self._too_slow_to_read)
             try:
                 await self._writable
             finally:
-                deadline.cancel()
                 self._writable = None
 
     def close(self) -> None:

@@ -4,7 +4,7 @@ The connections are Paddler's own (connections.py); this module decides what goe
 upstream, what comes back, and what a failure at each point means for a retry.
 """
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple, Protocol
 
 from paddler.balancer.proxy.connections import (
@@ -58,7 +58,13 @@ class Responder(Protocol):
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
 
-    async def write(self, chunk: bytes) -> None: ...
+    def send(self, chunk: bytes, last: bool) -> bool:
+        """Pass body bytes on at once (``last``: the answer ends with them); False when
+        the client is behind and the sender should hold off until the callback given to
+        when_drained runs."""
+        ...
+
+    def when_drained(self, callback: Callable[[], None]) -> None: ...
 
     async def end(self) -> None: ...
 
@@ -148,9 +154,19 @@ async def forward(
             answer.status,
             [(name, value) for name, value in answer.headers if name not in NOT_RETURNED],
         )
-        while (chunk := await _rest(answer, read_timeout)) is not None:
-            await responder.write(chunk)
+
+        def pass_on(chunk: bytes, last: bool) -> None:
+            if not responder.send(chunk, last):
+                answer.hold()
+                responder.when_drained(answer.release)
+
+        answer.relay(pass_on)
+        try:
+            await answer.relayed(read_timeout)
+        except (SilentError, BrokenAnswerError, DroppedError) as error:
+            raise UpstreamFailedError(f"it failed mid-response: {error}") from None
         await responder.end()
+
         return Outcome(answer.status)
     finally:
         # An answer not read to its end (the client left, or it broke) closes its
