@@ -14,6 +14,7 @@ they cut the proxy's CPU per request by about a quarter.
 """
 
 import asyncio
+import gc
 import logging
 import sys
 from typing import Any, ClassVar
@@ -101,6 +102,9 @@ class BalancerWorker(UvicornWorker):  # type: ignore[misc]
         self.config.app = app
         server = Server(config=self.config)
         self._install_sigquit_handler()
+        # Everything alive now (modules, the app, the settings) lives as long as the
+        # worker: out of the collector's sight, every full collection is shorter.
+        gc.freeze()
         await server.serve(sockets=management)
         if not server.started:
             sys.exit(Arbiter.WORKER_BOOT_ERROR)

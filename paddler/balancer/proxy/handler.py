@@ -2,11 +2,12 @@
 
 import asyncio
 import hmac
+import itertools
 import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from paddler.balancer.fleet import Fleet
@@ -51,6 +52,7 @@ class Proxy:
         self._pool: ConnectionPool | None = None
         self._waiter: SlotWaiter | None = None
         self._failures: dict[tuple[int, int], int] = {}
+        self._request_ids: Iterator[str] = iter(())
 
     async def startup(self) -> None:
         self._pool = ConnectionPool(
@@ -58,6 +60,9 @@ class Proxy:
         )
         self._waiter = SlotWaiter(self.fleet.table)
         self._waiter.start()
+        # Unique across workers and restarts by a random part drawn once per worker
+        # process (startup runs after the fork), then a counter: no syscall per request.
+        self._request_ids = map((os.urandom(6).hex() + "{:06x}").format, itertools.count())
 
     async def shutdown(self) -> None:
         if self._waiter is not None:
@@ -80,7 +85,7 @@ class Proxy:
     async def handle(self, exchange: Exchange) -> None:
         """Answer one whole client request; the connection it came on does the rest."""
         given = exchange.header(b"x-request-id")
-        exchange.request_id = given.decode("latin-1") if given else os.urandom(8).hex()
+        exchange.request_id = given.decode("latin-1") if given else next(self._request_ids)
         try:
             await self._handle(exchange)
         except asyncio.CancelledError:
