@@ -1,23 +1,23 @@
 """The balancer's application: built in the Gunicorn master, started in each worker.
 
-Uvicorn serves the management API (Starlette) and runs the lifespan; the proxy's
-own listener (proxy/http.py) serves the proxy port on the same event loop. The
-worker hands the proxy's sockets over before Uvicorn starts, and the lifespan opens
-and closes them around the proxy's own start and stop.
+Uvicorn runs each worker's event loop and the lifespan; the balancer's own HTTP
+protocol (proxy/http.py) serves both ports on that loop, the proxy and the management
+API. The worker hands both ports' sockets over before Uvicorn starts, and the lifespan
+opens and closes them around the proxy's own start and stop.
 """
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 
-from starlette.applications import Starlette
 from starlette.types import Receive, Scope, Send
 
 from paddler.balancer.fleet import Fleet
-from paddler.balancer.management import REPORTS_PATH, Management
+from paddler.balancer.management import MAX_REPORT_BYTES, Management
 from paddler.balancer.proxy.handler import Proxy
-from paddler.balancer.proxy.http import ClientLimits, ProxyListener
+from paddler.balancer.proxy.http import ClientLimits, Listener
 from paddler.config import BalancerSettings
 
 log = logging.getLogger("paddler.balancer")
@@ -31,11 +31,11 @@ class BalancerApp:
         self.settings = settings
         self.fleet = Fleet(settings)
         self.proxy = Proxy(self.fleet)
-        self.reports = Management(self.fleet)
-        self.management = Starlette(routes=self.reports.routes())
+        self.management = Management(self.fleet)
         self.proxy_sockets: list[socket.socket] = []
+        self.management_sockets: list[socket.socket] = []
         self.graceful_timeout = 30.0
-        self._listener: ProxyListener | None = None
+        self._listeners: list[Listener] = []
         self._maintenance: list[asyncio.Task[None]] = []
 
     async def startup(self) -> None:
@@ -50,13 +50,20 @@ class BalancerApp:
             keepalive_timeout=CLIENT_KEEPALIVE,
             send_timeout=self.settings.send_timeout,
         )
-        self._listener = ProxyListener(self.proxy.handle, limits)
-        await self._listener.start(self.proxy_sockets)
+        proxied = Listener(self.proxy.handle, limits)
+        self._listeners.append(proxied)
+        await proxied.start(self.proxy_sockets)
+        # Reports are small: a body the size of a proxied prompt is refused unread.
+        small = dataclasses.replace(limits, max_body_size=4 * MAX_REPORT_BYTES)
+        management = Listener(self.management.handle, small, quick=self.management.answer_now)
+        self._listeners.append(management)
+        await management.start(self.management_sockets)
 
     async def shutdown(self) -> None:
         # Answers in flight finish first (up to the grace): the pool and table serve them.
-        if self._listener is not None:
-            await self._listener.stop(self.graceful_timeout)
+        await asyncio.gather(
+            *(listener.stop(self.graceful_timeout) for listener in self._listeners)
+        )
         for task in self._maintenance:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -65,12 +72,8 @@ class BalancerApp:
         self.fleet.detach()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            if scope["method"] == "PUT" and scope["path"].startswith(REPORTS_PATH):
-                await self.reports.report(scope, receive, send)
-            else:
-                await self.management(scope, receive, send)
-        elif scope["type"] == "lifespan":
+        # Uvicorn serves no socket of its own here: the lifespan is all it brings.
+        if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:

@@ -14,7 +14,6 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 
 from paddler.balancer.app import BalancerApp
-from paddler.balancer.worker import HeaderDeadlineProtocol
 from paddler.config import BalancerSettings
 from paddler.config.addresses import format_address
 from paddler.config.model import EXAMPLE_TOKEN, MAX_WORKERS, slot_table_path
@@ -88,8 +87,6 @@ class BalancerApplication(BaseApplication):  # type: ignore[misc]
             options["control_socket_disable"] = True
         for key, value in options.items():
             self.cfg.set(key, value)
-        # Read by each worker's protocol after fork.
-        HeaderDeadlineProtocol.header_timeout = settings.header_timeout
 
     def load(self) -> BalancerApp:
         return self.application

@@ -203,7 +203,9 @@ class BalancerSettings:
         check="token",
     )
     debug_headers: bool = setting(
-        "Add X-Paddler-Upstream (the upstream's name) to responses.", False
+        "Add X-Paddler-Upstream (the upstream's name) and X-Paddler-Queue-Ms (time waited for "
+        "a free slot) to responses.",
+        False,
     )
     rewrite_host_header: bool = setting(
         "Send upstreams their own address as Host instead of the client's.", False

@@ -215,6 +215,8 @@ class SlotTable:
         self._groups: dict[object, list[list[int]]] = {}
         self._unfit: dict[int, tuple[float, float]] = {}
         self._agent_rows: dict[str, int] = {}
+        # A report's texts as stored, packed once: they rarely change between reports.
+        self._packed_texts: dict[tuple[str, ...], bytes] = {}
         self._owner: int | None = None
 
     # -- opening ---------------------------------------------------------------------------
@@ -434,7 +436,7 @@ class SlotTable:
                 b"",
             )
         else:
-            fields = ROW_META.pack(
+            fields = ROW_NUMBERS.pack(
                 seqlock + 1,
                 state,
                 generation,
@@ -447,13 +449,7 @@ class SlotTable:
                 report.interval,
                 report.sequence,
                 first_report,
-                _bytes(report.agent_id, 32),
-                _bytes(report.name, 64),
-                _bytes(report.host, 128),
-                _bytes(report.model, 128),
-                _bytes(report.build, 64),
-                _bytes(report.error, 160),
-            )
+            ) + self._texts_of(report)
         # By slice: one copy, never a zeroed row in between (struct.pack_into clears first).
         self._map[offset + 4 : offset + ROW_META.size] = fields[4:]
         self._u32[sequence_index] = seqlock + 2
@@ -461,6 +457,22 @@ class SlotTable:
         after = (self._map[offset + 4], self._u32[(offset + 8) // 4])
         if after != before or self._map[model_at : model_at + 128] != model_before:
             self._restructured()
+
+    def _texts_of(self, report: UpstreamReport) -> bytes:
+        key = (report.agent_id, report.name, report.host, report.model, report.build, report.error)
+        packed = self._packed_texts.get(key)
+        if packed is None:
+            if len(self._packed_texts) > 4 * self.max_upstreams:
+                self._packed_texts.clear()  # agents come and go: a bound, not a policy
+            packed = self._packed_texts[key] = ROW_TEXTS.pack(
+                _bytes(report.agent_id, 32),
+                _bytes(report.name, 64),
+                _bytes(report.host, 128),
+                _bytes(report.model, 128),
+                _bytes(report.build, 64),
+                _bytes(report.error, 160),
+            )
+        return packed
 
     def _free(self, row: UpstreamRow) -> None:
         self._write(row.index, UpstreamState.FREE, row.generation, None, 0, 0.0, 0.0)
@@ -476,23 +488,28 @@ class SlotTable:
         """Store a report, unless it is a duplicate or older than one already applied."""
         with self.locked():
             found = self._find_agent(report.agent_id)
-            same_agent = None if found is None else self._row(found)
-            target: UpstreamRow | None
-            if same_agent is not None:
-                if report.sequence <= same_agent.sequence:
+            if found is not None:
+                # The common case, a thousand times a second in a big fleet: only the
+                # numbers it needs from the row, not the whole row decoded.
+                numbers = ROW_NUMBERS.unpack_from(self._map, self._offset(found))
+                if report.sequence <= numbers[10]:
                     return Applied.IGNORED
-                target = same_agent
-            else:
-                # A new agent run for an upstream already known takes its row over, with
-                # the reservations in flight on it.
-                target = next(
-                    (
-                        r
-                        for r in self._used_rows()
-                        if (r.host, r.port) == (report.host, report.port)
-                    ),
-                    None,
+                self._write(
+                    found,
+                    report.state,
+                    numbers[2],
+                    report,
+                    self._reservations(found),
+                    numbers[11],
+                    now,
                 )
+                return Applied.UPDATED
+            # A new agent run for an upstream already known takes its row over, with the
+            # reservations in flight on it.
+            target = next(
+                (r for r in self._used_rows() if (r.host, r.port) == (report.host, report.port)),
+                None,
+            )
             if target is None:
                 index = self._first_free_row()
                 generation = self._row(index).generation + 1
@@ -570,11 +587,29 @@ class SlotTable:
 
     def expire(self, now: float, forget_after: float) -> list[UpstreamRow]:
         """Forget upstreams silent for ``forget_after`` seconds, and drained removed ones."""
-        forgotten = []
+        # Every worker runs this twice a second: with a thousand upstreams, reading each
+        # whole row under the lock cost more than the agents' reports. Candidates are
+        # picked from two strided reads, and only they are read whole, under the lock.
+        used = self._rows_used()
+        end = HEADER_SIZE + used * self.row_size
+        states = self._map[HEADER_SIZE + 4 : end : self.row_size]
+        reported = self._f64[(HEADER_SIZE + 24) // 8 : end // 8 : self.row_size // 8].tolist()
+        candidates = [
+            index
+            for index, (state, last) in enumerate(zip(states, reported, strict=True))
+            if state != UpstreamState.FREE
+            and (state == UpstreamState.REMOVED or now - last > forget_after)
+        ]
+        forgotten: list[UpstreamRow] = []
+        if not candidates:
+            return forgotten
         with self.locked():
-            for row in self._used_rows():
+            for index in candidates:
+                if index >= self._rows_used():
+                    continue
+                row = self._row(index)
                 drained = row.state is UpstreamState.REMOVED and row.reservations == 0
-                if drained or row.age(now) > forget_after:
+                if row.state is not UpstreamState.FREE and (drained or row.age(now) > forget_after):
                     self._free(row)
                     forgotten.append(row)
         return forgotten

@@ -66,8 +66,9 @@ class DeferralWatch:
         self._thread.join()
 
 
-async def stream_chat(url: str, tokens: int) -> tuple[int, float, float, str]:
-    """Status, first-byte time, end time, and the last data line of a streamed chat."""
+async def stream_chat(url: str, tokens: int) -> tuple[int, float, float, str, float]:
+    """Status, first-byte time, end time, the last data line of a streamed chat, and
+    how long the balancer says it waited for a slot (ms)."""
     async with (
         httpx.AsyncClient(timeout=120) as client,
         client.stream("POST", url, json=chat(tokens, stream=True)) as response,
@@ -80,11 +81,12 @@ async def stream_chat(url: str, tokens: int) -> tuple[int, float, float, str]:
                     first = time.monotonic()
                 last = line
         end = time.monotonic()
-        return response.status_code, first, end, last
+        queued = float(response.headers["x-paddler-queue-ms"])
+        return response.status_code, first, end, last, queued
 
 
 def test_twelve_streams_on_four_slots_never_overbook_and_queue_fairly(fleet: Fleet) -> None:
-    async def run() -> list[tuple[int, float, float, str]]:
+    async def run() -> list[tuple[int, float, float, str, float]]:
         return await asyncio.gather(
             *(stream_chat(fleet.url("/v1/chat/completions"), 600) for _ in range(12))
         )
@@ -92,16 +94,22 @@ def test_twelve_streams_on_four_slots_never_overbook_and_queue_fairly(fleet: Fle
     with DeferralWatch(fleet) as watch:
         results = asyncio.run(run())
     assert [status for status, *_ in results] == [200] * 12, fleet.paddlerd.log()[-6000:]
-    assert all(last == "data: [DONE]" for *_, last in results)
+    assert all(last == "data: [DONE]" for *_, last, _ in results)
     # llama.cpp never had to queue a request itself: at most 2 in flight per server.
     assert watch.highest == 0
     assert watch.busiest <= 2
     # Queued requests start as soon as slots free: the 5th start comes right after the
     # 1st end, the 6th after the 2nd, and so on (no report interval in between).
-    starts = sorted(first for _, first, _, _ in results)
-    ends = sorted(end for _, _, end, _ in results)
+    starts = sorted(first for _, first, *_ in results)
+    ends = sorted(end for _, _, end, *_ in results)
     gaps = [starts[i] - ends[i - 4] for i in range(4, 12)]
-    assert max(gaps) < 0.25, (gaps, sorted((round(f, 2), round(e, 2)) for _, f, e, _ in results))
+    assert max(gaps) < 0.25, (gaps, sorted((round(f, 2), round(e, 2)) for _, f, e, *_ in results))
+    # The balancer's account of the wait (X-Paddler-Queue-Ms) agrees: four went at once,
+    # eight waited for one of the first four streams to end.
+    waits = sorted(queued for *_, queued in results)
+    shortest = min(end - first for _, first, end, *_ in results)
+    assert max(waits[:4]) < 50, waits
+    assert min(waits[4:]) > 1000 * shortest / 2, (waits, shortest)
     assert fleet.health()["queued"] == 0
 
 

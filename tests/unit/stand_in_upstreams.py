@@ -34,6 +34,9 @@ class Kept:
     def when_drained(self, callback: Callable[[], None]) -> None:
         asyncio.get_running_loop().call_soon(callback)
 
+    async def write(self, chunk: bytes) -> None:
+        self.send(chunk)
+
     async def end(self) -> None:
 
         self.ended = True

@@ -11,7 +11,7 @@ import re
 import socket
 from collections.abc import Awaitable, Callable
 
-from paddler.balancer.proxy.http import ClientLimits, Exchange, ProxyListener
+from paddler.balancer.proxy.http import ClientLimits, Exchange, Listener
 from paddler.testbed.ports import free_port
 
 LIMITS = ClientLimits(
@@ -62,13 +62,22 @@ class Echo:
             200, {"method": exchange.method, "path": exchange.path, "body": exchange.body.decode()}
         )
 
+    def quick(self, exchange: Exchange) -> bool:
+        """Answers /quick/... on the spot, without a task (as agents' reports are)."""
+        if not exchange.path.startswith("/quick/"):
+            return False
+        if exchange.path == "/quick/boom":
+            raise RuntimeError("a bug on the spot")
+        exchange.answer(200, b'{"quick": "%s"}' % exchange.path.encode())
+        return True
+
 
 async def serving(
-    test: Callable[[int, Echo, ProxyListener], Awaitable[None]], limits: ClientLimits = LIMITS
+    test: Callable[[int, Echo, Listener], Awaitable[None]], limits: ClientLimits = LIMITS
 ) -> None:
     """Run ``test`` against a listener with the stand-in handler on a free port."""
     echo = Echo()
-    listener = ProxyListener(echo, limits)
+    listener = Listener(echo, limits, quick=echo.quick)
     sock = socket.socket()
     sock.bind(("127.0.0.1", free_port()))
     sock.listen()
@@ -103,7 +112,7 @@ def statuses(raw: bytes) -> list[int]:
 
 
 def run(
-    test: Callable[[int, Echo, ProxyListener], Awaitable[None]], limits: ClientLimits = LIMITS
+    test: Callable[[int, Echo, Listener], Awaitable[None]], limits: ClientLimits = LIMITS
 ) -> None:
     asyncio.run(serving(test, limits))
 
@@ -118,7 +127,7 @@ def post(path: str, body: bytes, extra: bytes = b"") -> bytes:
 
 
 def test_pipelined_requests_are_answered_in_order_on_one_connection() -> None:
-    async def test(port: int, echo: Echo, _: ProxyListener) -> None:
+    async def test(port: int, echo: Echo, _: Listener) -> None:
         raw = await exchange_raw(port, post("/a", b"1") + post("/b", b"2") + post("/c", b"3"))
         assert statuses(raw) == [200, 200, 200]
         bodies = [json.loads(part.split(b"\r\n\r\n", 1)[1]) for part in raw.split(b"HTTP/1.1 ")[1:]]
@@ -128,7 +137,7 @@ def test_pipelined_requests_are_answered_in_order_on_one_connection() -> None:
 
 
 def test_a_chunked_request_body_arrives_whole() -> None:
-    async def test(port: int, echo: Echo, _: ProxyListener) -> None:
+    async def test(port: int, echo: Echo, _: Listener) -> None:
         raw = await exchange_raw(
             port,
             b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -141,7 +150,7 @@ def test_a_chunked_request_body_arrives_whole() -> None:
 
 
 def test_expect_100_continue_is_answered_before_the_body() -> None:
-    async def test(port: int, echo: Echo, _: ProxyListener) -> None:
+    async def test(port: int, echo: Echo, _: Listener) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(
             b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
@@ -157,7 +166,7 @@ def test_expect_100_continue_is_answered_before_the_body() -> None:
 
 
 def test_bodies_over_the_limit_get_413_by_length_or_by_counting() -> None:
-    async def test(port: int, echo: Echo, _: ProxyListener) -> None:
+    async def test(port: int, echo: Echo, _: Listener) -> None:
         declared = await exchange_raw(
             port, b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n"
         )
@@ -180,7 +189,7 @@ def test_bodies_over_the_limit_get_413_by_length_or_by_counting() -> None:
 
 
 def test_garbage_and_a_huge_head_are_refused_and_an_upgrade_ignored() -> None:
-    async def test(port: int, echo: Echo, _: ProxyListener) -> None:
+    async def test(port: int, echo: Echo, _: Listener) -> None:
         garbage = await exchange_raw(port, b"\x16\x03\x01 hello TLS\r\n\r\n")
         upgrade = await exchange_raw(
             port, b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
@@ -197,7 +206,7 @@ def test_garbage_and_a_huge_head_are_refused_and_an_upgrade_ignored() -> None:
 
 
 def test_slow_heads_and_bodies_are_cut_off_and_idle_connections_closed() -> None:
-    async def test(port: int, echo: Echo, _: ProxyListener) -> None:
+    async def test(port: int, echo: Echo, _: Listener) -> None:
         slow_head = await exchange_raw(port, b"GET /a HTTP/1.1\r\nHost: x\r\n", wait=2)
         slow_body = await exchange_raw(
             port, b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc", wait=2
@@ -212,7 +221,7 @@ def test_slow_heads_and_bodies_are_cut_off_and_idle_connections_closed() -> None
 
 
 def test_http_1_0_gets_its_own_framing() -> None:
-    async def test(port: int, echo: Echo, _: ProxyListener) -> None:
+    async def test(port: int, echo: Echo, _: Listener) -> None:
         stream = await exchange_raw(port, b"GET /stream HTTP/1.0\r\n\r\n")
         kept = await exchange_raw(
             port, b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /b HTTP/1.0\r\n\r\n"
@@ -228,7 +237,7 @@ def test_http_1_0_gets_its_own_framing() -> None:
 
 
 def test_streams_are_chunked_and_head_answers_have_no_body() -> None:
-    async def test(port: int, echo: Echo, _: ProxyListener) -> None:
+    async def test(port: int, echo: Echo, _: Listener) -> None:
         stream = await exchange_raw(port, b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
         head = await exchange_raw(port, b"HEAD /a HTTP/1.1\r\nHost: x\r\n\r\n")
         assert b"transfer-encoding: chunked" in stream
@@ -240,7 +249,7 @@ def test_streams_are_chunked_and_head_answers_have_no_body() -> None:
 
 
 def test_a_client_leaving_stops_its_request() -> None:
-    async def test(port: int, echo: Echo, _: ProxyListener) -> None:
+    async def test(port: int, echo: Echo, _: Listener) -> None:
         _reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /stall HTTP/1.1\r\nHost: x\r\n\r\n")
         await writer.drain()
@@ -253,7 +262,7 @@ def test_a_client_leaving_stops_its_request() -> None:
 
 
 def test_a_bug_in_the_handler_is_a_500_not_a_hang() -> None:
-    async def test(port: int, echo: Echo, _: ProxyListener) -> None:
+    async def test(port: int, echo: Echo, _: Listener) -> None:
         raw = await exchange_raw(port, b"GET /boom HTTP/1.1\r\nHost: x\r\n\r\n", wait=2)
         assert statuses(raw) == [500]
         assert b"connection: close" in raw
@@ -262,7 +271,7 @@ def test_a_bug_in_the_handler_is_a_500_not_a_hang() -> None:
 
 
 def test_a_slow_reader_makes_the_writer_wait() -> None:
-    async def test(port: int, echo: Echo, _: ProxyListener) -> None:
+    async def test(port: int, echo: Echo, _: Listener) -> None:
         sock = socket.create_connection(("127.0.0.1", port))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -277,7 +286,7 @@ def test_a_slow_reader_makes_the_writer_wait() -> None:
 
 
 def test_a_graceful_stop_finishes_answers_in_flight_and_closes_idle_connections() -> None:
-    async def test(port: int, echo: Echo, listener: ProxyListener) -> None:
+    async def test(port: int, echo: Echo, listener: Listener) -> None:
         idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
         busy_reader, busy_writer = await asyncio.open_connection("127.0.0.1", port)
         busy_writer.write(b"GET /stall HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -299,7 +308,7 @@ def test_a_graceful_stop_finishes_answers_in_flight_and_closes_idle_connections(
 
 
 def test_an_endless_header_line_is_cut_off_at_the_head_limit() -> None:
-    async def test(port: int, echo: Echo, _: ProxyListener) -> None:
+    async def test(port: int, echo: Echo, _: Listener) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /a HTTP/1.1\r\nX-Endless: ")
         answer = b""
@@ -316,7 +325,7 @@ def test_an_endless_header_line_is_cut_off_at_the_head_limit() -> None:
 
 
 def test_an_upgrade_request_with_a_body_is_refused_not_forwarded_without_it() -> None:
-    async def test(port: int, echo: Echo, _: ProxyListener) -> None:
+    async def test(port: int, echo: Echo, _: Listener) -> None:
         raw = await exchange_raw(
             port, post("/a", b"{}", b"Connection: Upgrade\r\nUpgrade: h2c\r\n"), wait=1
         )
@@ -328,7 +337,7 @@ def test_an_upgrade_request_with_a_body_is_refused_not_forwarded_without_it() ->
 
 
 def test_trailers_are_not_headers_and_two_hosts_are_refused() -> None:
-    async def test(port: int, echo: Echo, _: ProxyListener) -> None:
+    async def test(port: int, echo: Echo, _: Listener) -> None:
         trailed = await exchange_raw(
             port,
             b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -358,7 +367,7 @@ def test_a_refusal_reaches_a_client_still_sending_its_body() -> None:
                 received += chunk
             return received
 
-    async def test(port: int, echo: Echo, _: ProxyListener) -> None:
+    async def test(port: int, echo: Echo, _: Listener) -> None:
         answer = await asyncio.to_thread(upload, port)
         assert statuses(answer) == [413]
 
@@ -374,7 +383,7 @@ def test_a_client_that_stops_reading_is_disconnected_after_the_send_timeout() ->
         send_timeout=0.3,
     )
 
-    async def test(port: int, echo: Echo, listener: ProxyListener) -> None:
+    async def test(port: int, echo: Echo, listener: Listener) -> None:
         sock = socket.create_connection(("127.0.0.1", port))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -387,7 +396,7 @@ def test_a_client_that_stops_reading_is_disconnected_after_the_send_timeout() ->
 
 
 def test_a_pipelined_expect_continue_gets_its_100_after_the_answer_before_it() -> None:
-    async def test(port: int, echo: Echo, _: ProxyListener) -> None:
+    async def test(port: int, echo: Echo, _: Listener) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(
             b"GET /stall HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -404,5 +413,33 @@ def test_a_pipelined_expect_continue_gets_its_100_after_the_answer_before_it() -
         second = await asyncio.wait_for(reader.readuntil(b"}"), 2)
         assert b'"body": "ok"' in second
         writer.close()
+
+    run(test)
+
+
+def test_answers_on_the_spot_and_by_task_keep_their_order_on_one_connection() -> None:
+    async def test(port: int, echo: Echo, _: Listener) -> None:
+        raw = await exchange_raw(
+            port,
+            post("/a", b"1")
+            + b"GET /quick/1 HTTP/1.1\r\nHost: x\r\n\r\n"
+            + post("/b", b"2")
+            + b"HEAD /quick/2 HTTP/1.1\r\nHost: x\r\n\r\n"
+            + b"GET /quick/3 HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        assert statuses(raw) == [200] * 5
+        order = [raw.index(part) for part in (b'"/a"', b"/quick/1", b'"/b"', b"/quick/3")]
+        assert order == sorted(order)
+        assert b"/quick/2" not in raw  # a HEAD answer: its head, no body
+        assert [exchange.path for exchange in echo.seen] == ["/a", "/b"]
+
+    run(test)
+
+
+def test_a_bug_in_an_answer_on_the_spot_is_a_500_not_a_hang() -> None:
+    async def test(port: int, echo: Echo, _: Listener) -> None:
+        raw = await exchange_raw(port, b"GET /quick/boom HTTP/1.1\r\nHost: x\r\n\r\n", wait=2)
+        assert statuses(raw) == [500]
+        assert b"connection: close" in raw
 
     run(test)

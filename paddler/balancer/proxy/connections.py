@@ -111,11 +111,13 @@ class UpstreamConnection(asyncio.Protocol):
         assert answer is not None
         answer.status = self._parser.get_status_code()
         answer.keep_alive = self._parser.should_keep_alive()
+        answer.sized = any(name == b"content-length" for name, _ in answer.headers)
         answer.ends_with_close = not (
             answer.bodiless
+            or answer.sized
             or answer.status in (204, 304)
             or answer.status < 200
-            or any(name in (b"content-length", b"transfer-encoding") for name, _ in answer.headers)
+            or any(name == b"transfer-encoding" for name, _ in answer.headers)
         )
         answer.started()
         if answer.bodiless:
@@ -165,6 +167,7 @@ class Answer:
         self.status = 0
         self.keep_alive = False
         self.ends_with_close = False
+        self.sized = False  # a Content-Length: not a stream
         self.complete = False
         self.headers: list[tuple[bytes, bytes]] = []
         self._chunks: list[bytes] = []

@@ -173,10 +173,12 @@ class Proxy:
         tried: set[tuple[int, int]] = set()
         last_error = ""
         retries = _Retries(settings.max_retries)
+        queued = 0.0
         while retries.left():
             choose = self._policy(model, frozenset(tried))
             if last_error and not choose()(self.fleet.table.rows()):
                 break  # nowhere else to try: say what went wrong instead of waiting
+            asked = time.monotonic()
             try:
                 reservation, row = await self.waiter.acquire(
                     key, choose, max(0.0, deadline - time.monotonic()), partial=bool(tried)
@@ -201,8 +203,9 @@ class Proxy:
                     "timeout_error",
                 )
                 return
+            queued += time.monotonic() - asked
             try:
-                await self._forward(exchange, row, body)
+                await self._forward(exchange, row, body, queued)
                 return
             except RetryableError as error:
                 last_error = self._note_failure(exchange, row, error, retries, tried)
@@ -245,7 +248,9 @@ class Proxy:
 
     # -- forwarding and failures -----------------------------------------------------------
 
-    async def _forward(self, exchange: Exchange, row: UpstreamRow, body: bytes) -> None:
+    async def _forward(
+        self, exchange: Exchange, row: UpstreamRow, body: bytes, queued: float = 0.0
+    ) -> None:
         rewrite = self.settings.rewrite_host_header or exchange.header(b"host") is None
         headers = request_headers(
             exchange.headers,
@@ -255,7 +260,10 @@ class Proxy:
             upstream_api_key=self.settings.upstream_api_key,
         )
         if self.settings.debug_headers:
-            exchange.extra_headers = [(b"x-paddler-upstream", row.name.encode())]
+            exchange.extra_headers = [
+                (b"x-paddler-upstream", row.name.encode()),
+                (b"x-paddler-queue-ms", b"%.1f" % (queued * 1000)),
+            ]
         try:
             outcome: Outcome = await forward(
                 self.pool,

@@ -1,10 +1,11 @@
-"""The proxy's client side: HTTP/1.1 connections parsed by httptools, without ASGI.
+"""The balancer's HTTP/1.1 server side: connections parsed by httptools, without ASGI.
 
-Uvicorn and Starlette still serve the management API in every worker; the proxy port
-is served here because what they cost per request is most of what a proxy costs
-(docs/performance.md: a bare uvloop + httptools proxy spent a fifth of the CPU of
-the same proxy behind Uvicorn's ASGI cycle). The protocol hands a request to the
-proxy only once it is whole, and owns everything below that: keep-alive and
+Both of a worker's ports are served here: the proxy's, because what Uvicorn's ASGI
+cycle costs per request is most of what a proxy costs (docs/performance.md: a bare
+uvloop + httptools proxy spent a fifth of the CPU of the same proxy behind it), and
+the management API's, where a big fleet's agents report a thousand times a second
+(its other routes are Starlette's, through asgi.py). The protocol hands a request to
+its handler only once it is whole, and owns everything below that: keep-alive and
 pipelining, Expect: 100-continue, the deadlines for a request's head and body, the
 body limit, chunked answers, backpressure from slow clients, and stopping the
 request the moment its client leaves.
@@ -78,6 +79,12 @@ class Exchange:
         self._chunked = False
         self._head: bytes | None = None
 
+    def client(self) -> tuple[str, int] | None:
+        """The client's address and port, as the socket says."""
+        transport = self.connection.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        return (peer[0], peer[1]) if peer else None
+
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
             if key == name:
@@ -87,6 +94,9 @@ class Exchange:
     # -- the answer (upstream.Responder) ---------------------------------------------------
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.begin(status, headers)
+
+    def begin(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         """Compose the status line and headers; they go out with the first body bytes."""
         self.response_started = True
         lines = [b"HTTP/1.1 %d %s" % (status, REASONS.get(status, b"Unknown"))]
@@ -110,7 +120,8 @@ class Exchange:
             lines.append(b"connection: close")
         elif not self.http11:
             lines.append(b"connection: keep-alive")
-        lines.append(b"x-request-id: " + self.request_id.encode("latin-1"))
+        if self.request_id:
+            lines.append(b"x-request-id: " + self.request_id.encode("latin-1"))
         lines.extend(name + b": " + value for name, value in self.extra_headers)
         self._head = b"\r\n".join(lines) + b"\r\n\r\n"
         if bodiless:
@@ -138,38 +149,61 @@ class Exchange:
             await self.connection.drained()
 
     async def end(self) -> None:
+        if not self._complete():
+            await self.connection.drained()
+
+    def _complete(self) -> bool:
+        """Write what ends the answer (the last chunk; the head of a bodiless one)."""
         tail = b"0\r\n\r\n" if self._chunked else b""
         if self._head is not None:
             tail, self._head = self._head + tail, None
-        if tail and not self.connection.send(tail):
-            await self.connection.drained()
+        self._chunked = False
         self.response_complete = True
+        return self.connection.send(tail) if tail else True
 
     async def respond(
         self, status: int, payload: Any, headers: list[tuple[bytes, bytes]] | None = None
     ) -> None:
-        """A whole JSON answer of the balancer's own."""
-        body = json.dumps(payload).encode()
-        await self.start(
+        """A whole JSON answer of the balancer's own (``payload`` as bytes: already JSON)."""
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        self.answer(status, body, headers)
+        if self.connection.behind():
+            await self.connection.drained()
+
+    def answer(
+        self, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
+        """A whole JSON answer, written at once (small: the socket's buffer takes it)."""
+        self.begin(
             status,
             [
                 (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
+                (b"content-length", b"%d" % len(body)),
                 *(headers or []),
             ],
         )
-        await self.write(body)
-        await self.end()
+        self.send(body)
+        self._complete()
 
 
 Handler = Callable[[Exchange], Coroutine[Any, Any, None]]
+# Answers a request on the spot if it can (True), with no task of its own: for requests
+# that need no waiting, such as agents' reports, a thousand a second in a big fleet.
+QuickHandler = Callable[[Exchange], bool]
 
 
 class ClientConnection(asyncio.Protocol):
     """One client connection: its requests, one at a time, in the order they came."""
 
-    def __init__(self, handler: Handler, limits: ClientLimits, registry: set["ClientConnection"]):
+    def __init__(
+        self,
+        handler: Handler,
+        limits: ClientLimits,
+        registry: set["ClientConnection"],
+        quick: QuickHandler | None = None,
+    ):
         self.handler = handler
+        self.quick = quick
         self.limits = limits
         self.registry = registry
         self.loop = asyncio.get_running_loop()
@@ -195,7 +229,12 @@ class ClientConnection(asyncio.Protocol):
         self._discarding = False
         self._reading: str | None = None  # "head" or "body" of a request on its way
         self._refusal: tuple[int, str] | None = None  # held until the answer in flight ends
+        # One deadline at a time (head, body, idle), on one timer pushed back lazily:
+        # re-arming it per request would cost a timer of its own each time.
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._deadline = 0.0
+        self._on_deadline: Callable[[], None] | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -233,6 +272,9 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.registry.discard(self)
         self._disarm()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.closing = True
         self._pending.clear()
         self._on_drained.clear()
@@ -350,6 +392,15 @@ class ClientConnection(asyncio.Protocol):
     # -- running requests ------------------------------------------------------------------
 
     def _run(self, exchange: Exchange) -> None:
+        if self.quick is not None:
+            try:
+                answered = self.quick(exchange)
+            except Exception as error:
+                self._after(exchange, error)
+                return
+            if answered:
+                self._after(exchange, None)
+                return
         self.exchange = exchange
         self.task = self.loop.create_task(self.handler(exchange))
         self.task.add_done_callback(self._finished)
@@ -357,10 +408,13 @@ class ClientConnection(asyncio.Protocol):
     def _finished(self, task: "asyncio.Task[None]") -> None:
         exchange = self.exchange
         self.task = self.exchange = None
+        self._after(exchange, None if task.cancelled() else task.exception())
+
+    def _after(self, exchange: Exchange | None, error: BaseException | None) -> None:
+        """A request's answer is done (or failed): on to the next, or close."""
         if exchange is None or self.transport is None or self.transport.is_closing():
             return
-        if not task.cancelled() and task.exception() is not None:
-            error = task.exception()
+        if error is not None:
             log.error(
                 "[%s] the request failed inside the balancer: %r",
                 exchange.request_id,
@@ -408,6 +462,9 @@ class ClientConnection(asyncio.Protocol):
             self._on_drained.append(callback)
         else:
             self.loop.call_soon(callback)
+
+    def behind(self) -> bool:
+        return self._paused_writing
 
     async def drained(self) -> None:
         transport = self.transport
@@ -491,16 +548,30 @@ class ClientConnection(asyncio.Protocol):
         return url.decode("latin-1")
 
     def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
-        self._disarm()
-        self._timer = self.loop.call_later(seconds, callback)
+        self._deadline = self.loop.time() + seconds
+        self._on_deadline = callback
+        if self._timer is not None and self._timer_at > self._deadline:
+            self._timer.cancel()  # an earlier deadline than the timer's: a new timer
+            self._timer = None
+        if self._timer is None:
+            self._timer_at = self._deadline
+            self._timer = self.loop.call_at(self._deadline, self._deadline_reached)
 
     def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._on_deadline = None  # the timer stays, and finds nothing to do
+
+    def _deadline_reached(self) -> None:
+        self._timer = None
+        if self._on_deadline is None:
+            return
+        if self.loop.time() < self._deadline:  # pushed back since the timer was set
+            self._timer_at = self._deadline
+            self._timer = self.loop.call_at(self._deadline, self._deadline_reached)
+            return
+        callback, self._on_deadline = self._on_deadline, None
+        callback()
 
     def _head_too_slow(self) -> None:
-        self._timer = None
         if self._reading == "head":
             log.info(
                 "closed the connection of %s: its request headers took over %gs",
@@ -519,7 +590,6 @@ class ClientConnection(asyncio.Protocol):
             self.transport.abort()  # close() would wait to flush what it will never read
 
     def _body_too_slow(self) -> None:
-        self._timer = None
         self._refuse(408, f"the request body took longer than {self.limits.body_timeout:g}s")
 
     def _peer(self) -> str:
@@ -527,11 +597,15 @@ class ClientConnection(asyncio.Protocol):
         return f"{peer[0]}:{peer[1]}" if peer else "a client"
 
 
-class ProxyListener:
-    """The proxy's listening sockets in one worker, and every connection they accepted."""
+class Listener:
+    """One port's listening sockets in one worker (the proxy's, or the management
+    API's), and every connection they accepted."""
 
-    def __init__(self, handler: Handler, limits: ClientLimits) -> None:
+    def __init__(
+        self, handler: Handler, limits: ClientLimits, quick: QuickHandler | None = None
+    ) -> None:
         self.handler = handler
+        self.quick = quick
         self.limits = limits
         self.connections: set[ClientConnection] = set()
         self._servers: list[asyncio.AbstractServer] = []
@@ -540,7 +614,7 @@ class ProxyListener:
         loop = asyncio.get_running_loop()
         for sock in sockets:
             server = await loop.create_server(
-                lambda: ClientConnection(self.handler, self.limits, self.connections),
+                lambda: ClientConnection(self.handler, self.limits, self.connections, self.quick),
                 sock=sock,
                 backlog=2048,
             )

@@ -66,6 +66,10 @@ class Responder(Protocol):
 
     def when_drained(self, callback: Callable[[], None]) -> None: ...
 
+    async def write(self, chunk: bytes) -> None:
+        """send(), then wait while the client is behind."""
+        ...
+
     async def end(self) -> None: ...
 
 
@@ -154,17 +158,13 @@ async def forward(
             answer.status,
             [(name, value) for name, value in answer.headers if name not in NOT_RETURNED],
         )
-
-        def pass_on(chunk: bytes, last: bool) -> None:
-            if not responder.send(chunk, last):
-                answer.hold()
-                responder.when_drained(answer.release)
-
-        answer.relay(pass_on)
-        try:
-            await answer.relayed(read_timeout)
-        except (SilentError, BrokenAnswerError, DroppedError) as error:
-            raise UpstreamFailedError(f"it failed mid-response: {error}") from None
+        if answer.sized:
+            # Of known length (a JSON answer, whole in one or two reads): taken as it
+            # comes. A relay costs more to set up than it saves on so few reads.
+            while (chunk := await _rest(answer, read_timeout)) is not None:
+                await responder.write(chunk)
+        else:
+            await _relay(answer, responder, read_timeout)
         await responder.end()
 
         return Outcome(answer.status)
@@ -172,6 +172,22 @@ async def forward(
         # An answer not read to its end (the client left, or it broke) closes its
         # connection: that is also what tells llama.cpp to stop generating.
         connection.finished(answer)
+
+
+async def _relay(answer: Answer, responder: Responder, read_timeout: float) -> None:
+    """A stream: each read of the upstream goes to the client from the read's own
+    callback, held back while the client is behind."""
+
+    def pass_on(chunk: bytes, last: bool) -> None:
+        if not responder.send(chunk, last):
+            answer.hold()
+            responder.when_drained(answer.release)
+
+    answer.relay(pass_on)
+    try:
+        await answer.relayed(read_timeout)
+    except (SilentError, BrokenAnswerError, DroppedError) as error:
+        raise UpstreamFailedError(f"it failed mid-response: {error}") from None
 
 
 async def _rest(answer: Answer, read_timeout: float) -> bytes | None:

@@ -1,0 +1,622 @@
+"""Part 2 of the benchmarks: fleet quality on real llama-servers, Paddler against nginx and HAProxy.
+
+    python bench/fleet_quality.py            # 3 repetitions, about 35 minutes
+    python bench/fleet_quality.py --smoke    # 1 repetition of small workloads, results not written
+
+Two llama-servers with 2 slots each run the generated ~28M-parameter model
+(paddler.testbed.models "bench"), each with one thread and pinned to a core of its own, so
+that no arm's proxy steals a server's core more than another's. They are restarted for
+every cell: every arm starts with cold caches. In front of them stand the arms of Part 1:
+direct (the client takes the servers in turn), nginx round robin, nginx least_conn, HAProxy
+leastconn, and Paddler (balancer and two agents under paddlerd, default settings).
+
+Workloads, drawn from a seed and the same for every arm, streamed chat completions with a
+fixed number of output tokens (temperature 0, end of sequence ignored):
+
+- W1 multi-turn chat: sessions arriving on a Poisson schedule, a few turns each; a turn
+  sends the whole conversation so far, the last reply included, a moment after it ended.
+- W2 shared system prompts: requests from a few groups, each a long system prompt of its
+  group and a short question of its own, arriving on a Poisson schedule.
+- W3 unique prompts: the same sizes and schedule with nothing shared (the control).
+- W4 bursts: bursts of three times the fleet's slots at once.
+
+Per cell: time to first token p50/p90/p99 and end-to-end latency p50/p99, both from the
+moment the schedule said to send (slow answers cannot hide a queue); output tokens per
+second; errors by status; the most requests llama.cpp held back itself (its
+requests_deferred gauge, sampled every 50 ms on every server); the share of prompt
+tokens served from cache (llama.cpp's timings: cache_n against cache_n + prompt_n); and
+Paddler's queue wait (its X-Paddler-Queue-Ms header).
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from proxy_overhead import (  # noqa: E402
+    HAPROXY_CONF,
+    NGINX_CONF,
+    ensure_tools,
+    process,
+    wait_http,
+)
+
+from paddler.testbed.llama_server import cache_root, ensure_llama_server  # noqa: E402
+from paddler.testbed.models import write_model  # noqa: E402
+from paddler.testbed.ports import free_port  # noqa: E402
+
+ARMS = ("direct", "nginx-rr", "nginx-leastconn", "haproxy-leastconn", "paddler")
+BASELINE = "nginx-leastconn"
+WORKLOADS = ("W1", "W2", "W3", "W4")
+SERVERS = 2
+SLOTS = 2  # per server
+CONTEXT = 8192  # per server: 4096 per slot
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each workload is; --smoke shrinks them."""
+
+    sessions: int = 6  # W1
+    turns: int = 4
+    session_rate: float = 0.4  # sessions started per second
+    think: float = 1.0  # seconds between a reply and the next turn
+    turn_words: int = 60
+    requests: int = 24  # W2, W3
+    rate: float = 1.2  # per second
+    groups: int = 3
+    system_words: int = 350
+    question_words: int = 15
+    bursts: int = 3  # W4
+    burst_gap: float = 6.0
+    burst_words: int = 80
+    output_tokens: int = 32
+
+
+FULL = Sizes()
+SMOKE = Sizes(
+    sessions=3, turns=2, requests=8, rate=2.0, system_words=150, bursts=1, output_tokens=16
+)
+
+
+@dataclass
+class Outcome:
+    status: int  # 0: the connection failed
+    ttft: float | None = None  # seconds from the scheduled send
+    total: float = 0.0
+    tokens: int = 0
+    prompt_n: int = 0
+    cache_n: int = 0
+    queued_ms: float | None = None
+    text: str = ""
+
+
+@dataclass
+class Cell:
+    outcomes: list[Outcome] = field(default_factory=list)
+    deferred_max: int = 0
+    seconds: float = 0.0
+
+
+# -- prompts ---------------------------------------------------------------------------------
+
+SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "pa", "qu", "xi", "do", "fe")
+
+
+def words(rng: random.Random, count: int) -> str:
+    return " ".join(
+        "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3))) for _ in range(count)
+    )
+
+
+# -- the client ------------------------------------------------------------------------------
+
+
+async def chat(
+    client: httpx.AsyncClient, url: str, messages: list[dict[str, str]], tokens: int, due: float
+) -> Outcome:
+    """One streamed chat completion sent at ``due`` (perf_counter), measured from then."""
+    delay = due - time.perf_counter()
+    if delay > 0:
+        await asyncio.sleep(delay)
+    body = {
+        "messages": messages,
+        "max_tokens": tokens,
+        "stream": True,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    outcome = Outcome(status=0)
+    pieces: list[str] = []
+    try:
+        async with client.stream("POST", url, json=body) as response:
+            outcome.status = response.status_code
+            queued = response.headers.get("x-paddler-queue-ms")
+            outcome.queued_ms = float(queued) if queued is not None else None
+            if response.status_code != 200:
+                await response.aread()
+            else:
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    timings = event.get("timings")
+                    if timings:
+                        outcome.prompt_n = int(timings.get("prompt_n", 0))
+                        outcome.cache_n = int(timings.get("cache_n", 0))
+                        outcome.tokens = int(timings.get("predicted_n", 0))
+                    for choice in event.get("choices") or ():
+                        piece = (choice.get("delta") or {}).get("content")
+                        if piece:
+                            if outcome.ttft is None:
+                                outcome.ttft = time.perf_counter() - due
+                            pieces.append(piece)
+    except httpx.HTTPError:
+        outcome.status = outcome.status or 0
+    outcome.total = time.perf_counter() - due
+    outcome.text = "".join(pieces)
+    return outcome
+
+
+class Target:
+    """Where requests go: one address (a proxy), or the servers in turn (direct)."""
+
+    def __init__(self, ports: list[int]) -> None:
+        self.urls = [f"http://127.0.0.1:{port}/v1/chat/completions" for port in ports]
+        self.next = 0
+
+    def url(self) -> str:
+        url = self.urls[self.next % len(self.urls)]
+        self.next += 1
+        return url
+
+
+async def w1_multi_turn(
+    client: httpx.AsyncClient, target: Target, sizes: Sizes, rng: random.Random, start: float
+) -> list[Outcome]:
+    async def session(due: float, seed: float) -> list[Outcome]:
+        own = random.Random(seed)
+        messages: list[dict[str, str]] = []
+        done = []
+        for _ in range(sizes.turns):
+            messages.append({"role": "user", "content": words(own, sizes.turn_words)})
+            outcome = await chat(client, target.url(), messages, sizes.output_tokens, due)
+            done.append(outcome)
+            if outcome.status != 200:
+                break
+            messages.append({"role": "assistant", "content": outcome.text})
+            due = time.perf_counter() + sizes.think
+        return done
+
+    dues = poisson(rng, start, sizes.session_rate, sizes.sessions)
+    sessions = await asyncio.gather(*(session(due, rng.random()) for due in dues))
+    return [outcome for one in sessions for outcome in one]
+
+
+async def w2_shared_prefixes(
+    client: httpx.AsyncClient, target: Target, sizes: Sizes, rng: random.Random, start: float
+) -> list[Outcome]:
+    systems = [words(rng, sizes.system_words) for _ in range(sizes.groups)]
+    jobs = []
+    for due in poisson(rng, start, sizes.rate, sizes.requests):
+        messages = [
+            {"role": "system", "content": rng.choice(systems)},
+            {"role": "user", "content": words(rng, sizes.question_words)},
+        ]
+        jobs.append(chat(client, target.url(), messages, sizes.output_tokens, due))
+    return list(await asyncio.gather(*jobs))
+
+
+async def w3_unique(
+    client: httpx.AsyncClient, target: Target, sizes: Sizes, rng: random.Random, start: float
+) -> list[Outcome]:
+    jobs = []
+    for due in poisson(rng, start, sizes.rate, sizes.requests):
+        messages = [
+            {"role": "system", "content": words(rng, sizes.system_words)},
+            {"role": "user", "content": words(rng, sizes.question_words)},
+        ]
+        jobs.append(chat(client, target.url(), messages, sizes.output_tokens, due))
+    return list(await asyncio.gather(*jobs))
+
+
+async def w4_bursts(
+    client: httpx.AsyncClient, target: Target, sizes: Sizes, rng: random.Random, start: float
+) -> list[Outcome]:
+    jobs = []
+    for burst in range(sizes.bursts):
+        due = start + burst * sizes.burst_gap
+        for _ in range(3 * SERVERS * SLOTS):
+            messages = [{"role": "user", "content": words(rng, sizes.burst_words)}]
+            jobs.append(chat(client, target.url(), messages, sizes.output_tokens, due))
+    return list(await asyncio.gather(*jobs))
+
+
+WORKLOAD_RUNNERS = {
+    "W1": w1_multi_turn,
+    "W2": w2_shared_prefixes,
+    "W3": w3_unique,
+    "W4": w4_bursts,
+}
+
+
+def poisson(rng: random.Random, start: float, rate: float, count: int) -> list[float]:
+    dues, due = [], start
+    for _ in range(count):
+        dues.append(due)
+        due += rng.expovariate(rate)
+    return dues
+
+
+async def deferred_watch(ports: list[int], cell: Cell, stop: asyncio.Event) -> None:
+    """llama.cpp's requests_deferred on every server, every 50 ms: requests it holds back
+    itself because all its slots are busy."""
+    async with httpx.AsyncClient(timeout=2) as client:
+        while not stop.is_set():
+            for port in ports:
+                try:
+                    text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+                except httpx.HTTPError:
+                    continue
+                for line in text.splitlines():
+                    if line.startswith("llamacpp:requests_deferred "):
+                        cell.deferred_max = max(cell.deferred_max, int(float(line.split()[1])))
+            with suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.05)
+
+
+async def run_cell(workload: str, entry: list[int], servers: list[int], sizes: Sizes) -> Cell:
+    cell = Cell()
+    stop = asyncio.Event()
+    watch = asyncio.create_task(deferred_watch(servers, cell, stop))
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        rng = random.Random(f"{workload}-7")
+        start = time.perf_counter() + 0.2
+        cell.outcomes = await WORKLOAD_RUNNERS[workload](client, Target(entry), sizes, rng, start)
+        cell.seconds = time.perf_counter() - start
+    stop.set()
+    await watch
+    return cell
+
+
+# -- the fleet and the arms ------------------------------------------------------------------
+
+
+def bench_model() -> Path:
+    model = cache_root() / "models" / "bench-seed0.gguf"
+    if not model.exists():
+        print("writing the ~28M-parameter bench model (once)", file=sys.stderr)
+        write_model(model, "bench", seed=0)
+    return model
+
+
+@contextmanager
+def llama_servers(binary: Path, model: Path, work: Path) -> Iterator[list[int]]:
+    """Fresh llama-servers (cold caches), each pinned to a core of its own."""
+    ports = [free_port() for _ in range(SERVERS)]
+    cores = sorted(os.sched_getaffinity(0))
+    with ExitStack() as stack:
+        for index, port in enumerate(ports):
+            core = cores[index % len(cores)]
+            argv = [
+                str(binary),
+                "--model",
+                str(model),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--parallel",
+                str(SLOTS),
+                "--ctx-size",
+                str(CONTEXT),
+                "--threads",
+                "1",
+                "--threads-batch",
+                "1",
+                "--metrics",
+                "--alias",
+                "bench",
+            ]
+            stack.enter_context(
+                process(
+                    argv,
+                    log=work / f"llama-server-{index}.log",
+                    preexec_fn=lambda core=core: os.sched_setaffinity(0, {core}),
+                )
+            )
+        for port in ports:
+            _wait_ready(port)
+        yield ports
+
+
+def _wait_ready(port: int) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"llama-server on {port} did not load its model")
+
+
+PADDLERD_TOML = """
+[paddlerd]
+pidfile = "{work}/paddlerd.pid"
+
+[balancer]
+management_port = {management}
+reverseproxy_port = {port}
+workers = 2
+slot_table = "{work}/slots"
+debug_headers = true
+"""
+
+AGENT_TOML = """
+[[agent]]
+name = "server-{index}"
+local_llamacpp_port = {server}
+balancers = ["127.0.0.1:{management}"]
+"""
+
+
+@contextmanager
+def arm(name: str, servers: list[int], work: Path) -> Iterator[list[int]]:
+    """Start one arm in front of ``servers``; the ports clients send to."""
+    if name == "direct":
+        yield servers
+        return
+    port = free_port()
+    one, two = servers
+    if name.startswith("nginx"):
+        policy = "least_conn; zone fake 64k;" if name == "nginx-leastconn" else ""
+        conf = work / f"{name}.conf"
+        conf.write_text(
+            NGINX_CONF.format(
+                dir=work, name=name, policy=policy, upstream1=one, upstream2=two, port=port
+            ).replace(
+                "proxy_buffering off;", "proxy_buffering off;\n            proxy_read_timeout 300s;"
+            )
+        )
+        argv = [shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(conf), "-g", "daemon off;"]
+    elif name == "haproxy-leastconn":
+        conf = work / "haproxy.cfg"
+        conf.write_text(
+            HAPROXY_CONF.format(port=port, upstream1=one, upstream2=two).replace(
+                "timeout server 60s", "timeout server 300s"
+            )
+        )
+        argv = [shutil.which("haproxy") or "/usr/sbin/haproxy", "-f", str(conf), "-db"]
+    else:
+        management = free_port()
+        text = PADDLERD_TOML.format(work=work, management=management, port=port)
+        for index, server in enumerate(servers):
+            text += AGENT_TOML.format(index=index, server=server, management=management)
+        config = work / "paddler.toml"
+        config.write_text(text)
+        argv = [sys.executable, "-m", "paddler.supervisor.cli", "-c", str(config)]
+    with process(argv, log=work / f"{name}.log", cwd=ROOT):
+        if name == "paddler":
+            _wait_slots(port, SERVERS * SLOTS)
+        else:
+            wait_http(f"http://127.0.0.1:{port}/health")
+        yield [port]
+
+
+def _wait_slots(port: int, slots: int) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
+            if health.get("slots", {}).get("idle") == slots:
+                return
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"Paddler on {port} did not see {slots} idle slots")
+
+
+# -- figures ---------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], share: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+def figures(cell: Cell) -> dict[str, Any]:
+    done = [o for o in cell.outcomes if o.status == 200 and o.ttft is not None]
+    ttft = [o.ttft * 1000 for o in done if o.ttft is not None]
+    total = [o.total * 1000 for o in done]
+    prompt = sum(o.prompt_n + o.cache_n for o in done)
+    errors: dict[str, int] = {}
+    for outcome in cell.outcomes:
+        if outcome.status != 200 or outcome.ttft is None:
+            key = str(outcome.status) if outcome.status else "connection"
+            errors[key] = errors.get(key, 0) + 1
+    queued = [o.queued_ms for o in done if o.queued_ms is not None]
+    return {
+        "requests": len(cell.outcomes),
+        "ttft_ms": {
+            "p50": percentile(ttft, 0.5),
+            "p90": percentile(ttft, 0.9),
+            "p99": percentile(ttft, 0.99),
+        },
+        "total_ms": {"p50": percentile(total, 0.5), "p99": percentile(total, 0.99)},
+        "output_tokens_per_s": sum(o.tokens for o in done) / cell.seconds if cell.seconds else 0,
+        "errors": errors,
+        "errors_5xx": sum(n for key, n in errors.items() if key.startswith("5")),
+        "deferred_max": cell.deferred_max,
+        "cache_share": sum(o.cache_n for o in done) / prompt if prompt else 0.0,
+        "prompt_tokens": prompt,
+        "queue_wait_ms": (
+            {"p50": percentile(queued, 0.5), "p90": percentile(queued, 0.9)} if queued else None
+        ),
+    }
+
+
+def run(sizes: Sizes, repetitions: int, workloads: tuple[str, ...]) -> dict[str, Any]:
+    ensure_tools()
+    binary = ensure_llama_server()
+    model = bench_model()
+    results: dict[str, Any] = {name: {w: [] for w in workloads} for name in ARMS}
+    with tempfile.TemporaryDirectory() as raw:
+        work = Path(raw)
+        for repetition in range(repetitions):
+            for workload in workloads:
+                for name in ARMS:
+                    with (
+                        llama_servers(binary, model, work) as servers,
+                        arm(name, servers, work) as entry,
+                    ):
+                        cell = asyncio.run(run_cell(workload, entry, servers, sizes))
+                    measured = figures(cell)
+                    results[name][workload].append(measured)
+                    print(
+                        f"rep {repetition + 1} {workload} {name:18} ttft p50/p90 "
+                        f"{measured['ttft_ms']['p50']:.0f}/{measured['ttft_ms']['p90']:.0f} ms  "
+                        f"cache {measured['cache_share']:.0%}  deferred "
+                        f"{measured['deferred_max']}  errors {measured['errors']}",
+                        file=sys.stderr,
+                    )
+                    if measured["errors"]:
+                        _report_trouble(name, work)
+    return results
+
+
+def _report_trouble(name: str, work: Path) -> None:
+    log = work / f"{name}.log"
+    if log.exists():
+        lines = log.read_text(errors="replace").splitlines()
+        print(f"{name}: errors; the last lines of its log:", file=sys.stderr)
+        for line in lines[-15:]:
+            print(f"  {line}", file=sys.stderr)
+
+
+TABLE: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("time to first token p50 (ms)", ("ttft_ms", "p50"), "{:.0f}"),
+    ("time to first token p90 (ms)", ("ttft_ms", "p90"), "{:.0f}"),
+    ("time to first token p99 (ms)", ("ttft_ms", "p99"), "{:.0f}"),
+    ("end to end p50 (ms)", ("total_ms", "p50"), "{:.0f}"),
+    ("end to end p99 (ms)", ("total_ms", "p99"), "{:.0f}"),
+    ("output tokens/s", ("output_tokens_per_s",), "{:.1f}"),
+    ("prompt tokens from cache", ("cache_share",), "{:.0%}"),
+    ("most requests deferred in llama.cpp", ("deferred_max",), "{:.0f}"),
+    ("5xx", ("errors_5xx",), "{:.0f}"),
+    ("Paddler's queue wait p90 (ms)", ("queue_wait_ms", "p90"), "{:.0f}"),
+)
+
+TITLES = {
+    "W1": "W1 multi-turn chat",
+    "W2": "W2 shared system prompts",
+    "W3": "W3 unique prompts",
+    "W4": "W4 bursts of 3x the slots",
+}
+
+
+def _pick(measured: dict[str, Any], path: tuple[str, ...]) -> float | None:
+    value: Any = measured
+    for key in path:
+        if value is None:
+            return None
+        value = value[key]
+    return None if value is None else float(value)
+
+
+def tables(results: dict[str, Any], workloads: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
+    lines: list[str] = []
+    compared: dict[str, Any] = {}
+    for workload in workloads:
+        lines += [
+            f"### {TITLES[workload]}",
+            "",
+            "| figure | " + " | ".join(ARMS) + f" | Paddler / {BASELINE} |",
+            "|" + " --- |" * (len(ARMS) + 2),
+        ]
+        compared[workload] = {}
+        for label, path, form in TABLE:
+            cells, medians = [], {}
+            for name in ARMS:
+                values = [v for m in results[name][workload] if (v := _pick(m, path)) is not None]
+                if not values:
+                    cells.append("-")
+                    continue
+                median = statistics.median(values)
+                medians[name] = median
+                low, high = min(values), max(values)
+                spread = f" ({form.format(low)}-{form.format(high)})" if low != high else ""
+                cells.append(form.format(median) + spread)
+            base = medians.get(BASELINE)
+            ratio = medians["paddler"] / base if base and "paddler" in medians else None
+            compared[workload][label] = ratio
+            shown = f"{ratio:.2f}" if ratio is not None else "-"
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {shown} |")
+        lines.append("")
+    return "\n".join(lines), compared
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="1 repetition of small workloads")
+    parser.add_argument("--repetitions", type=int, default=3)
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    sizes = SMOKE if args.smoke else FULL
+    repetitions = 1 if args.smoke else args.repetitions
+    workloads = tuple(args.workloads.split(","))
+    began = time.monotonic()
+    results = run(sizes, repetitions, workloads)
+    table, compared = tables(results, workloads)
+    print(table)
+    if not args.smoke:
+        args.out.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "machine": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "llama_server": str(ensure_llama_server(log=False)),
+            "sizes": sizes.__dict__,
+            "repetitions": repetitions,
+            "minutes": round((time.monotonic() - began) / 60, 1),
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        (args.out / "fleet_quality.json").write_text(
+            json.dumps({"meta": meta, "results": results, "paddler_against": compared}, indent=2)
+            + "\n"
+        )
+        (args.out / "fleet_quality.md").write_text(
+            f"# Fleet quality ({meta['date']}, {meta['cpus']} CPUs, {meta['machine']})\n\n"
+            f"`{' '.join(['python', 'bench/fleet_quality.py', *sys.argv[1:]])}`: "
+            f"{repetitions} repetitions (median, and min-max where they differ), "
+            f"{meta['minutes']} minutes. 2 llama-servers x 2 slots, the generated "
+            f"~28M-parameter model, one core each.\n\n{table}\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
