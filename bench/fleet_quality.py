@@ -1,7 +1,7 @@
 """Part 2 of the benchmarks: fleet quality on real llama-servers, Paddler against nginx and HAProxy.
 
-    python bench/fleet_quality.py            # 3 repetitions, about 35 minutes
-    python bench/fleet_quality.py --smoke    # 1 repetition of small workloads, results not written
+    python bench/fleet_quality.py            # 3 repetitions, about 30 minutes
+    python bench/fleet_quality.py --smoke    # 1 repetition of small workloads, about 2 minutes
 
 Two llama-servers with 2 slots each run the generated ~28M-parameter model
 (paddler.testbed.models "bench"), each with one thread and pinned to a core of its own, so
@@ -93,7 +93,7 @@ class Sizes:
 
 FULL = Sizes()
 SMOKE = Sizes(
-    sessions=3, turns=2, requests=8, rate=2.0, system_words=150, bursts=1, output_tokens=16
+    sessions=2, turns=2, requests=6, rate=3.0, system_words=150, bursts=1, output_tokens=16
 )
 
 

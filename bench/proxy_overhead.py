@@ -1,7 +1,7 @@
 """Part 1 of the benchmarks: what a proxy itself costs, Paddler against nginx and HAProxy.
 
     python bench/proxy_overhead.py             # 3 repetitions, about 30 minutes
-    python bench/proxy_overhead.py --smoke     # 1 repetition of short cells, about 3 minutes
+    python bench/proxy_overhead.py --smoke     # 1 repetition of 1 s cells, about 2 minutes
 
 Every arm stands in front of the same two fast fake upstreams (bench/fake_upstream.py):
 direct access (the client spreads requests itself), nginx round robin, nginx least_conn
@@ -500,13 +500,18 @@ def tables(results: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[str, Any
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="1 repetition of 2 s cells")
+    parser.add_argument(
+        "--smoke", action="store_true", help="1 repetition of 1 s cells, the ramp's first 3 rates"
+    )
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
-    seconds = 2.0 if args.smoke else args.seconds
+    seconds = 1.0 if args.smoke else args.seconds
     repetitions = 1 if args.smoke else args.repetitions
+    if args.smoke:
+        global RAMP
+        RAMP = {workload: rates[:3] for workload, rates in RAMP.items()}
     results = run(seconds, repetitions)
     table, compared = tables(results)
     print(table)

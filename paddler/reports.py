@@ -23,6 +23,11 @@ REPORTED_STATES = {
 }
 
 
+KNOWN_FIELDS = frozenset(
+    ("sequence", "interval", "name", "upstream", "state", "slots", "model", "build", "error")
+)
+
+
 class ReportError(ValueError):
     """A report the management API refuses, saying which field is wrong."""
 
@@ -52,19 +57,8 @@ def parse_report(agent_id: str, payload: Any) -> UpstreamReport:
         raise ReportError("the agent id in the path must be 1-32 letters, digits, '-' or '_'")
     if not isinstance(payload, dict):
         raise ReportError("the report must be a JSON object")
-    known = {
-        "sequence",
-        "interval",
-        "name",
-        "upstream",
-        "state",
-        "slots",
-        "model",
-        "build",
-        "error",
-    }
-    unknown = sorted(set(payload) - known)
-    if unknown:
+    if not KNOWN_FIELDS.issuperset(payload):
+        unknown = sorted(set(payload) - KNOWN_FIELDS)
         raise ReportError(f"unknown field {unknown[0]!r}")
     upstream = _object(payload, "upstream")
     slots = _object(payload, "slots")

@@ -51,9 +51,11 @@ class SlotTableError(Exception):
     pass
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class UpstreamReport:
-    """One agent report, as the management API accepted it."""
+    """One agent report, as the management API accepted it. Not frozen: a frozen
+    dataclass sets each field through object.__setattr__, and a big fleet's reports
+    arrive a thousand times a second."""
 
     agent_id: str
     name: str
