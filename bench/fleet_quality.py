@@ -34,12 +34,11 @@ import json
 import os
 import platform
 import random
-import shutil
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,13 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from proxy_overhead import (  # noqa: E402
-    HAPROXY_CONF,
-    NGINX_CONF,
-    ensure_tools,
-    process,
-    wait_http,
-)
+from proxy_overhead import ensure_tools, process, proxy_argv, wait_http  # noqa: E402
 
 from paddler.testbed.llama_server import cache_root, ensure_llama_server  # noqa: E402
 from paddler.testbed.models import write_model  # noqa: E402
@@ -215,23 +208,32 @@ async def w2_shared_prefixes(
     client: httpx.AsyncClient, target: Target, sizes: Sizes, rng: random.Random, start: float
 ) -> list[Outcome]:
     systems = [words(rng, sizes.system_words) for _ in range(sizes.groups)]
-    jobs = []
-    for due in poisson(rng, start, sizes.rate, sizes.requests):
-        messages = [
-            {"role": "system", "content": rng.choice(systems)},
-            {"role": "user", "content": words(rng, sizes.question_words)},
-        ]
-        jobs.append(chat(client, target.url(), messages, sizes.output_tokens, due))
-    return list(await asyncio.gather(*jobs))
+    return await _system_and_question(
+        client, target, sizes, rng, start, lambda: rng.choice(systems)
+    )
 
 
 async def w3_unique(
     client: httpx.AsyncClient, target: Target, sizes: Sizes, rng: random.Random, start: float
 ) -> list[Outcome]:
+    return await _system_and_question(
+        client, target, sizes, rng, start, lambda: words(rng, sizes.system_words)
+    )
+
+
+async def _system_and_question(
+    client: httpx.AsyncClient,
+    target: Target,
+    sizes: Sizes,
+    rng: random.Random,
+    start: float,
+    system: Callable[[], str],
+) -> list[Outcome]:
+    """Requests of a system prompt (from ``system``) and a short question of their own."""
     jobs = []
     for due in poisson(rng, start, sizes.rate, sizes.requests):
         messages = [
-            {"role": "system", "content": words(rng, sizes.system_words)},
+            {"role": "system", "content": system()},
             {"role": "user", "content": words(rng, sizes.question_words)},
         ]
         jobs.append(chat(client, target.url(), messages, sizes.output_tokens, due))
@@ -388,26 +390,9 @@ def arm(name: str, servers: list[int], work: Path) -> Iterator[list[int]]:
         yield servers
         return
     port = free_port()
-    one, two = servers
-    if name.startswith("nginx"):
-        policy = "least_conn; zone fake 64k;" if name == "nginx-leastconn" else ""
-        conf = work / f"{name}.conf"
-        conf.write_text(
-            NGINX_CONF.format(
-                dir=work, name=name, policy=policy, upstream1=one, upstream2=two, port=port
-            ).replace(
-                "proxy_buffering off;", "proxy_buffering off;\n            proxy_read_timeout 300s;"
-            )
-        )
-        argv = [shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(conf), "-g", "daemon off;"]
-    elif name == "haproxy-leastconn":
-        conf = work / "haproxy.cfg"
-        conf.write_text(
-            HAPROXY_CONF.format(port=port, upstream1=one, upstream2=two).replace(
-                "timeout server 60s", "timeout server 300s"
-            )
-        )
-        argv = [shutil.which("haproxy") or "/usr/sbin/haproxy", "-f", str(conf), "-db"]
+    if name != "paddler":
+        # A prompt can take many seconds to its first token: nothing cut off for that.
+        argv = proxy_argv(name, servers, port, work, read_timeout=300)
     else:
         management = free_port()
         text = PADDLERD_TOML.format(work=work, management=management, port=port)

@@ -157,6 +157,7 @@ http {{
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_buffering off;
+            proxy_read_timeout {read_timeout}s;
         }}
     }}
 }}
@@ -170,7 +171,7 @@ defaults
     mode http
     timeout connect 5s
     timeout client 60s
-    timeout server 60s
+    timeout server {read_timeout}s
     option http-keep-alive
     http-reuse always
 frontend proxy
@@ -188,7 +189,10 @@ BASELINE = "nginx-leastconn"
 # ramp, per workload.
 CONCURRENCY = {"json": 32, "sse": 16}
 FIXED_RATES = {"json": (500, 1000), "sse": (100, 200)}
-RAMP = {"json": (250, 500, 1000, 2000, 4000), "sse": (50, 100, 200, 400, 800)}
+RAMP: dict[str, tuple[int, ...]] = {
+    "json": (250, 500, 1000, 2000, 4000),
+    "sse": (50, 100, 200, 400, 800),
+}
 P99_BOUND_MS = 10.0
 
 
@@ -345,6 +349,34 @@ def balancer_argv(management: int, proxy: int, slot_table: Path, workers: int) -
     ]
 
 
+def proxy_argv(
+    name: str, upstreams: list[int], port: int, work: Path, read_timeout: int = 60
+) -> list[str]:
+    """The command line of an nginx or HAProxy arm in front of two upstreams, its
+    configuration written to ``work``; ``read_timeout``: seconds an answer may pause."""
+    one, two = upstreams
+    if name.startswith("nginx"):
+        policy = "least_conn; zone fake 64k;" if name == "nginx-leastconn" else ""
+        conf = work / f"{name}.conf"
+        conf.write_text(
+            NGINX_CONF.format(
+                dir=work,
+                name=name,
+                policy=policy,
+                upstream1=one,
+                upstream2=two,
+                port=port,
+                read_timeout=read_timeout,
+            )
+        )
+        return [shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(conf), "-g", "daemon off;"]
+    conf = work / "haproxy.cfg"
+    conf.write_text(
+        HAPROXY_CONF.format(port=port, upstream1=one, upstream2=two, read_timeout=read_timeout)
+    )
+    return [shutil.which("haproxy") or "/usr/sbin/haproxy", "-f", str(conf), "-db"]
+
+
 @contextmanager
 def arm(name: str, upstreams: list[int], work: Path) -> Iterator[tuple[int | None, list[int]]]:
     """Start one arm; its port (None: direct) and the pids whose CPU counts."""
@@ -352,21 +384,8 @@ def arm(name: str, upstreams: list[int], work: Path) -> Iterator[tuple[int | Non
         yield None, []
         return
     port = free_port()
-    one, two = upstreams
-    if name.startswith("nginx"):
-        policy = "least_conn; zone fake 64k;" if name == "nginx-leastconn" else ""
-        conf = work / f"{name}.conf"
-        conf.write_text(
-            NGINX_CONF.format(
-                dir=work, name=name, policy=policy, upstream1=one, upstream2=two, port=port
-            )
-        )
-        binary = shutil.which("nginx") or "/usr/sbin/nginx"
-        argv = [binary, "-c", str(conf), "-g", "daemon off;"]
-    elif name == "haproxy-leastconn":
-        conf = work / "haproxy.cfg"
-        conf.write_text(HAPROXY_CONF.format(port=port, upstream1=one, upstream2=two))
-        argv = [shutil.which("haproxy") or "/usr/sbin/haproxy", "-f", str(conf), "-db"]
+    if name != "paddler":
+        argv = proxy_argv(name, upstreams, port, work)
     else:
         management = free_port()
         argv = balancer_argv(management, port, work / "slots", workers=2)
