@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -50,7 +49,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from proxy_overhead import ensure_tools, process, proxy_argv, wait_http  # noqa: E402
+from proxy_overhead import (  # noqa: E402
+    ensure_tools,
+    machine,
+    process,
+    proxy_argv,
+    wait_http,
+    write_results,
+)
 
 from paddler.testbed.llama_server import cache_root, ensure_llama_server  # noqa: E402
 from paddler.testbed.models import write_model  # noqa: E402
@@ -578,27 +584,21 @@ def main() -> int:
     table, compared = tables(results, workloads)
     print(table)
     if not args.smoke:
-        args.out.mkdir(parents=True, exist_ok=True)
         meta = {
-            "machine": platform.platform(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
+            **machine(),
             "llama_server": str(ensure_llama_server(log=False)),
             "sizes": sizes.__dict__,
             "repetitions": repetitions,
             "minutes": round((time.monotonic() - began) / 60, 1),
-            "date": time.strftime("%Y-%m-%d"),
         }
-        (args.out / "fleet_quality.json").write_text(
-            json.dumps({"meta": meta, "results": results, "paddler_against": compared}, indent=2)
-            + "\n"
-        )
-        (args.out / "fleet_quality.md").write_text(
-            f"# Fleet quality ({meta['date']}, {meta['cpus']} CPUs, {meta['machine']})\n\n"
-            f"`{' '.join(['python', 'bench/fleet_quality.py', *sys.argv[1:]])}`: "
+        write_results(
+            args.out,
+            "fleet_quality",
+            "Fleet quality",
+            {"meta": meta, "results": results, "paddler_against": compared},
             f"{repetitions} repetitions (median, and min-max where they differ), "
             f"{meta['minutes']} minutes. 2 llama-servers x 2 slots, the generated "
-            f"~28M-parameter model, one core each.\n\n{table}\n"
+            f"~28M-parameter model, one core each.\n\n{table}",
         )
     return 0
 

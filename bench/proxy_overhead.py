@@ -535,28 +535,44 @@ def main() -> int:
     table, compared = tables(results)
     print(table)
     if not args.smoke:
-        args.out.mkdir(parents=True, exist_ok=True)
         meta = {
-            "machine": platform.platform(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
+            **machine(),
             "nginx": _version([shutil.which("nginx") or "/usr/sbin/nginx", "-v"]),
             "haproxy": _version([shutil.which("haproxy") or "/usr/sbin/haproxy", "-v"]),
             "seconds_per_cell": seconds,
             "repetitions": repetitions,
-            "date": time.strftime("%Y-%m-%d"),
         }
-        (args.out / "proxy_overhead.json").write_text(
-            json.dumps({"meta": meta, "results": results, "paddler_against": compared}, indent=2)
-            + "\n"
-        )
-        (args.out / "proxy_overhead.md").write_text(
-            f"# Proxy overhead ({meta['date']}, {meta['cpus']} CPUs, {meta['machine']})\n\n"
-            f"`{' '.join(['python', 'bench/proxy_overhead.py', *sys.argv[1:]])}`: "
+        write_results(
+            args.out,
+            "proxy_overhead",
+            "Proxy overhead",
+            {"meta": meta, "results": results, "paddler_against": compared},
             f"{seconds:g} s per cell, {repetitions} repetitions (median, and min-max where "
-            f"they differ); {meta['nginx']}; {meta['haproxy']}.\n\n{table}\n"
+            f"they differ); {meta['nginx']}; {meta['haproxy']}.\n\n{table}",
         )
     return 0
+
+
+def machine() -> dict[str, Any]:
+    """Where and when a run was measured."""
+    return {
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def write_results(out: Path, stem: str, title: str, data: dict[str, Any], text: str) -> None:
+    """``stem``.json (everything measured) and ``stem``.md (the tables, headed by the
+    machine and the command line that ran them) under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    meta = data["meta"]
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(
+        f"# {title} ({meta['date']}, {meta['cpus']} CPUs, {meta['machine']})\n\n"
+        f"`{' '.join(['python', f'bench/{stem}.py', *sys.argv[1:]])}`: {text}\n"
+    )
 
 
 def _version(argv: list[str]) -> str:
