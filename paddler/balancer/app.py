@@ -10,7 +10,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import socket
+from pathlib import Path
 
 from starlette.types import Receive, Scope, Send
 
@@ -19,6 +21,11 @@ from paddler.balancer.management import MAX_REPORT_BYTES, Management
 from paddler.balancer.proxy.handler import Proxy
 from paddler.balancer.proxy.http import ClientLimits, Listener
 from paddler.config import BalancerSettings
+from paddler.config.addresses import parse_address
+from paddler.config.model import counters_directory
+from paddler.metrics.counters import CounterFile
+from paddler.metrics.recorder import Recorder
+from paddler.metrics.statsd import StatsdSender
 
 log = logging.getLogger("paddler.balancer")
 
@@ -41,8 +48,22 @@ class BalancerApp:
     async def startup(self) -> None:
         # After fork, in the worker: its own table descriptor, pool, tasks and listener.
         self.fleet.attach()
-        await self.proxy.startup()
+        # This process's own counter file; the master folds it away when the process ends.
+        counters = CounterFile.create(
+            Path(counters_directory(self.settings)) / f"{os.getpid()}.counters"
+        )
+        await self.proxy.startup(Recorder(counters))
         self._maintenance.append(asyncio.create_task(self.fleet.maintain()))
+        statsd = parse_address(self.settings.statsd_address or "")
+        if statsd is not None:
+            sender = StatsdSender(
+                *statsd,
+                self.settings.statsd_prefix,
+                self.settings.statsd_interval,
+                self.fleet.snapshot,
+                counters,
+            )
+            self._maintenance.append(asyncio.create_task(sender.run()))
         limits = ClientLimits(
             max_body_size=self.settings.max_body_size,
             header_timeout=self.settings.header_timeout,

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from paddler.config import BalancerSettings
 from paddler.config.model import slot_table_path
+from paddler.metrics.demand import demand
+from paddler.metrics.exposition import FleetSnapshot
 from paddler.slots import SlotTable, UpstreamRow, UpstreamState
 from paddler.slots.view import in_rotation, state_name
 
@@ -41,6 +43,20 @@ class Fleet:
 
     def state_name(self, row: UpstreamRow, now: float) -> str:
         return state_name(row, now, self.settings.missed_reports)
+
+    def snapshot(self) -> FleetSnapshot:
+        """The fleet as the gauges (Prometheus, StatsD, autoscaling) describe it now."""
+        now = time.monotonic()
+        rows = self.table.rows()
+        queued = self.table.waiting()
+        return FleetSnapshot(
+            rows=rows,
+            states={row.index: self.state_name(row, now) for row in rows},
+            queued=queued,
+            oldest_wait=self.table.oldest_wait(now),
+            demand=demand(rows, queued, now, self.settings.missed_reports),
+            now=now,
+        )
 
     async def maintain(self) -> None:
         """Forget silent upstreams and reclaim dead processes' reservations, forever.

@@ -4,6 +4,7 @@ import hmac
 import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -14,6 +15,8 @@ from starlette.routing import Route
 from paddler.balancer.asgi import serve_asgi
 from paddler.balancer.fleet import Fleet
 from paddler.balancer.proxy.http import Exchange
+from paddler.config.model import counters_directory
+from paddler.metrics import counters, exposition
 from paddler.reports import ReportError, parse_report
 from paddler.slots import Applied, SlotTableError
 from paddler.slots.view import describe
@@ -119,6 +122,18 @@ class Management:
             ]
             return JSONResponse({"agents": agents})
 
+        # Read without the token, as exporters are: numbers, not secrets; keep the
+        # management port on a private network (docs/operations.md).
+        async def metrics(request: Request) -> Response:
+            totals = counters.read_all(Path(counters_directory(fleet.settings)))
+            return Response(
+                exposition.render(totals, fleet.snapshot()),
+                media_type=exposition.CONTENT_TYPE,
+            )
+
+        async def autoscaling(request: Request) -> Response:
+            return JSONResponse(fleet.snapshot().demand.as_json())
+
         async def remove(request: Request) -> Response:
             denied = refused(request)
             if denied is not None:
@@ -131,6 +146,8 @@ class Management:
         return [
             Route("/health", health, methods=["GET"]),
             Route("/api/v1/agents", list_agents, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+            Route("/api/v1/autoscaling", autoscaling, methods=["GET"]),
             Route("/api/v1/agents/{agent_id}", remove, methods=["DELETE"]),
         ]
 

@@ -8,6 +8,7 @@ line, not a balancer.
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ from gunicorn.app.base import BaseApplication
 from paddler.balancer.app import BalancerApp
 from paddler.config import BalancerSettings
 from paddler.config.addresses import format_address
-from paddler.config.model import EXAMPLE_TOKEN, MAX_WORKERS, slot_table_path
+from paddler.config.model import EXAMPLE_TOKEN, MAX_WORKERS, counters_directory, slot_table_path
+from paddler.metrics import counters
 from paddler.slots import SlotTable, SlotTableError
 from paddler.slots.layout import DEFAULT_MAX_OWNERS, MAX_OWNERS
 from paddler.supervisor.spawn import die_with_parent
@@ -41,6 +43,11 @@ def _child_exit(server: Any, worker: Any) -> None:
         table.reclaim_dead_owners(dead_pid=worker.pid)
     finally:
         table.close()
+    directory = Path(counters_directory(server.app.settings))
+    try:
+        counters.fold(directory, directory / f"{worker.pid}{counters.SUFFIX}")
+    except OSError as error:
+        log.error("cannot keep the counts of worker %d: %s", worker.pid, error)
 
 
 def _on_exit(server: Any) -> None:
@@ -54,6 +61,7 @@ def _on_exit(server: Any) -> None:
     table.close()
     if mine:
         path.unlink(missing_ok=True)
+        shutil.rmtree(counters_directory(server.app.settings), ignore_errors=True)
 
 
 class BalancerApplication(BaseApplication):  # type: ignore[misc]
@@ -127,6 +135,11 @@ def run(settings: BalancerSettings) -> int:
         ).close()
     except (OSError, SlotTableError) as error:
         log.error("cannot create the slot table %s: %s", slot_table_path(settings), error)
+        return 78
+    try:
+        counters.prepare(Path(counters_directory(settings)))
+    except OSError as error:
+        log.error("cannot prepare %s: %s", counters_directory(settings), error)
         return 78
     log.info(
         "balancer: proxy on %s, management API on %s, slot table %s",

@@ -227,6 +227,8 @@ def _complaint(check: str | None, value: Any) -> str:
         return "must be non-empty strings without spaces"
     if check == "name" and not _NAME.match(value):
         return f"must be 1-63 letters, digits, '.', '_' or '-': {value!r}"
+    if check == "address" and parse_address(value) is None:
+        return f"must be host:port, not {value!r}"
     if check == "addresses":
         bad = [address for address in value if parse_address(address) is None]
         if not value:

@@ -220,10 +220,26 @@ class BalancerSettings:
         60.0,
         minimum=1.0,
     )
+    statsd_address: str | None = setting(
+        "A StatsD server (host:port) that gets the fleet's gauges and the request counters "
+        "over UDP every statsd_interval; unset: none.",
+        check="address",
+    )
+    statsd_prefix: str = setting(
+        "The first part of every StatsD metric name (paddler.requests_buffered, ...).",
+        "paddler",
+        check="name",
+    )
+    statsd_interval: float = setting("Seconds between two StatsD sends.", 10.0, minimum=0.1)
 
 
 def slot_table_path(settings: BalancerSettings) -> str:
     return settings.slot_table or f"/run/paddler/balancer-{settings.management_port}.slots"
+
+
+def counters_directory(settings: BalancerSettings) -> str:
+    """Where the balancer's processes keep their request counters (paddler/metrics)."""
+    return slot_table_path(settings) + ".metrics"
 
 
 @dataclass(frozen=True)

@@ -837,6 +837,13 @@ class SlotTable:
     def waiting(self) -> int:
         return self._waiting()
 
+    def oldest_wait(self, now: float) -> float:
+        """Seconds the longest-waiting request has waited; 0 when none waits."""
+        if not self._waiting():
+            return 0.0
+        queued = [at for _, _, _, _, at in self._waiters()]
+        return max(0.0, now - min(queued)) if queued else 0.0
+
     def _waiter_offset(self, entry: int) -> int:
         return self._waiters_offset + entry * WAITER.size
 

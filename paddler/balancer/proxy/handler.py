@@ -34,12 +34,30 @@ from paddler.balancer.proxy.waiting import (
     QueueTimeoutError,
     SlotWaiter,
 )
+from paddler.metrics.recorder import Recorder
 from paddler.slots import UpstreamRow, UpstreamState
 from paddler.slots.policy import model_names
 
 log = logging.getLogger("paddler.balancer")
 
 HIDDEN_ENDPOINTS = ("/slots", "/metrics")
+# Routes the metrics name as they are; any other path counts as "other", so that clients
+# cannot grow the metrics without bound by inventing paths.
+KNOWN_ROUTES = frozenset(
+    (
+        "/health",
+        "/v1/models",
+        "/models",
+        "/props",
+        "/tokenize",
+        "/detokenize",
+        "/apply-template",
+        "/slots",
+        "/metrics",
+        "/v1/health",
+    )
+)
+CLIENT_LEFT = 499  # nginx's status for a client that closed before its answer ended
 
 
 class Proxy:
@@ -53,8 +71,11 @@ class Proxy:
         self._waiter: SlotWaiter | None = None
         self._failures: dict[tuple[int, int], int] = {}
         self._request_ids: Iterator[str] = iter(())
+        self._routes = self.slot_endpoints | KNOWN_ROUTES
+        self._recorder: Recorder | None = None
 
-    async def startup(self) -> None:
+    async def startup(self, recorder: Recorder) -> None:
+        self._recorder = recorder
         self._pool = ConnectionPool(
             self.settings.upstream_connect_timeout, self.settings.upstream_keepalive_timeout
         )
@@ -76,6 +97,11 @@ class Proxy:
         return self._pool
 
     @property
+    def recorder(self) -> Recorder:
+        assert self._recorder is not None
+        return self._recorder
+
+    @property
     def waiter(self) -> SlotWaiter:
         assert self._waiter is not None
         return self._waiter
@@ -84,6 +110,7 @@ class Proxy:
 
     async def handle(self, exchange: Exchange) -> None:
         """Answer one whole client request; the connection it came on does the rest."""
+        started = time.monotonic()
         given = exchange.header(b"x-request-id")
         exchange.request_id = given.decode("latin-1") if given else next(self._request_ids)
         try:
@@ -94,6 +121,22 @@ class Proxy:
             log.info("[%s] the client left; its request was stopped", exchange.request_id)
         except ConnectionError:
             log.info("[%s] the client left while its answer was sent", exchange.request_id)
+        finally:
+            self._count(exchange, started)
+
+    def _count(self, exchange: Exchange, started: float) -> None:
+        path = exchange.path
+        route = path if path in self._routes else "other"
+        if exchange.client_left and not exchange.response_complete:
+            status = CLIENT_LEFT
+        else:
+            status = exchange.status or 500
+        first_token = None
+        if exchange.event_stream and exchange.first_byte_at and exchange.upstream != "none":
+            first_token = exchange.first_byte_at - started
+        self.recorder.request(
+            route, status, exchange.upstream, time.monotonic() - started, first_token
+        )
 
     async def _handle(self, exchange: Exchange) -> None:
         method, path, body = exchange.method, exchange.path, exchange.body
@@ -174,6 +217,7 @@ class Proxy:
         last_error = ""
         retries = _Retries(settings.max_retries)
         queued = 0.0
+        queued_counted = False  # a request's first wait is its queue wait; retries wait too
         while retries.left():
             choose = self._policy(model, frozenset(tried))
             if last_error and not choose()(self.fleet.table.rows()):
@@ -184,6 +228,7 @@ class Proxy:
                     key, choose, max(0.0, deadline - time.monotonic()), partial=bool(tried)
                 )
             except QueueFullError:
+                self.recorder.queue_rejected()
                 retry_after = max(1, round(settings.request_buffer_timeout / 4))
                 await _fail(
                     exchange,
@@ -196,6 +241,7 @@ class Proxy:
             except QueueTimeoutError:
                 if last_error:
                     break  # time ran out retrying: the upstream's failure is the news
+                self.recorder.queue_timed_out()
                 await _fail(
                     exchange,
                     504,
@@ -203,6 +249,9 @@ class Proxy:
                     "timeout_error",
                 )
                 return
+            if not queued_counted:
+                self.recorder.queue_wait(time.monotonic() - asked)
+                queued_counted = True
             queued += time.monotonic() - asked
             try:
                 await self._forward(exchange, row, body, queued)
@@ -259,6 +308,7 @@ class Proxy:
             keep_credentials=not self.api_keys,
             upstream_api_key=self.settings.upstream_api_key,
         )
+        exchange.upstream = row.name
         if self.settings.debug_headers:
             exchange.extra_headers = [
                 (b"x-paddler-upstream", row.name.encode()),
@@ -301,6 +351,7 @@ class Proxy:
     ) -> str:
         """What a retryable failure on ``row`` means for the next attempt; its account."""
         described = f"{row.name} ({row.address}): {error}"
+        self.recorder.retried(row.name)
         if retries.forgives(error):
             log.info("[%s] %s; trying again", exchange.request_id, described)
         else:
@@ -327,6 +378,7 @@ class Proxy:
         )
         if seconds is not None:
             del self._failures[key]
+            self.recorder.ejected(row.name)
             log.warning(
                 "ejected upstream %s (%s) for %gs: %s", row.name, row.address, seconds, reason
             )

@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import socket
+import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -73,6 +74,9 @@ class Exchange:
         self.request_id = ""
         self.extra_headers: list[tuple[bytes, bytes]] = []
         self.client_left = False
+        self.status = 0
+        self.upstream = "none"  # the name of the upstream that answered, for the metrics
+        self.first_byte_at = 0.0  # when the first body bytes went out (monotonic)
         self.response_started = False
         self.response_complete = False
         self.event_stream = False
@@ -99,6 +103,7 @@ class Exchange:
     def begin(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         """Compose the status line and headers; they go out with the first body bytes."""
         self.response_started = True
+        self.status = status
         lines = [b"HTTP/1.1 %d %s" % (status, REASONS.get(status, b"Unknown"))]
         has_length = False
         for name, value in headers:
@@ -132,6 +137,8 @@ class Exchange:
         then costs no write of its own. False when the client is behind (when_drained)."""
         if self.method == "HEAD" or not (chunk or last):
             return True
+        if not self.first_byte_at:
+            self.first_byte_at = time.monotonic()
         if self._chunked:
             chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunk else b""
             if last:

@@ -1,0 +1,2 @@
+"""The balancer's metrics: counters shared by its processes, Prometheus's text format,
+StatsD, and the autoscaling signal."""

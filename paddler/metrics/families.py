@@ -1,0 +1,123 @@
+"""Every metric the balancer exports: name, type and help, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    kind: str  # "counter", "gauge" or "histogram"
+    help: str
+    buckets: tuple[float, ...] = ()
+
+
+REQUESTS = Family(
+    "paddler_requests_total",
+    "counter",
+    "Requests answered, by route, status and upstream (none: answered by the balancer; "
+    "status 499: the client left first).",
+)
+DURATION = Family(
+    "paddler_request_duration_seconds",
+    "histogram",
+    "Time from a request's arrival to the end of its answer, by route.",
+    (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+FIRST_TOKEN = Family(
+    "paddler_time_to_first_token_seconds",
+    "histogram",
+    "Time from a streamed request's arrival to its first event from the upstream, by route.",
+    (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+)
+QUEUE_WAIT = Family(
+    "paddler_queue_wait_seconds",
+    "histogram",
+    "Time requests that take a slot waited for one (0 when one was free).",
+    (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+QUEUE_TIMEOUTS = Family(
+    "paddler_queue_timeouts_total",
+    "counter",
+    "Requests that waited request_buffer_timeout for a slot and got 504.",
+)
+QUEUE_REJECTIONS = Family(
+    "paddler_queue_rejections_total",
+    "counter",
+    "Requests refused with 503 because the request buffer was full.",
+)
+RETRIES = Family(
+    "paddler_retries_total",
+    "counter",
+    "Attempts that failed on an upstream before the first byte of its answer, by that "
+    "upstream; the request went on to another one while max_retries allowed.",
+)
+EJECTIONS = Family(
+    "paddler_ejections_total", "counter", "Times an upstream was ejected, by upstream."
+)
+QUEUE_DEPTH = Family("paddler_queue_depth", "gauge", "Requests waiting for a free slot now.")
+QUEUE_OLDEST = Family(
+    "paddler_queue_oldest_wait_seconds",
+    "gauge",
+    "How long the oldest waiting request has waited (0: none waits).",
+)
+SLOTS_TOTAL = Family(
+    "paddler_upstream_slots_total", "gauge", "Slots of each upstream, as its agent reported."
+)
+SLOTS_IDLE = Family(
+    "paddler_upstream_slots_idle",
+    "gauge",
+    "Slots of each upstream free for a new request now.",
+)
+SLOTS_BUSY = Family(
+    "paddler_upstream_slots_busy",
+    "gauge",
+    "Slots of each upstream processing (reported by its agent, or reserved here since).",
+)
+RESERVATIONS = Family(
+    "paddler_upstream_reservations",
+    "gauge",
+    "Requests this balancer has in flight on each upstream.",
+)
+REPORT_AGE = Family(
+    "paddler_upstream_report_age_seconds",
+    "gauge",
+    "Seconds since each upstream's agent last reported.",
+)
+UPSTREAM_STATE = Family(
+    "paddler_upstream_state",
+    "gauge",
+    "1 for each upstream's current state (ready, stale, ejected, loading, ...).",
+)
+UPSTREAMS = Family("paddler_upstreams", "gauge", "Upstreams known, by state.")
+DESIRED = Family(
+    "paddler_upstreams_desired",
+    "gauge",
+    "Upstreams that demand calls for: ceil((busy slots + queued requests) / slots per "
+    "upstream); at least 1 while requests wait.",
+)
+
+UTILIZATION = Family(
+    "paddler_slots_utilization",
+    "gauge",
+    "(busy slots + queued requests) / slots of the upstreams in rotation; above 1: "
+    "requests wait. 1 while requests wait with no upstream at all.",
+)
+
+COUNTERS = (REQUESTS, QUEUE_TIMEOUTS, QUEUE_REJECTIONS, RETRIES, EJECTIONS)
+HISTOGRAMS = (DURATION, FIRST_TOKEN, QUEUE_WAIT)
+GAUGES = (
+    QUEUE_DEPTH,
+    QUEUE_OLDEST,
+    UPSTREAMS,
+    DESIRED,
+    UTILIZATION,
+    SLOTS_TOTAL,
+    SLOTS_IDLE,
+    SLOTS_BUSY,
+    RESERVATIONS,
+    REPORT_AGE,
+    UPSTREAM_STATE,
+)
+ALL = (*COUNTERS, *HISTOGRAMS, *GAUGES)

@@ -1,0 +1,100 @@
+"""What the proxy counts, written into this process's counter file."""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+
+from paddler.metrics.counters import CounterFile
+from paddler.metrics.families import (
+    DURATION,
+    EJECTIONS,
+    FIRST_TOKEN,
+    QUEUE_REJECTIONS,
+    QUEUE_TIMEOUTS,
+    QUEUE_WAIT,
+    REQUESTS,
+    RETRIES,
+    Family,
+)
+
+
+def escape(value: str) -> str:
+    """A label value as Prometheus's text format writes it."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def labels(**pairs: str) -> str:
+    return ",".join(f'{name}="{escape(value)}"' for name, value in pairs.items())
+
+
+class Histogram:
+    """One histogram's keys for one set of labels. Buckets are stored one by one (an
+    observation writes one bucket, its sum and its count); the exposition adds them up."""
+
+    def __init__(self, family: Family, label_text: str) -> None:
+        inner = label_text + "," if label_text else ""
+        self.bounds = family.buckets
+        self.buckets = [
+            f'{family.name}_bucket{{{inner}le="{bound:g}"}}' for bound in family.buckets
+        ] + [f'{family.name}_bucket{{{inner}le="+Inf"}}']
+        suffix = f"{{{label_text}}}" if label_text else ""
+        self.sum = f"{family.name}_sum{suffix}"
+        self.count = f"{family.name}_count{suffix}"
+
+    def observe(self, counters: CounterFile, value: float) -> None:
+        counters.add(self.buckets[bisect_left(self.bounds, value)])
+        counters.add(self.sum, value)
+        counters.add(self.count)
+
+
+class Recorder:
+    """The proxy's counts. Keys are built once per label set and remembered: a request
+    costs a few dictionary lookups and writes into the mapping."""
+
+    def __init__(self, counters: CounterFile) -> None:
+        self.counters = counters
+        self._requests: dict[tuple[str, int, str], str] = {}
+        self._histograms: dict[tuple[str, str], Histogram] = {}
+        self._per_upstream: dict[tuple[str, str], str] = {}
+        self._queue_wait = Histogram(QUEUE_WAIT, "")
+
+    def request(
+        self, route: str, status: int, upstream: str, seconds: float, first_token: float | None
+    ) -> None:
+        key = self._requests.get((route, status, upstream))
+        if key is None:
+            text = labels(route=route, status=str(status), upstream=upstream)
+            key = self._requests[(route, status, upstream)] = f"{REQUESTS.name}{{{text}}}"
+        self.counters.add(key)
+        self._histogram(DURATION, route).observe(self.counters, seconds)
+        if first_token is not None:
+            self._histogram(FIRST_TOKEN, route).observe(self.counters, first_token)
+
+    def queue_wait(self, seconds: float) -> None:
+        self._queue_wait.observe(self.counters, seconds)
+
+    def queue_timed_out(self) -> None:
+        self.counters.add(QUEUE_TIMEOUTS.name)
+
+    def queue_rejected(self) -> None:
+        self.counters.add(QUEUE_REJECTIONS.name)
+
+    def retried(self, upstream: str) -> None:
+        self.counters.add(self._upstream_key(RETRIES, upstream))
+
+    def ejected(self, upstream: str) -> None:
+        self.counters.add(self._upstream_key(EJECTIONS, upstream))
+
+    def _histogram(self, family: Family, route: str) -> Histogram:
+        histogram = self._histograms.get((family.name, route))
+        if histogram is None:
+            histogram = Histogram(family, labels(route=route))
+            self._histograms[(family.name, route)] = histogram
+        return histogram
+
+    def _upstream_key(self, family: Family, upstream: str) -> str:
+        key = self._per_upstream.get((family.name, upstream))
+        if key is None:
+            key = f"{family.name}{{{labels(upstream=upstream)}}}"
+            self._per_upstream[(family.name, upstream)] = key
+        return key
