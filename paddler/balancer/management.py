@@ -134,6 +134,35 @@ class Management:
         async def autoscaling(request: Request) -> Response:
             return JSONResponse(fleet.snapshot().demand.as_json())
 
+        async def drain(request: Request) -> Response:
+            """POST drains the upstreams named (by name, address or agent id): no new
+            requests, those in flight finish; DELETE takes them back."""
+            denied = refused(request)
+            if denied is not None:
+                return denied
+            wanted = request.path_params["upstream"]
+            draining = request.method == "POST"
+            rows = fleet.table.drain(
+                lambda row: wanted in (row.name, row.address, row.agent_id), draining
+            )
+            if not rows:
+                return JSONResponse(
+                    {"error": f"no upstream is named {wanted!r} (by name, address or agent id)"},
+                    status_code=404,
+                )
+            for row in rows:
+                log.info(
+                    "upstream %s (%s) %s by an operator; %d request(s) in flight on it",
+                    row.name,
+                    row.address,
+                    "drained" if draining else "back in rotation",
+                    row.reservations,
+                )
+            now = time.monotonic()
+            return JSONResponse(
+                {"upstreams": [describe(row, now, fleet.settings.missed_reports) for row in rows]}
+            )
+
         async def remove(request: Request) -> Response:
             denied = refused(request)
             if denied is not None:
@@ -149,6 +178,7 @@ class Management:
             Route("/metrics", metrics, methods=["GET"]),
             Route("/api/v1/autoscaling", autoscaling, methods=["GET"]),
             Route("/api/v1/agents/{agent_id}", remove, methods=["DELETE"]),
+            Route("/api/v1/upstreams/{upstream}/drain", drain, methods=["POST", "DELETE"]),
         ]
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from paddler.cli import TOKEN_VARIABLE
 from paddler.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
 from paddler.config.model import slot_table_path
-from paddler.ctl import agents, status
+from paddler.ctl import agents, drain, status
 from paddler.supervisor.pidfile import read_pid
 
 
@@ -36,6 +36,25 @@ def main(argv: list[str] | None = None) -> int:
     agents_parser.add_argument("--token", help=f"its bearer token (default: ${TOKEN_VARIABLE})")
     agents_parser.add_argument("--table", type=Path, help="read this slot table file")
     agents_parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    drain_parser = commands.add_parser(
+        "drain", help="no new requests to an upstream while those in flight finish"
+    )
+    drain_parser.add_argument("upstream", help="its name, address (host:port) or agent id")
+    drain_parser.add_argument("--undo", action="store_true", help="put it back in rotation")
+    drain_parser.add_argument(
+        "--wait",
+        type=float,
+        nargs="?",
+        const=600.0,
+        metavar="SECONDS",
+        help="wait until no request is in flight on it (at most SECONDS, default 600)",
+    )
+    drain_parser.add_argument(
+        "--management", metavar="URL", help="the balancer's management API (default: this host's)"
+    )
+    drain_parser.add_argument(
+        "--token", help=f"its bearer token (default: the configuration's, or ${TOKEN_VARIABLE})"
+    )
     status_parser = commands.add_parser("status", help="the fleet and this host, live")
     status_parser.add_argument("--once", action="store_true", help="print one frame and exit")
     status_parser.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -46,7 +65,29 @@ def main(argv: list[str] | None = None) -> int:
         return check(args.config)
     if args.command == "agents":
         return list_agents(args)
+    if args.command == "drain":
+        return drain_upstream(args)
     return reload(args.config)
+
+
+def drain_upstream(args: argparse.Namespace) -> int:
+    token = args.token or os.environ.get(TOKEN_VARIABLE)
+    url = args.management
+    if url is None:
+        try:
+            config = load_config(args.config, check_files=False)
+        except ConfigError as error:
+            print(error.render(), file=sys.stderr)
+            return 78
+        if config.balancer is None:
+            print(
+                f"paddlerctl: {args.config} runs no balancer on this host; use --management URL",
+                file=sys.stderr,
+            )
+            return 1
+        url = drain.local_management_url(config.balancer)
+        token = token or config.balancer.management_token
+    return drain.run(url, token, args.upstream, args.undo, args.wait)
 
 
 def show_status(args: argparse.Namespace) -> int:

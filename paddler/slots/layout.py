@@ -1,7 +1,7 @@
 """The slot table's binary layout.
 
 One file in a tmpfs (``/run/paddler``), mapped by every balancer process. All
-integers little-endian. Version 3:
+integers little-endian. Version 4:
 
 Header page (4096 bytes)
     offset 0   8s   magic b"PDLRSLOT"
@@ -44,7 +44,9 @@ Rows, from offset 4096, max_upstreams x row size, each
     offset 644  i16  free slots: total - foreign busy - reservations, kept current by
                      every writer so that choosing reads one number per row
     offset 646  u16  reservations: the sum of the per-owner counters below
-    offset 648  reservations: max_owners x u16, one counter per owner process
+    offset 648  u8   drained: 1 while an operator drains the upstream (paddlerctl drain):
+                     no new requests; reports leave it as it is
+    offset 656  reservations: max_owners x u16, one counter per owner process
 
 The waiting queue, after the rows, max_waiters x 32 bytes, each
     offset 0   u64  ticket (0: a free entry); lower tickets were queued earlier
@@ -63,7 +65,7 @@ import enum
 import struct
 
 MAGIC = b"PDLRSLOT"
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 HEADER_SIZE = 4096
 HEADER = struct.Struct("<8sIIIIdIIQII")
 NEXT_TICKET_OFFSET = 40
@@ -81,14 +83,15 @@ EJECTION_FIELDS = struct.Struct("<dI")
 EJECTION_OFFSET = 632
 FREE_OFFSET = 644
 RESERVED_OFFSET = 646
-RESERVATIONS_OFFSET = 648
+DRAINED_OFFSET = 648
+RESERVATIONS_OFFSET = 656
 WAITER = struct.Struct("<QHxxId8x")
 DEFAULT_MAX_WAITERS = 1024
 DEFAULT_MAX_OWNERS = 64
 DEFAULT_MAX_UPSTREAMS = 256
 
 assert ROW_META.size == EJECTION_OFFSET == ROW_NUMBERS.size + ROW_TEXTS.size
-assert EJECTION_OFFSET + EJECTION.size == RESERVATIONS_OFFSET
+assert EJECTION_OFFSET + EJECTION.size == DRAINED_OFFSET
 assert WAITER.size == 32
 # The owners table fills the rest of the header page.
 MAX_OWNERS = (HEADER_SIZE - OWNERS_OFFSET) // OWNER.size

@@ -51,10 +51,13 @@ class Policy:
         # What the structural part of the match depends on.
         self.key = (model, exclude)
 
-    def matches(self, state: UpstreamState, model: str, index: int, generation: int) -> bool:
-        """The structural part: state, model, exclusion."""
+    def matches(
+        self, state: UpstreamState, model: str, index: int, generation: int, drained: bool
+    ) -> bool:
+        """The structural part: state, model, exclusion, drained by an operator."""
         return (
             state in SERVING
+            and not drained
             and (self.model is None or self.model in model_names(model))
             and (index, generation) not in self.exclude
         )
@@ -70,7 +73,7 @@ class Policy:
         fit = [
             row
             for row in rows
-            if self.matches(row.state, row.model, row.index, row.generation)
+            if self.matches(row.state, row.model, row.index, row.generation, row.drained)
             and self.fresh(row.last_report, row.interval, row.ejected_until)
         ]
         fit.sort(

@@ -21,6 +21,7 @@ from paddler.slots.layout import (
     DEFAULT_MAX_OWNERS,
     DEFAULT_MAX_UPSTREAMS,
     DEFAULT_MAX_WAITERS,
+    DRAINED_OFFSET,
     EJECTION,
     EJECTION_FIELDS,
     EJECTION_OFFSET,
@@ -97,6 +98,7 @@ class UpstreamRow:
     sequence: int
     ejected_until: float = 0.0
     ejections: int = 0
+    drained: bool = False
 
     @property
     def address(self) -> str:
@@ -365,6 +367,7 @@ class SlotTable:
             sequence,
             ejected_until,
             ejections,
+            bool(self._map[offset + DRAINED_OFFSET]),
         )
 
     def _rows_used(self) -> int:
@@ -479,6 +482,7 @@ class SlotTable:
     def _free(self, row: UpstreamRow) -> None:
         self._write(row.index, UpstreamState.FREE, row.generation, None, 0, 0.0, 0.0)
         self._set_ejection(row.index, 0.0, 0)
+        self._map[self._offset(row.index) + DRAINED_OFFSET] = 0
         start = (self._offset(row.index) + RESERVATIONS_OFFSET) // 2
         for owner in range(self.max_owners):
             self._u16[start + owner] = 0
@@ -787,7 +791,7 @@ class SlotTable:
         """The rows ``policy`` allows by state, model and exclusion, best state first."""
         by_rank: dict[int, list[int]] = {}
         for row in self._used_rows():
-            if policy.matches(row.state, row.model, row.index, row.generation):
+            if policy.matches(row.state, row.model, row.index, row.generation, row.drained):
                 by_rank.setdefault(SERVING[row.state], []).append(row.index)
         return [by_rank[rank] for rank in sorted(by_rank, reverse=True)]
 
@@ -919,6 +923,19 @@ class SlotTable:
             current = self._row(row)
             if current.generation == generation and current.ejections:
                 self._set_ejection(row, 0.0, 0)
+
+    def drain(self, matches: Callable[[UpstreamRow], bool], drained: bool) -> list[UpstreamRow]:
+        """Drain the upstreams ``matches`` picks (no new requests; those in flight go on),
+        or take them back (drained=False); the rows as they are now."""
+        changed = []
+        with self.locked():
+            for row in self._used_rows():
+                if matches(row):
+                    self._map[self._offset(row.index) + DRAINED_OFFSET] = int(drained)
+                    changed.append(self._row(row.index))
+            if changed:
+                self._restructured()  # what policies remember depends on it
+        return changed
 
 
 def _alive(pid: int, started: int) -> bool:

@@ -10,13 +10,20 @@ from paddler.slots.table import UpstreamRow
 
 
 def in_rotation(row: UpstreamRow, now: float, missed_reports: int) -> bool:
-    """Whether the upstream takes new requests: ready and reporting."""
-    return row.state is UpstreamState.READY and not row.is_stale(now, missed_reports)
+    """Whether the upstream takes new requests: ready, reporting and not drained."""
+    return (
+        row.state is UpstreamState.READY
+        and not row.drained
+        and not row.is_stale(now, missed_reports)
+    )
 
 
 def state_name(row: UpstreamRow, now: float, missed_reports: int) -> str:
-    stale = row.state is not UpstreamState.REMOVED and row.is_stale(now, missed_reports)
-    return "stale" if stale else row.state.name.lower()
+    if row.state is UpstreamState.REMOVED:
+        return "removed"
+    if row.drained:
+        return "draining"
+    return "stale" if row.is_stale(now, missed_reports) else row.state.name.lower()
 
 
 def describe(row: UpstreamRow, now: float, missed_reports: int) -> dict[str, Any]:
@@ -28,6 +35,7 @@ def describe(row: UpstreamRow, now: float, missed_reports: int) -> dict[str, Any
         "build": row.build,
         "state": state_name(row, now, missed_reports),
         "in_rotation": in_rotation(row, now, missed_reports),
+        "drained": row.drained,
         "error": row.error,
         "slots": {
             "total": row.slots_total,

@@ -352,3 +352,40 @@ def port(table: SlotTable, policy: Policy) -> int | None:
     """The port of the upstream a request gets a slot on, or None."""
     granted = table.acquire(0, policy)
     return None if granted is None else granted[1].port
+
+
+def test_a_drained_upstream_gets_no_new_request_until_taken_back(table: SlotTable) -> None:
+    table.apply_report(REPORT, now=100.0)
+    table.apply_report(replace(REPORT, agent_id="a2", name="gpu1", port=8082), now=100.0)
+    table.join()
+    policy = Policy(100.5, 3)
+    first = table.acquire(0, policy)
+    assert first is not None
+    held, chosen = first
+    assert chosen.name == "gpu0"  # the first of two equally free ones
+
+    (drained,) = table.drain(lambda row: row.name == "gpu0", True)
+    assert (drained.drained, drained.reservations) == (True, 1)
+    # Reports go on and leave the drain as it is; every new request goes elsewhere.
+    table.apply_report(replace(REPORT, sequence=2, slots_idle=3, slots_processing=1), now=101.0)
+    chosen_now = [table.acquire(0, Policy(101.5, 3)) for _ in range(4)]
+    assert [pick[1].name for pick in chosen_now if pick] == ["gpu1"] * 4
+    assert table.acquire(0, Policy(101.5, 3)) is None  # gpu1 is full; gpu0 still drained
+    # What was in flight on it finishes as usual.
+    table.release(held)
+    assert next(row for row in table.rows() if row.name == "gpu0").reservations == 0
+
+    table.drain(lambda row: row.name == "gpu0", False)
+    back = table.acquire(0, Policy(101.5, 3))
+    assert back is not None
+    assert back[1].name == "gpu0"
+
+
+def test_a_freed_row_forgets_its_drain(table: SlotTable) -> None:
+    table.apply_report(REPORT, now=100.0)
+    table.drain(lambda row: True, True)
+    assert table.expire(now=1000.0, forget_after=60.0)
+    table.apply_report(replace(REPORT, agent_id="a9"), now=1000.0)
+    (row,) = table.rows()
+    assert (row.index, row.agent_id, row.drained) == (0, "a9", False)
+    assert table.drain(lambda row: row.name == "nobody", True) == []
