@@ -58,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     status_parser = commands.add_parser("status", help="the fleet and this host, live")
     status_parser.add_argument("--once", action="store_true", help="print one frame and exit")
     status_parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    status_parser.add_argument(
+        "--management",
+        metavar="URL",
+        help="ask this management API instead of this host's slot table",
+    )
+    status_parser.add_argument("--token", help=f"its bearer token (default: ${TOKEN_VARIABLE})")
     args = parser.parse_args(argv)
     if args.command == "status":
         return show_status(args)
@@ -91,12 +97,16 @@ def drain_upstream(args: argparse.Namespace) -> int:
 
 
 def show_status(args: argparse.Namespace) -> int:
+    if args.management:
+        token = args.token or os.environ.get(TOKEN_VARIABLE)
+        collector = status.Collector(None, args.management, token)
+        return status.run(collector, once=args.once, as_json=args.json)
     try:
         config = load_config(args.config, check_files=False)
     except ConfigError as error:
         print(error.render(), file=sys.stderr)
         return 78
-    return status.run(config, once=args.once, as_json=args.json)
+    return status.run(status.Collector(config), once=args.once, as_json=args.json)
 
 
 def list_agents(args: argparse.Namespace) -> int:

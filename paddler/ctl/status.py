@@ -1,16 +1,21 @@
 """paddlerctl status: the fleet and this host's processes, live or as one frame.
 
 A pure snapshot -> renderable function (rich's top_lite_simulator example) fed by
-a thin Live loop, so that what the screen shows is testable as text.
+a thin Live loop, so that what the screen shows is testable as text. On the balancer
+host it reads the slot table and the counter files (without their locks: it can never
+slow the balancer) and paddlerd's pidfile and published child states; from elsewhere
+(--management URL) it asks the management API and /metrics.
 """
 
 import json
 import sys
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 from rich.console import Console, Group
 from rich.live import Live
@@ -18,13 +23,17 @@ from rich.table import Table
 from rich.text import Text
 
 from paddler.config import Config
-from paddler.config.model import slot_table_path
+from paddler.config.model import counters_directory, slot_table_path
+from paddler.ctl.traffic import Totals, Traffic, parse_exposition, totals, traffic
+from paddler.metrics.counters import read_all
 from paddler.slots import SlotTable, SlotTableError
 from paddler.slots.view import describe
 from paddler.supervisor.pidfile import read_pid
+from paddler.supervisor.published import read_published
 from paddler.supervisor.specs import role_of
 
 BAR_WIDTH = 10
+WINDOW = 60.0  # seconds of readings that rates and latencies are taken over, at most
 
 
 @dataclass
@@ -33,55 +42,125 @@ class ProcessInfo:
     pid: int
     cpu_percent: float
     rss_mb: float
+    state: str = ""  # paddlerd's word for its children; "" for the others
+    restarts: int | None = None
 
 
 @dataclass
 class Snapshot:
     upstreams: list[dict[str, Any]] = field(default_factory=list)
     queued: int = 0
+    oldest_wait: float = 0.0
+    traffic: Traffic | None = None
     processes: list[ProcessInfo] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
 
-def collect(config: Config) -> Snapshot:
-    snapshot = Snapshot()
-    if config.balancer is not None:
+class Collector:
+    """Takes snapshots, keeping the counter readings of the last WINDOW seconds."""
+
+    def __init__(
+        self, config: Config | None, management: str | None = None, token: str | None = None
+    ) -> None:
+        self.config = config
+        self.management = management.rstrip("/") if management else None
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.readings: deque[Totals] = deque()
+
+    def collect(self) -> Snapshot:
+        snapshot = Snapshot()
         try:
-            table = SlotTable.open(Path(slot_table_path(config.balancer)), readonly=True)
-        except SlotTableError as error:
-            snapshot.problems.append(str(error))
-        else:
-            try:
-                now = time.monotonic()
-                snapshot.upstreams = sorted(
-                    (describe(row, now, config.balancer.missed_reports) for row in table.rows()),
-                    key=lambda upstream: str(upstream["name"]),
-                )
-                snapshot.queued = table.waiting()
-            finally:
-                table.close()
-    snapshot.processes, problem = _processes(Path(config.paddlerd.pidfile))
-    if problem:
-        snapshot.problems.append(problem)
-    return snapshot
+            reading = self._remote(snapshot) if self.management else self._local(snapshot)
+        except (SlotTableError, OSError, httpx.HTTPError, ValueError, KeyError) as error:
+            snapshot.problems.append(str(error) or repr(error))
+            reading = None
+        if reading is not None:
+            while self.readings and reading.at - self.readings[0].at > WINDOW:
+                self.readings.popleft()
+            if self.readings:
+                snapshot.traffic = traffic(self.readings[0], reading)
+            self.readings.append(reading)
+        if self.config is not None and not self.management:
+            snapshot.processes, problem = _processes(Path(self.config.paddlerd.pidfile))
+            if problem:
+                snapshot.problems.append(problem)
+        return snapshot
+
+    def _local(self, snapshot: Snapshot) -> Totals | None:
+        assert self.config is not None
+        balancer = self.config.balancer
+        if balancer is None:
+            return None
+        table = SlotTable.open(Path(slot_table_path(balancer)), readonly=True)
+        try:
+            now = time.monotonic()
+            snapshot.upstreams = sorted(
+                (describe(row, now, balancer.missed_reports) for row in table.rows()),
+                key=lambda upstream: str(upstream["name"]),
+            )
+            snapshot.queued = table.waiting()
+            snapshot.oldest_wait = table.oldest_wait(now)
+        finally:
+            table.close()
+        samples = read_all(Path(counters_directory(balancer)))
+        return totals(samples, time.monotonic(), cumulative=False)
+
+    def _remote(self, snapshot: Snapshot) -> Totals:
+        base = self.management
+        agents = httpx.get(f"{base}/api/v1/agents", headers=self.headers, timeout=10)
+        if agents.status_code == 401:
+            raise PermissionError("the management API refused the token (401); pass --token")
+        agents.raise_for_status()
+        snapshot.upstreams = sorted(agents.json()["agents"], key=lambda u: str(u["name"]))
+        metrics = httpx.get(f"{base}/metrics", timeout=10)
+        metrics.raise_for_status()
+        samples = parse_exposition(metrics.text)
+        snapshot.queued = int(samples.get("paddler_queue_depth", 0))
+        snapshot.oldest_wait = samples.get("paddler_queue_oldest_wait_seconds", 0.0)
+        return totals(samples, time.monotonic(), cumulative=True)
 
 
 def _processes(pidfile: Path) -> tuple[list[ProcessInfo], str]:
     pid = read_pid(pidfile)
     if pid is None:
         return [], f"paddlerd is not running (no pid in {pidfile})"
+    published = read_published(pidfile)
     try:
         paddlerd = psutil.Process(pid)
-        found = [_info("paddlerd", paddlerd)]
+        found = [_info("paddlerd", paddlerd, "running")]
         for child in paddlerd.children():
-            found.append(_info(_role(child), child))
+            entry = published.get(child.pid, {})
+            found.append(
+                _info(
+                    str(entry.get("name") or _role(child)),
+                    child,
+                    str(entry.get("state", "")),
+                    entry.get("restarts"),
+                )
+            )
             found += [
                 _info(f"  {_role(child)} worker", grandchild)
                 for grandchild in child.children(recursive=True)
             ]
     except psutil.Error as error:
         return [], f"cannot look at paddlerd (pid {pid}): {error}"
+    # Children that paddlerd knows but that have no process now (backing off, fatal).
+    running = {info.pid for info in found}
+    for entry in _published_without_process(pidfile, running):
+        found.append(ProcessInfo(entry["name"], 0, 0.0, 0.0, entry["state"], entry["restarts"]))
     return found, ""
+
+
+def _published_without_process(pidfile: Path, running: set[int]) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(pidfile.with_suffix(".state").read_text())
+    except (OSError, ValueError):
+        return []
+    return [
+        child
+        for child in data.get("children", [])
+        if isinstance(child, dict) and child.get("pid") not in running
+    ]
 
 
 def _role(process: psutil.Process) -> str:
@@ -92,13 +171,20 @@ def _role(process: psutil.Process) -> str:
 _SEEN: dict[int, psutil.Process] = {}
 
 
-def _info(role: str, process: psutil.Process) -> ProcessInfo:
+def _info(
+    role: str, process: psutil.Process, state: str = "", restarts: int | None = None
+) -> ProcessInfo:
     known = _SEEN.get(process.pid)
     if known is None or known.create_time() != process.create_time():
         _SEEN[process.pid] = known = process
     with known.oneshot():
         return ProcessInfo(
-            role, known.pid, known.cpu_percent(interval=None), known.memory_info().rss / 2**20
+            role,
+            known.pid,
+            known.cpu_percent(interval=None),
+            known.memory_info().rss / 2**20,
+            state,
+            restarts,
         )
 
 
@@ -108,6 +194,26 @@ def _bar(busy: int, total: int) -> Text:
     bar.append("░" * (BAR_WIDTH - filled), style="dim")
     bar.append(f" {busy}/{total}")
     return bar
+
+
+def _milliseconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} ms"
+
+
+def _fleet_line(snapshot: Snapshot) -> Text:
+    total = sum(u["slots"]["total"] for u in snapshot.upstreams if u["in_rotation"])
+    free = sum(u["slots"]["free"] for u in snapshot.upstreams if u["in_rotation"])
+    line = f"Fleet: {total - free}/{total} slots busy, {snapshot.queued} queued"
+    if snapshot.queued:
+        line += f" (oldest {snapshot.oldest_wait:.1f}s)"
+    flow = snapshot.traffic
+    if flow is not None:
+        line += (
+            f" · {flow.requests_per_second:.1f} req/s, {flow.errors_per_second:.1f} 5xx/s,"
+            f" p50 {_milliseconds(flow.p50_ms)}, p99 {_milliseconds(flow.p99_ms)}"
+            f" (last {flow.window:g}s)"
+        )
+    return Text(line)
 
 
 def render(snapshot: Snapshot) -> Group:
@@ -120,6 +226,7 @@ def render(snapshot: Snapshot) -> Group:
         "slots busy",
         "reserved",
         "report",
+        "llama.cpp",
         "error",
     ):
         upstreams.add_column(column)
@@ -133,38 +240,44 @@ def render(snapshot: Snapshot) -> Group:
             _bar(slots["total"] - slots["free"], slots["total"]),
             str(upstream["reservations"]),
             f"{upstream['last_report_age']:.1f}s ago",
+            str(upstream.get("build", "")),
             upstream["error"],
         )
-    total = sum(u["slots"]["total"] for u in snapshot.upstreams if u["in_rotation"])
-    free = sum(u["slots"]["free"] for u in snapshot.upstreams if u["in_rotation"])
-    fleet = Text(f"Fleet: {total - free}/{total} slots busy, {snapshot.queued} queued")
-    processes = Table(title="This host's processes", expand=False)
-    for column in ("role", "pid", "cpu %", "memory"):
-        processes.add_column(column)
-    for info in snapshot.processes:
-        processes.add_row(
-            info.role, str(info.pid), f"{info.cpu_percent:.0f}", f"{info.rss_mb:.0f} MB"
-        )
-    parts: list[Any] = [fleet, upstreams, processes]
+    parts: list[Any] = [_fleet_line(snapshot), upstreams]
+    if snapshot.processes:
+        processes = Table(title="This host's processes", expand=False)
+        for column in ("role", "pid", "state", "restarts", "cpu %", "memory"):
+            processes.add_column(column)
+        for info in snapshot.processes:
+            processes.add_row(
+                info.role,
+                str(info.pid) if info.pid else "-",
+                info.state,
+                "" if info.restarts is None else str(info.restarts),
+                f"{info.cpu_percent:.0f}",
+                f"{info.rss_mb:.0f} MB" if info.pid else "-",
+            )
+        parts.append(processes)
     parts += [Text(problem, style="bold red") for problem in snapshot.problems]
     return Group(*parts)
 
 
-def run(config: Config, once: bool, as_json: bool) -> int:
+def run(collector: Collector, once: bool, as_json: bool) -> int:
+    # The first look: psutil's CPU percentages and the rates need one to compare with.
+    collector.collect()
+    time.sleep(1.0)
     if as_json:
-        json.dump(asdict(collect(config)), sys.stdout, indent=2)
+        json.dump(asdict(collector.collect()), sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
     console = Console()
-    collect(config)  # psutil's CPU percentages need a first look to compare with
-    time.sleep(0.2)
     if once:
-        console.print(render(collect(config)))
+        console.print(render(collector.collect()))
         return 0
     try:
-        with Live(render(collect(config)), console=console, refresh_per_second=2) as live:
+        with Live(render(collector.collect()), console=console, refresh_per_second=2) as live:
             while True:
                 time.sleep(1)
-                live.update(render(collect(config)))
+                live.update(render(collector.collect()))
     except KeyboardInterrupt:
         return 0

@@ -116,7 +116,12 @@ def read_file(path: Path) -> dict[str, float]:
 
 @contextlib.contextmanager
 def _locked(directory: Path, operation: int) -> Iterator[None]:
-    fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o640)
+    # Readers open it read-only: paddlerctl may run as a member of the balancer's group,
+    # which can read the directory but not write in it. flock needs no write access.
+    if operation == fcntl.LOCK_SH:
+        fd = os.open(directory / LOCK, os.O_RDONLY)
+    else:
+        fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o640)
     try:
         fcntl.flock(fd, operation)
         yield
@@ -160,3 +165,4 @@ def prepare(directory: Path) -> None:
     for path in directory.iterdir():
         if path.name.endswith(SUFFIX) or path.name == "archive.partial":
             path.unlink()
+    (directory / LOCK).touch(mode=0o640)

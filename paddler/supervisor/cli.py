@@ -9,6 +9,7 @@ from pathlib import Path
 from paddler import __version__
 from paddler.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from paddler.supervisor.pidfile import AlreadyRunningError, Pidfile
+from paddler.supervisor.published import state_path
 from paddler.supervisor.sdnotify import Notifier
 from paddler.supervisor.supervisor import Supervisor, apply_log_level
 
@@ -80,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"paddlerd: cannot write the pidfile {pidfile.path}: {error}", file=sys.stderr)
         return EX_CONFIG
     try:
-        return Supervisor(path.resolve(), config, Notifier()).run()
+        return Supervisor(
+            path.resolve(), config, Notifier(), state_file=state_path(pidfile.path)
+        ).run()
     finally:
         pidfile.release()
 

@@ -21,6 +21,7 @@ from paddler.supervisor.child import (
 )
 from paddler.supervisor.output import LinePrefixer
 from paddler.supervisor.probe import HealthProbe
+from paddler.supervisor.published import Publisher
 from paddler.supervisor.sdnotify import Notifier
 from paddler.supervisor.spawn import spawn
 from paddler.supervisor.specs import STOP_ORDER, ChildSpec, child_specs
@@ -39,6 +40,7 @@ class Supervisor:
         config: Config,
         notifier: Notifier,
         clock: Callable[[], float] = time.monotonic,
+        state_file: Path | None = None,
     ) -> None:
         self.config_path = config_path
         self.config = config
@@ -55,6 +57,7 @@ class Supervisor:
         self._probes: dict[str, HealthProbe] = {}
         self._timestamps = "JOURNAL_STREAM" not in os.environ
         self._wakeup_reader: socket.socket | None = None
+        self._publisher = Publisher(state_file)
 
     # -- signals ---------------------------------------------------------------------------
 
@@ -103,11 +106,26 @@ class Supervisor:
             self._tick(self.clock())
             if self.finished:
                 break
+            self._publisher.publish(self.published())
             self._poll(self._sleep_time(self.clock()))
         for prefixer in self._outputs.values():
             prefixer.close()
+        self._publisher.remove()
         log.info("stopped")
         return 0
+
+    def published(self) -> list[dict[str, object]]:
+        """What paddlerctl shows of each child (paddler/supervisor/published.py)."""
+        return [
+            {
+                "name": child.name,
+                "state": child.state.value,
+                "pid": child.pid,
+                "restarts": child.restarts,
+                "last_exit": child.last_exit,
+            }
+            for child in self.children.values()
+        ]
 
     def _poll(self, timeout: float) -> None:
         for key, _ in self.selector.select(timeout):

@@ -3,6 +3,7 @@
 These need no llama.cpp: the children are the placeholder roles or a script.
 """
 
+import json
 import signal
 import socket
 import subprocess
@@ -53,10 +54,16 @@ def test_notifies_systemd_ready_watchdog_and_stopping(
     # The children never see paddlerd's notification socket.
     agent = paddlerd.children()["agent"]
     assert "NOTIFY_SOCKET" not in agent.environ()
+    # What paddlerctl shows of the children, published beside the pidfile.
+    published = json.loads(paddlerd.pidfile.with_suffix(".state").read_text())
+    assert published["pid"] == paddlerd.pid
+    states = {c["name"]: c["state"] for c in published["children"]}
+    assert states == {"agent.0": "running", "balancer": "running"}
 
     paddlerd.signal(signal.SIGTERM)
     receive_until(notify_socket, "STOPPING=1")
     assert paddlerd.wait_exit(20) == 0
+    assert not paddlerd.pidfile.with_suffix(".state").exists()
 
 
 def test_reload_notifies_reloading_then_ready(

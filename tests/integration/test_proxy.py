@@ -546,9 +546,20 @@ def test_paddlerctl_status_shows_the_fleet(fleet: Fleet) -> None:
     snapshot = json.loads(paddlerctl("--json"))
     assert sorted(u["name"] for u in snapshot["upstreams"]) == ["a", "b"]
     assert {u["slots"]["total"] for u in snapshot["upstreams"]} == {2}
-    roles = [process["role"] for process in snapshot["processes"]]
-    assert roles[0] == "paddlerd"
-    assert "balancer" in roles
-    assert sorted(role for role in roles if role.startswith("llamacpp")) == sorted(
-        f"llamacpp :{port}" for port in fleet.servers.values()
+    roles = {process["role"]: process for process in snapshot["processes"]}
+    assert snapshot["processes"][0]["role"] == "paddlerd"
+    # paddlerd's children under their names, with paddlerd's own word on their state.
+    for child in ("balancer", "llamacpp.a", "llamacpp.b", "agent.a", "agent.b"):
+        assert roles[child]["state"] == "running"
+        assert roles[child]["restarts"] == 0
+        assert roles[child]["pid"] > 0
+    assert snapshot["traffic"] is not None
+
+    # From elsewhere: the management API and /metrics, no slot table, no processes.
+    remote = json.loads(
+        paddlerctl("--json", "--management", f"http://127.0.0.1:{fleet.management}")
     )
+    assert sorted(u["name"] for u in remote["upstreams"]) == ["a", "b"]
+    assert remote["processes"] == []
+    assert remote["problems"] == []
+    assert remote["traffic"]["errors_per_second"] == 0

@@ -1,6 +1,10 @@
+import json
+from dataclasses import asdict
+
 from rich.console import Console
 
 from paddler.ctl.status import ProcessInfo, Snapshot, render
+from paddler.ctl.traffic import Totals, Traffic, parse_exposition, quantile, totals, traffic
 
 
 def upstream(name: str, total: int, free: int, state: str = "ready") -> dict[str, object]:
@@ -8,6 +12,7 @@ def upstream(name: str, total: int, free: int, state: str = "ready") -> dict[str
         "name": name,
         "address": f"10.0.0.{total}:8081",
         "model": "tiny",
+        "build": "b4242",
         "state": state,
         "in_rotation": state == "ready",
         "error": "",
@@ -17,31 +22,103 @@ def upstream(name: str, total: int, free: int, state: str = "ready") -> dict[str
     }
 
 
-def test_a_snapshot_renders_the_fleet_and_the_processes() -> None:
-    snapshot = Snapshot(
+def cells(line: str) -> list[str]:
+    """A table row's cells, as rich draws them between vertical bars."""
+    return [cell.strip() for cell in line.strip().strip("│").split("│")]
+
+
+def snapshot() -> Snapshot:
+    return Snapshot(
         upstreams=[
             upstream("gpu0", 2, 1),
             upstream("gpu1", 4, 0),
             upstream("gpu2", 3, 3, state="stale"),
         ],
         queued=5,
+        oldest_wait=2.25,
+        traffic=Traffic(10.0, 12.5, 0.3, 45.0, 310.0),
         processes=[
-            ProcessInfo("paddlerd", 100, 0.0, 20.4),
-            ProcessInfo("balancer", 101, 12.0, 48.0),
+            ProcessInfo("paddlerd", 100, 0.0, 20.4, "running"),
+            ProcessInfo("balancer", 101, 12.0, 48.0, "running", 0),
+            ProcessInfo("llamacpp.gpu0", 0, 0.0, 0.0, "backoff", 3),
         ],
         problems=["no slot table at /run/paddler/x: is the balancer running?"],
     )
-    console = Console(record=True, width=140, color_system=None)
-    console.print(render(snapshot))
+
+
+def test_a_snapshot_renders_the_fleet_and_the_processes() -> None:
+    console = Console(record=True, width=160, color_system=None)
+    console.print(render(snapshot()))
     text = console.export_text()
-    assert "Fleet: 5/6 slots busy, 5 queued" in text
+    assert (
+        "Fleet: 5/6 slots busy, 5 queued (oldest 2.2s) · 12.5 req/s, 0.3 5xx/s, "
+        "p50 45 ms, p99 310 ms (last 10s)" in text
+    )
     lines = text.splitlines()
-    gpu0 = next(line for line in lines if "gpu0" in line)
+    gpu0 = next(line for line in lines if "gpu0" in line and "10.0.0" in line)
     assert "10.0.0.2:8081" in gpu0
     assert "█████░░░░░ 1/2" in gpu0
+    assert "b4242" in gpu0
     assert "██████████ 4/4" in next(line for line in lines if "gpu1" in line)
     assert "stale" in next(line for line in lines if "gpu2" in line)
     balancer = next(line for line in lines if "balancer" in line)
-    assert "101" in balancer
+    assert cells(balancer)[:4] == ["balancer", "101", "running", "0"]
     assert "48 MB" in balancer
+    waiting = next(line for line in lines if "llamacpp.gpu0" in line)
+    assert cells(waiting)[:4] == ["llamacpp.gpu0", "-", "backoff", "3"]
     assert "is the balancer running?" in text
+
+
+def test_the_json_form_carries_the_same_snapshot() -> None:
+    parsed = json.loads(json.dumps(asdict(snapshot())))
+    assert parsed["queued"] == 5
+    assert parsed["traffic"]["requests_per_second"] == 12.5
+    assert parsed["processes"][2] == {
+        "role": "llamacpp.gpu0",
+        "pid": 0,
+        "cpu_percent": 0.0,
+        "rss_mb": 0.0,
+        "state": "backoff",
+        "restarts": 3,
+    }
+
+
+def test_rates_and_quantiles_over_a_window() -> None:
+    # Counter files keep each bucket's own count; /metrics adds them up.
+    before = totals(
+        {
+            'paddler_requests_total{route="/completion",status="200",upstream="a"}': 10,
+            'paddler_request_duration_seconds_bucket{route="/completion",le="0.1"}': 10,
+            'paddler_request_duration_seconds_bucket{route="/completion",le="1"}': 0,
+            'paddler_request_duration_seconds_bucket{route="/completion",le="+Inf"}': 0,
+        },
+        at=100.0,
+        cumulative=False,
+    )
+    after = totals(
+        parse_exposition(
+            "# HELP x\n"
+            'paddler_requests_total{route="/completion",status="200",upstream="a"} 100\n'
+            'paddler_requests_total{route="/completion",status="502",upstream="a"} 10\n'
+            'paddler_request_duration_seconds_bucket{route="/completion",le="0.1"} 60\n'
+            'paddler_request_duration_seconds_bucket{route="/completion",le="1"} 110\n'
+            'paddler_request_duration_seconds_bucket{route="/completion",le="+Inf"} 110\n'
+        ),
+        at=110.0,
+        cumulative=True,
+    )
+    flow = traffic(before, after)
+    assert (flow.requests_per_second, flow.errors_per_second) == (10.0, 1.0)
+    # 100 requests in the window: 50 of at most 0.1 s, 50 between 0.1 and 1 s.
+    assert flow.p50_ms == 100.0
+    assert flow.p99_ms is not None
+    assert round(flow.p99_ms) == 982
+    # A balancer restarted between the two readings: its counts start again.
+    restarted = traffic(after, Totals(120.0, 5.0, 0.0, {0.1: 5.0, float("inf"): 5.0}))
+    assert restarted.requests_per_second == 0.5
+
+
+def test_a_quantile_beyond_the_last_bucket_is_that_bucket() -> None:
+    assert quantile(0.99, {1.0: 10.0, float("inf"): 20.0}) == 1.0
+    assert quantile(0.5, {}) is None
+    assert quantile(0.5, {1.0: 0.0, float("inf"): 0.0}) is None

@@ -1,0 +1,103 @@
+"""Request rates and latency for paddlerctl status, from the balancer's counters.
+
+On the balancer host the counters come from the counter files (paddler/metrics), from
+elsewhere from /metrics; either way two readings some seconds apart give the rates and,
+from the duration histogram's buckets, the latency quantiles over that window.
+"""
+
+import math
+import re
+from dataclasses import dataclass
+
+from paddler.metrics.families import DURATION, REQUESTS
+
+_BUCKET = re.compile(r'le="([^"]+)"')
+
+
+@dataclass(frozen=True)
+class Totals:
+    at: float
+    requests: float
+    errors: float  # status 5xx
+    buckets: dict[float, float]  # upper bound -> requests at most that long (cumulative)
+
+
+@dataclass(frozen=True)
+class Traffic:
+    window: float
+    requests_per_second: float
+    errors_per_second: float
+    p50_ms: float | None
+    p99_ms: float | None
+
+
+def totals(samples: dict[str, float], at: float, cumulative: bool) -> Totals:
+    """From sample keys as Prometheus prints them: the counter files keep each bucket's
+    own count (cumulative=False), /metrics prints them added up (cumulative=True)."""
+    requests = errors = 0.0
+    per_bound: dict[float, float] = {}
+    prefix = DURATION.name + "_bucket{"
+    for key, value in samples.items():
+        if key.startswith(REQUESTS.name + "{"):
+            requests += value
+            if 'status="5' in key:
+                errors += value
+        elif key.startswith(prefix):
+            match = _BUCKET.search(key)
+            if match:
+                bound = float(match.group(1))
+                per_bound[bound] = per_bound.get(bound, 0.0) + value
+    buckets: dict[float, float] = {}
+    running = 0.0
+    for bound in sorted(per_bound):
+        running = per_bound[bound] if cumulative else running + per_bound[bound]
+        buckets[bound] = running
+    return Totals(at, requests, errors, buckets)
+
+
+def parse_exposition(text: str) -> dict[str, float]:
+    """Sample key -> value from Prometheus's text format (what /metrics answers)."""
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        try:
+            samples[key] = float(value)
+        except ValueError:
+            continue
+    return samples
+
+
+def quantile(q: float, buckets: dict[float, float]) -> float | None:
+    """Prometheus's histogram_quantile: linear within the bucket the rank falls in."""
+    bounds = sorted(buckets)
+    if not bounds or buckets[bounds[-1]] <= 0:
+        return None
+    rank = q * buckets[bounds[-1]]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound in bounds:
+        count = buckets[bound]
+        if count >= rank:
+            if math.isinf(bound):
+                return lower_bound  # beyond the last finite bucket: its bound is all we know
+            share = (rank - lower_count) / (count - lower_count) if count > lower_count else 1
+            return lower_bound + (bound - lower_bound) * share
+        lower_bound, lower_count = bound, count
+    return lower_bound
+
+
+def traffic(old: Totals, new: Totals) -> Traffic:
+    if new.requests < old.requests:  # the balancer restarted: its counts began again
+        old = Totals(old.at, 0.0, 0.0, {})
+    window = max(1e-9, new.at - old.at)
+    delta = {bound: new.buckets[bound] - old.buckets.get(bound, 0.0) for bound in new.buckets}
+    p50 = quantile(0.5, delta)
+    p99 = quantile(0.99, delta)
+    return Traffic(
+        window=round(window, 1),
+        requests_per_second=max(0.0, new.requests - old.requests) / window,
+        errors_per_second=max(0.0, new.errors - old.errors) / window,
+        p50_ms=None if p50 is None else p50 * 1000,
+        p99_ms=None if p99 is None else p99 * 1000,
+    )
