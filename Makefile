@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: setup demo test lint llama-server package-tools packages clean
+.PHONY: setup demo test lint llama-server test-tools packages clean
 
 setup: $(INSTALLED) llama-server
 
@@ -21,22 +21,25 @@ $(INSTALLED): pyproject.toml
 llama-server: $(INSTALLED)
 	$(BIN)/python -m paddler.testbed.llama_server
 
-# What building and testing the packages needs from Debian: dpkg-deb is always there,
-# rpmbuild and rpm2cpio come with rpm, and the tests debootstrap a root of their own.
-package-tools:
-	@missing="$$(for tool in debootstrap rpmbuild rpm2cpio cpio; do \
+# What the tests need from Debian: dpkg-deb is always there, rpmbuild and rpm2cpio come
+# with rpm, the package tests debootstrap a root of their own, and the dashboard's test
+# takes its screenshot with Chromium.
+TEST_TOOLS := debootstrap rpmbuild rpm2cpio cpio chromium
+TEST_PACKAGES := debootstrap rpm cpio chromium
+test-tools:
+	@missing="$$(for tool in $(TEST_TOOLS); do \
 	    command -v $$tool >/dev/null || echo $$tool; done)"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    echo "installing debootstrap, rpm and cpio from Debian's packages"; \
+	    echo "installing $(TEST_PACKAGES) from Debian's packages"; \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap rpm cpio >/dev/null; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TEST_PACKAGES) >/dev/null; \
 	  else \
-	    echo "the package tests need root and debootstrap, rpm and cpio: they will be skipped"; \
+	    echo "missing $$missing: the tests that need them (root too) will be skipped"; \
 	  fi; \
 	fi
 
-packages: $(INSTALLED) package-tools
+packages: $(INSTALLED) test-tools
 	$(BIN)/python packaging/build.py
 
 demo: setup
@@ -47,7 +50,7 @@ lint: $(INSTALLED)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: setup lint package-tools
+test: setup lint test-tools
 	$(BIN)/pytest -v
 
 clean:

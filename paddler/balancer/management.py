@@ -9,14 +9,16 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from paddler.balancer import dashboard
 from paddler.balancer.asgi import serve_asgi
 from paddler.balancer.fleet import Fleet
 from paddler.balancer.proxy.http import Exchange
 from paddler.config.model import counters_directory
 from paddler.metrics import counters, exposition
+from paddler.metrics.traffic import totals
 from paddler.reports import ReportError, parse_report
 from paddler.slots import Applied, SlotTableError
 from paddler.slots.view import describe
@@ -134,6 +136,18 @@ class Management:
         async def autoscaling(request: Request) -> Response:
             return JSONResponse(fleet.snapshot().demand.as_json())
 
+        async def dashboard_page(request: Request) -> Response:
+            return HTMLResponse(dashboard.PAGE, headers=_PAGE_HEADERS)
+
+        async def dashboard_data(request: Request) -> Response:
+            samples = counters.read_all(Path(counters_directory(fleet.settings)))
+            data = dashboard.fleet_json(
+                fleet.snapshot(),
+                totals(samples, time.monotonic(), cumulative=False),
+                fleet.settings.missed_reports,
+            )
+            return JSONResponse(data, headers={"Cache-Control": "no-store"})
+
         async def drain(request: Request) -> Response:
             """POST drains the upstreams named (by name, address or agent id): no new
             requests, those in flight finish; DELETE takes them back."""
@@ -177,12 +191,21 @@ class Management:
             Route("/api/v1/agents", list_agents, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             Route("/api/v1/autoscaling", autoscaling, methods=["GET"]),
+            Route("/dashboard", dashboard_page, methods=["GET"]),
+            Route("/dashboard/fleet.json", dashboard_data, methods=["GET"]),
             Route("/api/v1/agents/{agent_id}", remove, methods=["DELETE"]),
             Route("/api/v1/upstreams/{upstream}/drain", drain, methods=["POST", "DELETE"]),
         ]
 
 
 REPORTS_PATH = "/api/v1/agents/"
+# The page's own inline script and style, nothing from elsewhere; no framing.
+_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
+    "style-src 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+}
 _REFUSED = json.dumps({"error": "missing or wrong bearer token"}).encode()
 _TOO_LARGE = json.dumps({"error": f"the report is larger than {MAX_REPORT_BYTES} bytes"}).encode()
 # The answers to accepted reports, rendered once: a big fleet sends a thousand a second.

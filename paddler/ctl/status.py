@@ -24,8 +24,8 @@ from rich.text import Text
 
 from paddler.config import Config
 from paddler.config.model import counters_directory, slot_table_path
-from paddler.ctl.traffic import Totals, Traffic, parse_exposition, totals, traffic
 from paddler.metrics.counters import read_all
+from paddler.metrics.traffic import Totals, Traffic, parse_exposition, totals, traffic
 from paddler.slots import SlotTable, SlotTableError
 from paddler.slots.view import describe
 from paddler.supervisor.pidfile import read_pid

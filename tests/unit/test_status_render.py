@@ -4,7 +4,7 @@ from dataclasses import asdict
 from rich.console import Console
 
 from paddler.ctl.status import ProcessInfo, Snapshot, render
-from paddler.ctl.traffic import Totals, Traffic, parse_exposition, quantile, totals, traffic
+from paddler.metrics.traffic import Totals, Traffic, parse_exposition, quantile, totals, traffic
 
 
 def upstream(name: str, total: int, free: int, state: str = "ready") -> dict[str, object]:

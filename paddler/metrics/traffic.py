@@ -1,4 +1,4 @@
-"""Request rates and latency for paddlerctl status, from the balancer's counters.
+"""Request rates and latency from the balancer's counters (paddlerctl status, the dashboard).
 
 On the balancer host the counters come from the counter files (paddler/metrics), from
 elsewhere from /metrics; either way two readings some seconds apart give the rates and,
