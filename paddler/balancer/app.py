@@ -16,6 +16,7 @@ from pathlib import Path
 
 from starlette.types import Receive, Scope, Send
 
+from paddler import __version__
 from paddler.balancer.fleet import Fleet
 from paddler.balancer.management import MAX_REPORT_BYTES, Management
 from paddler.balancer.proxy.handler import Proxy
@@ -26,6 +27,7 @@ from paddler.config.model import counters_directory
 from paddler.metrics.counters import CounterFile
 from paddler.metrics.recorder import Recorder
 from paddler.metrics.statsd import StatsdSender
+from paddler.tracing.otlp import Exporter
 
 log = logging.getLogger("paddler.balancer")
 
@@ -52,7 +54,13 @@ class BalancerApp:
         counters = CounterFile.create(
             Path(counters_directory(self.settings)) / f"{os.getpid()}.counters"
         )
-        await self.proxy.startup(Recorder(counters))
+        tracer = None
+        if self.settings.otlp_traces_endpoint:
+            tracer = Exporter(
+                self.settings.otlp_traces_endpoint, self.settings.otlp_service_name, __version__
+            )
+            self._maintenance.append(asyncio.create_task(tracer.run()))
+        await self.proxy.startup(Recorder(counters), tracer)
         self._maintenance.append(asyncio.create_task(self.fleet.maintain()))
         statsd = parse_address(self.settings.statsd_address or "")
         if statsd is not None:

@@ -227,8 +227,8 @@ def _complaint(check: str | None, value: Any) -> str:
         return "must be non-empty strings without spaces"
     if check == "name" and not _NAME.match(value):
         return f"must be 1-63 letters, digits, '.', '_' or '-': {value!r}"
-    if check == "address" and parse_address(value) is None:
-        return f"must be host:port, not {value!r}"
+    if check in ("url", "address"):
+        return _endpoint_complaint(check, value)
     if check == "addresses":
         bad = [address for address in value if parse_address(address) is None]
         if not value:
@@ -239,6 +239,14 @@ def _complaint(check: str | None, value: Any) -> str:
         bad = [path for path in value if not path.startswith("/")]
         if bad:
             return f"paths start with '/'; not {_listed(bad)}"
+    return ""
+
+
+def _endpoint_complaint(check: str, value: str) -> str:
+    if check == "url" and not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
+        return f"must be an http:// or https:// URL, not {value!r}"
+    if check == "address" and parse_address(value) is None:
+        return f"must be host:port, not {value!r}"
     return ""
 
 

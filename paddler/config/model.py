@@ -230,6 +230,14 @@ class BalancerSettings:
         "paddler",
         check="name",
     )
+    otlp_traces_endpoint: str | None = setting(
+        "An OTLP/HTTP collector's traces URL (for example http://127.0.0.1:4318/v1/traces) "
+        "that gets one span per proxied request; unset: no traces.",
+        check="url",
+    )
+    otlp_service_name: str = setting(
+        "The service.name of the spans' resource.", "paddler", check="name"
+    )
     statsd_interval: float = setting("Seconds between two StatsD sends.", 10.0, minimum=0.1)
 
 

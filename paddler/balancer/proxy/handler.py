@@ -37,6 +37,7 @@ from paddler.balancer.proxy.waiting import (
 from paddler.metrics.recorder import Recorder
 from paddler.slots import UpstreamRow, UpstreamState
 from paddler.slots.policy import model_names
+from paddler.tracing.otlp import Exporter, Span, new_span_id, trace_context, traceparent
 
 log = logging.getLogger("paddler.balancer")
 
@@ -73,9 +74,11 @@ class Proxy:
         self._request_ids: Iterator[str] = iter(())
         self._routes = self.slot_endpoints | KNOWN_ROUTES
         self._recorder: Recorder | None = None
+        self._tracer: Exporter | None = None
 
-    async def startup(self, recorder: Recorder) -> None:
+    async def startup(self, recorder: Recorder, tracer: Exporter | None = None) -> None:
         self._recorder = recorder
+        self._tracer = tracer
         self._pool = ConnectionPool(
             self.settings.upstream_connect_timeout, self.settings.upstream_keepalive_timeout
         )
@@ -113,6 +116,11 @@ class Proxy:
         started = time.monotonic()
         given = exchange.header(b"x-request-id")
         exchange.request_id = given.decode("latin-1") if given else next(self._request_ids)
+        trace: tuple[bytes, bytes, bytes, int] | None = None
+        if self._tracer is not None:
+            trace_id, parent_id = trace_context(exchange.header(b"traceparent"))
+            trace = (trace_id, new_span_id(), parent_id, time.time_ns())
+            exchange.trace = trace[:2]
         try:
             await self._handle(exchange)
         except asyncio.CancelledError:
@@ -122,9 +130,11 @@ class Proxy:
         except ConnectionError:
             log.info("[%s] the client left while its answer was sent", exchange.request_id)
         finally:
-            self._count(exchange, started)
+            self._count(exchange, started, trace)
 
-    def _count(self, exchange: Exchange, started: float) -> None:
+    def _count(
+        self, exchange: Exchange, started: float, trace: tuple[bytes, bytes, bytes, int] | None
+    ) -> None:
         path = exchange.path
         route = path if path in self._routes else "other"
         if exchange.client_left and not exchange.response_complete:
@@ -134,8 +144,41 @@ class Proxy:
         first_token = None
         if exchange.event_stream and exchange.first_byte_at and exchange.upstream != "none":
             first_token = exchange.first_byte_at - started
-        self.recorder.request(
-            route, status, exchange.upstream, time.monotonic() - started, first_token
+        duration = time.monotonic() - started
+        self.recorder.request(route, status, exchange.upstream, duration, first_token)
+        if trace is not None and self._tracer is not None:
+            self._tracer.add(self._span(exchange, route, status, duration, first_token, trace))
+
+    def _span(
+        self,
+        exchange: Exchange,
+        route: str,
+        status: int,
+        duration: float,
+        first_token: float | None,
+        trace: tuple[bytes, bytes, bytes, int],
+    ) -> Span:
+        trace_id, span_id, parent_id, start_ns = trace
+        attributes: dict[str, str | int | float | bool] = {
+            "http.request.method": exchange.method,
+            "url.path": route,
+            "http.response.status_code": status,
+            "paddler.request_id": exchange.request_id,
+            "paddler.upstream": exchange.upstream,
+            "paddler.queue_wait_ms": round(exchange.queued * 1000, 3),
+            "paddler.retries": max(0, exchange.attempts - 1),
+        }
+        if first_token is not None:
+            attributes["paddler.time_to_first_token_ms"] = round(first_token * 1000, 3)
+        return Span(
+            trace_id,
+            span_id,
+            parent_id,
+            f"{exchange.method} {route}",
+            start_ns,
+            start_ns + int(duration * 1e9),
+            attributes,
+            f"answered {status}" if status >= 500 else "",
         )
 
     async def _handle(self, exchange: Exchange) -> None:
@@ -253,6 +296,7 @@ class Proxy:
                 self.recorder.queue_wait(time.monotonic() - asked)
                 queued_counted = True
             queued += time.monotonic() - asked
+            exchange.queued = queued
             try:
                 await self._forward(exchange, row, body, queued)
                 return
@@ -309,6 +353,11 @@ class Proxy:
             upstream_api_key=self.settings.upstream_api_key,
         )
         exchange.upstream = row.name
+        exchange.attempts += 1
+        if exchange.trace is not None:
+            # The upstream's work joins the request's trace, as a child of its span.
+            headers = [pair for pair in headers if pair[0] != b"traceparent"]
+            headers.append((b"traceparent", traceparent(*exchange.trace)))
         if self.settings.debug_headers:
             exchange.extra_headers = [
                 (b"x-paddler-upstream", row.name.encode()),

@@ -77,6 +77,9 @@ class Exchange:
         self.status = 0
         self.upstream = "none"  # the name of the upstream that answered, for the metrics
         self.first_byte_at = 0.0  # when the first body bytes went out (monotonic)
+        self.queued = 0.0  # seconds it waited for a free slot
+        self.attempts = 0  # upstreams tried
+        self.trace: tuple[bytes, bytes] | None = None  # trace and span id, when tracing
         self.response_started = False
         self.response_complete = False
         self.event_stream = False

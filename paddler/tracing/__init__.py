@@ -1,0 +1,1 @@
+"""OpenTelemetry traces of proxied requests, exported over OTLP/HTTP without the SDK."""
