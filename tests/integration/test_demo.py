@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from paddler.testbed.ports import free_port
+from tests.integration.test_dashboard import chromium
 
 pytestmark = pytest.mark.llamacpp
 
@@ -72,6 +73,30 @@ def test_the_demo_fleet_serves_the_readme_calls(llama_server_binary: Path, tmp_p
         )
         assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
         client.close()
+
+        # The operator's views of the demo fleet: paddlerctl status and the dashboard.
+        config = tmp_path / "demo" / "paddler.toml"
+        status = subprocess.run(
+            [sys.executable, "-m", "paddler.ctl.cli", "-c", str(config), "status", "--once"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={**env, "COLUMNS": "160"},
+        )
+        assert status.returncode == 0, status.stderr
+        for name in ("demo-a", "demo-b"):
+            row = next(line for line in status.stdout.splitlines() if f"│ {name} " in line)
+            assert "ready" in row
+            assert "0/2" in row
+        assert "Fleet: 0/4 slots busy, 0 queued" in status.stdout
+        page = chromium(
+            tmp_path / "profile", "--dump-dom", f"http://127.0.0.1:{base + 5}/dashboard"
+        )
+        assert page.returncode == 0, page.stderr[-2000:]
+        assert '<b id="slots">0/4</b>' in page.stdout
+        for name in ("demo-a", "demo-b"):
+            assert f"<td>{name}</td>" in page.stdout
     finally:
         demo.send_signal(signal.SIGINT)
         assert demo.wait(30) == 0
