@@ -62,8 +62,12 @@ from paddler.testbed.llama_server import cache_root, ensure_llama_server  # noqa
 from paddler.testbed.models import write_model  # noqa: E402
 from paddler.testbed.ports import free_port  # noqa: E402
 
-ARMS = ("direct", "nginx-rr", "nginx-leastconn", "haproxy-leastconn", "paddler")
+ARMS = ("direct", "nginx-rr", "nginx-leastconn", "haproxy-leastconn", "paddler", "paddler-cache")
 BASELINE = "nginx-leastconn"
+# The ratios the tables give: each (arm, against).
+RATIOS = (("paddler", BASELINE), ("paddler-cache", BASELINE), ("paddler-cache", "paddler"))
+# Paddler's arms: least_busy (the default policy) and cache_aware.
+POLICIES = {"paddler": "least_busy", "paddler-cache": "cache_aware"}
 WORKLOADS = ("W1", "W2", "W3", "W4")
 SERVERS = 2
 SLOTS = 2  # per server
@@ -379,6 +383,7 @@ reverseproxy_port = {port}
 workers = 2
 slot_table = "{work}/slots"
 debug_headers = true
+routing_policy = "{policy}"
 """
 
 AGENT_TOML = """
@@ -396,19 +401,21 @@ def arm(name: str, servers: list[int], work: Path) -> Iterator[list[int]]:
         yield servers
         return
     port = free_port()
-    if name != "paddler":
+    if name not in POLICIES:
         # A prompt can take many seconds to its first token: nothing cut off for that.
         argv = proxy_argv(name, servers, port, work, read_timeout=300)
     else:
         management = free_port()
-        text = PADDLERD_TOML.format(work=work, management=management, port=port)
+        text = PADDLERD_TOML.format(
+            work=work, management=management, port=port, policy=POLICIES[name]
+        )
         for index, server in enumerate(servers):
             text += AGENT_TOML.format(index=index, server=server, management=management)
         config = work / "paddler.toml"
         config.write_text(text)
         argv = [sys.executable, "-m", "paddler.supervisor.cli", "-c", str(config)]
     with process(argv, log=work / f"{name}.log", cwd=ROOT):
-        if name == "paddler":
+        if name in POLICIES:
             _wait_slots(port, SERVERS * SLOTS)
         else:
             wait_http(f"http://127.0.0.1:{port}/health")
@@ -469,16 +476,18 @@ def figures(cell: Cell) -> dict[str, Any]:
     }
 
 
-def run(sizes: Sizes, repetitions: int, workloads: tuple[str, ...]) -> dict[str, Any]:
+def run(
+    sizes: Sizes, repetitions: int, workloads: tuple[str, ...], arms: tuple[str, ...]
+) -> dict[str, Any]:
     ensure_tools()
     binary = ensure_llama_server()
     model = bench_model()
-    results: dict[str, Any] = {name: {w: [] for w in workloads} for name in ARMS}
+    results: dict[str, Any] = {name: {w: [] for w in workloads} for name in arms}
     with tempfile.TemporaryDirectory() as raw:
         work = Path(raw)
         for repetition in range(repetitions):
             for workload in workloads:
-                for name in ARMS:
+                for name in arms:
                     with (
                         llama_servers(binary, model, work) as servers,
                         arm(name, servers, work) as entry,
@@ -537,20 +546,23 @@ def _pick(measured: dict[str, Any], path: tuple[str, ...]) -> float | None:
     return None if value is None else float(value)
 
 
-def tables(results: dict[str, Any], workloads: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
+def tables(
+    results: dict[str, Any], workloads: tuple[str, ...], arms: tuple[str, ...]
+) -> tuple[str, dict[str, Any]]:
     lines: list[str] = []
     compared: dict[str, Any] = {}
+    ratios = [(a, b) for a, b in RATIOS if a in arms and b in arms]
     for workload in workloads:
         lines += [
             f"### {TITLES[workload]}",
             "",
-            "| figure | " + " | ".join(ARMS) + f" | Paddler / {BASELINE} |",
-            "|" + " --- |" * (len(ARMS) + 2),
+            "| figure | " + " | ".join(arms) + "".join(f" | {a} / {b}" for a, b in ratios) + " |",
+            "|" + " --- |" * (len(arms) + len(ratios) + 1),
         ]
         compared[workload] = {}
         for label, path, form in TABLE:
             cells, medians = [], {}
-            for name in ARMS:
+            for name in arms:
                 values = [v for m in results[name][workload] if (v := _pick(m, path)) is not None]
                 if not values:
                     cells.append("-")
@@ -560,11 +572,12 @@ def tables(results: dict[str, Any], workloads: tuple[str, ...]) -> tuple[str, di
                 low, high = min(values), max(values)
                 spread = f" ({form.format(low)}-{form.format(high)})" if low != high else ""
                 cells.append(form.format(median) + spread)
-            base = medians.get(BASELINE)
-            ratio = medians["paddler"] / base if base and "paddler" in medians else None
-            compared[workload][label] = ratio
-            shown = f"{ratio:.2f}" if ratio is not None else "-"
-            lines.append(f"| {label} | " + " | ".join(cells) + f" | {shown} |")
+            shown = []
+            for a, b in ratios:
+                ratio = medians[a] / medians[b] if medians.get(b) and a in medians else None
+                compared[workload].setdefault(f"{a} / {b}", {})[label] = ratio
+                shown.append(f"{ratio:.2f}" if ratio is not None else "-")
+            lines.append(f"| {label} | " + " | ".join(cells + shown) + " |")
         lines.append("")
     return "\n".join(lines), compared
 
@@ -574,14 +587,20 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="1 repetition of small workloads")
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--arms", default=",".join(ARMS), help="a subset of: " + ",".join(ARMS))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--stem", default="fleet_quality", help="the results files' name")
     args = parser.parse_args()
     sizes = SMOKE if args.smoke else FULL
     repetitions = 1 if args.smoke else args.repetitions
     workloads = tuple(args.workloads.split(","))
+    arms = tuple(args.arms.split(","))
+    unknown = sorted(set(arms) - set(ARMS)) + sorted(set(workloads) - set(WORKLOADS))
+    if unknown:
+        parser.error(f"unknown arms or workloads: {', '.join(unknown)}")
     began = time.monotonic()
-    results = run(sizes, repetitions, workloads)
-    table, compared = tables(results, workloads)
+    results = run(sizes, repetitions, workloads, arms)
+    table, compared = tables(results, workloads, arms)
     print(table)
     if not args.smoke:
         meta = {
@@ -593,9 +612,9 @@ def main() -> int:
         }
         write_results(
             args.out,
-            "fleet_quality",
+            args.stem,
             "Fleet quality",
-            {"meta": meta, "results": results, "paddler_against": compared},
+            {"meta": meta, "results": results, "ratios": compared},
             f"{repetitions} repetitions (median, and min-max where they differ), "
             f"{meta['minutes']} minutes. 2 llama-servers x 2 slots, the generated "
             f"~28M-parameter model, one core each.\n\n{table}",

@@ -17,8 +17,15 @@ from gunicorn.app.base import BaseApplication
 from paddler.balancer.app import BalancerApp
 from paddler.config import BalancerSettings
 from paddler.config.addresses import format_address
-from paddler.config.model import EXAMPLE_TOKEN, MAX_WORKERS, counters_directory, slot_table_path
+from paddler.config.model import (
+    EXAMPLE_TOKEN,
+    MAX_WORKERS,
+    counters_directory,
+    prefix_index_path,
+    slot_table_path,
+)
 from paddler.metrics import counters
+from paddler.prefixes.index import PrefixIndex, PrefixIndexError
 from paddler.slots import SlotTable, SlotTableError
 from paddler.slots.layout import DEFAULT_MAX_OWNERS, MAX_OWNERS
 from paddler.supervisor.spawn import die_with_parent
@@ -61,6 +68,7 @@ def _on_exit(server: Any) -> None:
     table.close()
     if mine:
         path.unlink(missing_ok=True)
+        Path(prefix_index_path(server.app.settings)).unlink(missing_ok=True)
         shutil.rmtree(counters_directory(server.app.settings), ignore_errors=True)
 
 
@@ -136,6 +144,12 @@ def run(settings: BalancerSettings) -> int:
     except (OSError, SlotTableError) as error:
         log.error("cannot create the slot table %s: %s", slot_table_path(settings), error)
         return 78
+    if settings.routing_policy in ("cache_aware", "session"):
+        try:
+            PrefixIndex.create(Path(prefix_index_path(settings))).close()
+        except (OSError, PrefixIndexError) as error:
+            log.error("cannot create %s: %s", prefix_index_path(settings), error)
+            return 78
     try:
         counters.prepare(Path(counters_directory(settings)))
     except OSError as error:

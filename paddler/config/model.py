@@ -210,6 +210,27 @@ class BalancerSettings:
     rewrite_host_header: bool = setting(
         "Send upstreams their own address as Host instead of the client's.", False
     )
+    routing_policy: str = setting(
+        "How a request that takes a slot picks among upstreams with a free one: least_busy "
+        "(the most free slots), cache_aware (the one most likely to hold the request's "
+        "prompt prefix in its KV cache, else the least busy), session (the one its session "
+        "went to: session_header or the request's user field), round_robin.",
+        "least_busy",
+        choices=("least_busy", "cache_aware", "session", "round_robin"),
+    )
+    session_header: str = setting(
+        "The request header whose value keeps a session's requests on one upstream "
+        "(cache_aware and session); the request's user field serves as well.",
+        "x-session-id",
+        check="name",
+    )
+    cache_max_imbalance: int = setting(
+        "cache_aware and session routing keep a request on the upstream that holds its "
+        "prefix while that one has a free slot and at most this many fewer free slots than "
+        "the least busy upstream; past that, the least busy takes it.",
+        2,
+        minimum=0,
+    )
     missed_reports: int = setting(
         "Report intervals an agent may stay silent before its upstream gets no new requests.",
         3,
@@ -243,6 +264,11 @@ class BalancerSettings:
 
 def slot_table_path(settings: BalancerSettings) -> str:
     return settings.slot_table or f"/run/paddler/balancer-{settings.management_port}.slots"
+
+
+def prefix_index_path(settings: BalancerSettings) -> str:
+    """The prefix index of cache-aware routing (paddler/prefixes/index.py)."""
+    return slot_table_path(settings) + ".prefixes"
 
 
 def counters_directory(settings: BalancerSettings) -> str:

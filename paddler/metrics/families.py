@@ -105,7 +105,15 @@ UTILIZATION = Family(
     "requests wait. 1 while requests wait with no upstream at all.",
 )
 
-COUNTERS = (REQUESTS, QUEUE_TIMEOUTS, QUEUE_REJECTIONS, RETRIES, EJECTIONS)
+CACHE_GUESSES = Family(
+    "paddler_cache_guesses_total",
+    "counter",
+    "cache_aware routing's guesses, judged by llama.cpp's timings: hit (the upstream "
+    "expected to hold the prompt's prefix served some of it from cache), miss (it did "
+    "not), none (no upstream was expected to hold it).",
+)
+
+COUNTERS = (REQUESTS, QUEUE_TIMEOUTS, QUEUE_REJECTIONS, RETRIES, EJECTIONS, CACHE_GUESSES)
 HISTOGRAMS = (DURATION, FIRST_TOKEN, QUEUE_WAIT)
 GAUGES = (
     QUEUE_DEPTH,

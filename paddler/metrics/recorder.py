@@ -6,6 +6,7 @@ from bisect import bisect_left
 
 from paddler.metrics.counters import CounterFile
 from paddler.metrics.families import (
+    CACHE_GUESSES,
     DURATION,
     EJECTIONS,
     FIRST_TOKEN,
@@ -85,6 +86,9 @@ class Recorder:
     def ejected(self, upstream: str) -> None:
         self.counters.add(self._upstream_key(EJECTIONS, upstream))
 
+    def cache_guess(self, outcome: str) -> None:
+        self.counters.add(self._upstream_key(CACHE_GUESSES, outcome, "outcome"))
+
     def _histogram(self, family: Family, route: str) -> Histogram:
         histogram = self._histograms.get((family.name, route))
         if histogram is None:
@@ -92,9 +96,9 @@ class Recorder:
             self._histograms[(family.name, route)] = histogram
         return histogram
 
-    def _upstream_key(self, family: Family, upstream: str) -> str:
-        key = self._per_upstream.get((family.name, upstream))
+    def _upstream_key(self, family: Family, value: str, label: str = "upstream") -> str:
+        key = self._per_upstream.get((family.name, value))
         if key is None:
-            key = f"{family.name}{{{labels(upstream=upstream)}}}"
-            self._per_upstream[(family.name, upstream)] = key
+            key = f'{family.name}{{{label}="{escape(value)}"}}'
+            self._per_upstream[(family.name, value)] = key
         return key

@@ -1,7 +1,7 @@
 """The slot table's binary layout.
 
 One file in a tmpfs (``/run/paddler``), mapped by every balancer process. All
-integers little-endian. Version 4:
+integers little-endian. Version 5:
 
 Header page (4096 bytes)
     offset 0   8s   magic b"PDLRSLOT"
@@ -46,6 +46,9 @@ Rows, from offset 4096, max_upstreams x row size, each
     offset 646  u16  reservations: the sum of the per-owner counters below
     offset 648  u8   drained: 1 while an operator drains the upstream (paddlerctl drain):
                      no new requests; reports leave it as it is
+    offset 652  u32  cache epoch: moves whenever the upstream may have lost its KV cache
+                     (it reported a state other than ready, or the balancer found its
+                     cache guesses missing); prefixes remembered in another epoch are void
     offset 656  reservations: max_owners x u16, one counter per owner process
 
 The waiting queue, after the rows, max_waiters x 32 bytes, each
@@ -65,7 +68,7 @@ import enum
 import struct
 
 MAGIC = b"PDLRSLOT"
-LAYOUT_VERSION = 4
+LAYOUT_VERSION = 5
 HEADER_SIZE = 4096
 HEADER = struct.Struct("<8sIIIIdIIQII")
 NEXT_TICKET_OFFSET = 40
@@ -84,6 +87,7 @@ EJECTION_OFFSET = 632
 FREE_OFFSET = 644
 RESERVED_OFFSET = 646
 DRAINED_OFFSET = 648
+CACHE_EPOCH_OFFSET = 652
 RESERVATIONS_OFFSET = 656
 WAITER = struct.Struct("<QHxxId8x")
 DEFAULT_MAX_WAITERS = 1024

@@ -35,7 +35,7 @@ class Policy:
 
     A plain slotted class: one is made for every request."""
 
-    __slots__ = ("exclude", "key", "missed_reports", "model", "now")
+    __slots__ = ("exclude", "imbalance", "key", "missed_reports", "model", "now", "prefer")
 
     def __init__(
         self,
@@ -43,11 +43,18 @@ class Policy:
         missed_reports: int,
         model: str | None = None,
         exclude: frozenset[tuple[int, int]] = frozenset(),
+        prefer: tuple[int, ...] = (),
+        imbalance: int = 0,
     ) -> None:
         self.now = now
         self.missed_reports = missed_reports
         self.model = model
         self.exclude = exclude
+        # Rows to take before the least busy one, best first (cache-aware routing, sticky
+        # sessions), as long as one has a free slot and at most ``imbalance`` - 1 fewer
+        # free slots than the least busy; the line's order is kept either way.
+        self.prefer = prefer
+        self.imbalance = imbalance
         # What the structural part of the match depends on.
         self.key = (model, exclude)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from paddler.slots.layout import (
+    CACHE_EPOCH_OFFSET,
     DEFAULT_MAX_OWNERS,
     DEFAULT_MAX_UPSTREAMS,
     DEFAULT_MAX_WAITERS,
@@ -99,6 +100,7 @@ class UpstreamRow:
     ejected_until: float = 0.0
     ejections: int = 0
     drained: bool = False
+    cache_epoch: int = 0
 
     @property
     def address(self) -> str:
@@ -368,6 +370,7 @@ class SlotTable:
             ejected_until,
             ejections,
             bool(self._map[offset + DRAINED_OFFSET]),
+            int(self._u32[(offset + CACHE_EPOCH_OFFSET) // 4]),
         )
 
     def _rows_used(self) -> int:
@@ -459,6 +462,9 @@ class SlotTable:
         self._map[offset + 4 : offset + ROW_META.size] = fields[4:]
         self._u32[sequence_index] = seqlock + 2
         self._recount(row)
+        if self._map[offset + 4] != before[0] and state is not UpstreamState.READY:
+            # Unreachable, loading, asleep...: whatever it had cached may be gone.
+            self._bump_cache_epoch(row)
         after = (self._map[offset + 4], self._u32[(offset + 8) // 4])
         if after != before or self._map[model_at : model_at + 128] != model_before:
             self._restructured()
@@ -726,6 +732,30 @@ class SlotTable:
             return Reservation(chosen, row.generation), row
 
     def _choose(self, policy: Policy, model_key: int, ticket: int | None) -> int | None:
+        best = self._least_busy(policy, model_key, ticket)
+        if best is None or not policy.prefer:
+            return best
+        start = (HEADER_SIZE + FREE_OFFSET) // 2
+        step = self.row_size // 2
+        used = self._rows_used()
+        best_free = self._i16[start + best * step]
+        groups = self._groups_for(policy)
+        for row in policy.prefer:
+            if row == best:
+                return best
+            if row >= used:
+                continue
+            free = self._i16[start + row * step]
+            if (
+                free > 0
+                and free + policy.imbalance > best_free
+                and any(row in indices for indices in groups)
+                and self._fresh(row, policy)
+            ):
+                return row
+        return best
+
+    def _least_busy(self, policy: Policy, model_key: int, ticket: int | None) -> int | None:
         groups = self._groups_for(policy)
         used = self._rows_used()
         if not used:
@@ -923,6 +953,25 @@ class SlotTable:
             current = self._row(row)
             if current.generation == generation and current.ejections:
                 self._set_ejection(row, 0.0, 0)
+
+    def forget_cache(self, row: int, generation: int) -> None:
+        """The upstream's cache is not what the balancer thought (its guesses missed):
+        every prefix remembered for it is void from now on."""
+        with self.locked():
+            if self._u32[(self._offset(row) + 8) // 4] == generation:
+                self._bump_cache_epoch(row)
+
+    def cache_epochs(self) -> list[int]:
+        """Every row's cache epoch, in one strided read (row index -> epoch)."""
+        used = self._rows_used()
+        start = (HEADER_SIZE + CACHE_EPOCH_OFFSET) // 4
+        step = self.row_size // 4
+        epochs: list[int] = self._u32[start : start + used * step : step].tolist()
+        return epochs
+
+    def _bump_cache_epoch(self, row: int) -> None:
+        index = (self._offset(row) + CACHE_EPOCH_OFFSET) // 4
+        self._u32[index] = (self._u32[index] + 1) & 0xFFFFFFFF
 
     def drain(self, matches: Callable[[UpstreamRow], bool], drained: bool) -> list[UpstreamRow]:
         """Drain the upstreams ``matches`` picks (no new requests; those in flight go on),

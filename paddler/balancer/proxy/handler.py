@@ -8,9 +8,11 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from paddler.balancer.fleet import Fleet
+from paddler.balancer.proxy.affinity import Affinity, Plan
 from paddler.balancer.proxy.connections import ConnectionPool
 from paddler.balancer.proxy.http import Exchange, error_payload
 from paddler.balancer.proxy.routing import (
@@ -34,7 +36,9 @@ from paddler.balancer.proxy.waiting import (
     QueueTimeoutError,
     SlotWaiter,
 )
+from paddler.config.model import prefix_index_path
 from paddler.metrics.recorder import Recorder
+from paddler.prefixes.index import PrefixIndex
 from paddler.slots import UpstreamRow, UpstreamState
 from paddler.slots.policy import model_names
 from paddler.tracing.otlp import Exporter, Span, new_span_id, trace_context, traceparent
@@ -75,10 +79,15 @@ class Proxy:
         self._routes = self.slot_endpoints | KNOWN_ROUTES
         self._recorder: Recorder | None = None
         self._tracer: Exporter | None = None
+        self._affinity: Affinity | None = None
 
     async def startup(self, recorder: Recorder, tracer: Exporter | None = None) -> None:
         self._recorder = recorder
         self._tracer = tracer
+        index = None
+        if self.settings.routing_policy in ("cache_aware", "session"):
+            index = PrefixIndex.open(Path(prefix_index_path(self.settings)))
+        self._affinity = Affinity(self.settings, self.fleet.table, index, recorder)
         self._pool = ConnectionPool(
             self.settings.upstream_connect_timeout, self.settings.upstream_keepalive_timeout
         )
@@ -103,6 +112,11 @@ class Proxy:
     def recorder(self) -> Recorder:
         assert self._recorder is not None
         return self._recorder
+
+    @property
+    def affinity(self) -> Affinity:
+        assert self._affinity is not None
+        return self._affinity
 
     @property
     def waiter(self) -> SlotWaiter:
@@ -208,6 +222,7 @@ class Proxy:
             return
         takes_slot = method == "POST" and path in self.slot_endpoints
         model: str | None = None
+        payload: Any = None
         content_type = exchange.header(b"content-type") or b""
         if body and (takes_slot or content_type.startswith(b"application/json")):
             try:
@@ -233,7 +248,7 @@ class Proxy:
             )
             return
         if takes_slot:
-            await self._with_slot(exchange, body, model, rows)
+            await self._with_slot(exchange, body, model, rows, payload)
         else:
             await self._without_slot(exchange, body, model)
 
@@ -251,9 +266,16 @@ class Proxy:
     # -- requests that take a slot ---------------------------------------------------------
 
     async def _with_slot(
-        self, exchange: Exchange, body: bytes, model: str | None, rows: list[UpstreamRow]
+        self,
+        exchange: Exchange,
+        body: bytes,
+        model: str | None,
+        rows: list[UpstreamRow],
+        payload: Any,
     ) -> None:
         settings = self.settings
+        affinity = self.affinity
+        plan = affinity.plan(exchange.header(affinity.session_header), payload)
         key = model_key(canonical_model(rows, model)) if model else 0
         deadline = time.monotonic() + settings.request_buffer_timeout
         tried: set[tuple[int, int]] = set()
@@ -262,7 +284,7 @@ class Proxy:
         queued = 0.0
         queued_counted = False  # a request's first wait is its queue wait; retries wait too
         while retries.left():
-            choose = self._policy(model, frozenset(tried))
+            choose = self._policy(model, frozenset(tried), plan)
             if last_error and not choose()(self.fleet.table.rows()):
                 break  # nowhere else to try: say what went wrong instead of waiting
             asked = time.monotonic()
@@ -297,8 +319,13 @@ class Proxy:
                 queued_counted = True
             queued += time.monotonic() - asked
             exchange.queued = queued
+            expected = affinity.granted(plan, row)
+            exchange.cache_expected = "hit" if expected else "miss"
+            if affinity.watches_timings:
+                exchange.timings = b""
             try:
                 await self._forward(exchange, row, body, queued)
+                affinity.learn(expected, row, exchange.timings)
                 return
             except RetryableError as error:
                 last_error = self._note_failure(exchange, row, error, retries, tried)
@@ -313,11 +340,13 @@ class Proxy:
         )
 
     def _policy(
-        self, model: str | None, exclude: frozenset[tuple[int, int]]
+        self, model: str | None, exclude: frozenset[tuple[int, int]], plan: Plan
     ) -> Callable[[], Eligible]:
         """The upstreams a request may use, evaluated afresh each time it is asked."""
         missed = self.settings.missed_reports
-        return lambda: eligible(time.monotonic(), missed, model, exclude)
+        return lambda: eligible(
+            time.monotonic(), missed, model, exclude, plan.prefer, plan.imbalance
+        )
 
     # -- requests that take none -----------------------------------------------------------
 
@@ -363,6 +392,10 @@ class Proxy:
                 (b"x-paddler-upstream", row.name.encode()),
                 (b"x-paddler-queue-ms", b"%.1f" % (queued * 1000)),
             ]
+            if exchange.cache_expected is not None:
+                exchange.extra_headers.append(
+                    (b"x-paddler-cache", exchange.cache_expected.encode())
+                )
         try:
             outcome: Outcome = await forward(
                 self.pool,

@@ -80,6 +80,10 @@ class Exchange:
         self.queued = 0.0  # seconds it waited for a free slot
         self.attempts = 0  # upstreams tried
         self.trace: tuple[bytes, bytes] | None = None  # trace and span id, when tracing
+        # b"" to watch the answer for llama.cpp's timings (cache-aware routing learns from
+        # them): then the last chunk that carried them.
+        self.timings: bytes | None = None
+        self.cache_expected: str | None = None  # "hit" or "miss": was the prefix expected here
         self.response_started = False
         self.response_complete = False
         self.event_stream = False
@@ -142,6 +146,8 @@ class Exchange:
             return True
         if not self.first_byte_at:
             self.first_byte_at = time.monotonic()
+        if self.timings is not None and b'"cache_n"' in chunk:
+            self.timings = chunk
         if self._chunked:
             chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunk else b""
             if last:

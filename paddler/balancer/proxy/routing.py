@@ -16,9 +16,12 @@ def eligible(
     missed_reports: int,
     model: str | None,
     exclude: frozenset[tuple[int, int]] = frozenset(),
+    prefer: tuple[int, ...] = (),
+    imbalance: int = 0,
 ) -> Policy:
-    """The policy: serving, fresh, not ejected, of the model asked for; most free first."""
-    return Policy(now, missed_reports, model, exclude)
+    """The policy: serving, fresh, not ejected, of the model asked for; most free first,
+    unless one of ``prefer`` has a free slot and is not too much busier."""
+    return Policy(now, missed_reports, model, exclude, prefer, imbalance)
 
 
 def fleet_models(rows: list[UpstreamRow]) -> list[str]:

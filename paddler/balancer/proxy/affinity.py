@@ -1,0 +1,137 @@
+"""Where a request that takes a slot would rather go, by the balancer's routing policy.
+
+- least_busy: nowhere in particular; the slot table picks the most free slots.
+- cache_aware: the upstream that last took the longest prefix of the request's prompt
+  (paddler/prefixes), whose KV cache most likely still holds it; a session key (the
+  session header, or the request's user field) counts as the longest prefix of all.
+- session: the upstream its session went to last.
+- round_robin: the next upstream in turn that has a free slot.
+
+The slot table takes the preferred upstream only while it has a free slot and is not
+more than cache_max_imbalance free slots busier than the least busy one.
+
+Feedback: llama.cpp's timings in each answer say how many prompt tokens came from its
+cache (cache_n). A guess that found none counts as a miss; MISSES_TO_FORGET misses in a
+row on one upstream mean its cache is not what the index thinks (a restart the agent did
+not see, a cache too small for the traffic): everything remembered for it is forgotten.
+"""
+
+import itertools
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from paddler.config import BalancerSettings
+from paddler.metrics.recorder import Recorder
+from paddler.prefixes.index import Holder, PrefixIndex
+from paddler.prefixes.keys import prefix_keys, session_key
+from paddler.slots import SlotTable, UpstreamRow
+
+MISSES_TO_FORGET = 3
+ANY_IMBALANCE = 1 << 15
+_CACHE_N = re.compile(rb'"cache_n"\s*:\s*(\d+)')
+
+
+@dataclass
+class Plan:
+    keys: list[tuple[int, int]] = field(default_factory=list)
+    prefer: tuple[int, ...] = ()
+    imbalance: int = 0
+    expected: Holder | None = None  # the holder of the longest known prefix, still valid
+
+
+class Affinity:
+    def __init__(
+        self,
+        settings: BalancerSettings,
+        table: SlotTable,
+        index: PrefixIndex | None,
+        recorder: Recorder,
+    ) -> None:
+        self.policy = settings.routing_policy
+        self.session_header = settings.session_header.lower().encode()
+        self.imbalance = settings.cache_max_imbalance + 1
+        self.table = table
+        self.index = index
+        self.recorder = recorder
+        self._turn = itertools.count()
+        self._misses: dict[tuple[int, int], int] = {}
+
+    @property
+    def watches_timings(self) -> bool:
+        return self.policy == "cache_aware"
+
+    def plan(self, header: bytes | None, payload: Any) -> Plan:
+        if self.policy == "least_busy":
+            return Plan()
+        if self.policy == "round_robin":
+            return self._round_robin()
+        keys: list[tuple[int, int]] = []
+        if self.policy == "cache_aware" and isinstance(payload, dict):
+            keys = prefix_keys(payload)
+        session = header.decode("latin-1") if header else None
+        if session is None and isinstance(payload, dict) and isinstance(payload.get("user"), str):
+            session = payload["user"]
+        if session:
+            keys.append((session_key(session), 1 << 30))  # the longest "prefix" of all
+        if not keys or self.index is None:
+            return Plan(keys)
+        holders = self.index.holders(keys)
+        if not holders:
+            return Plan(keys)
+        rows = {row.index: row for row in self.table.rows()}
+        valid = [
+            holder
+            for holder in holders
+            if (current := rows.get(holder.row)) is not None
+            and (current.generation, current.cache_epoch) == (holder.generation, holder.epoch)
+        ]
+        return Plan(
+            keys,
+            tuple(holder.row for holder in valid),
+            self.imbalance,
+            valid[0] if valid else None,
+        )
+
+    def _round_robin(self) -> Plan:
+        rows = sorted(row.index for row in self.table.rows())
+        if not rows:
+            return Plan()
+        turn = next(self._turn) % len(rows)
+        return Plan(prefer=tuple(rows[turn:] + rows[:turn]), imbalance=ANY_IMBALANCE)
+
+    def granted(self, plan: Plan, row: UpstreamRow) -> bool:
+        """The request got a slot on ``row``: it will hold these prefixes. Whether that is
+        where a cache hit was expected."""
+        expected = plan.expected is not None and plan.expected.row == row.index
+        if plan.keys and self.index is not None:
+            # Prefixes it already took need no new write; the rest do.
+            known = plan.expected.length if expected and plan.expected else 0
+            fresh = [key for key, length in plan.keys if length > known]
+            self.index.remember(fresh, row.index, row.generation, row.cache_epoch, time.monotonic())
+        return expected
+
+    def learn(self, expected: bool, row: UpstreamRow, timings: bytes | None) -> None:
+        """What llama.cpp's timings say of the guess."""
+        if not timings:
+            return
+        match = _CACHE_N.search(timings)
+        if match is None:
+            return
+        hit = int(match.group(1)) > 0
+        self.recorder.cache_guess("none" if not expected else "hit" if hit else "miss")
+        if not expected:
+            return
+        key = (row.index, row.generation)
+        if hit:
+            self._misses.pop(key, None)
+            return
+        misses = self._misses.get(key, 0) + 1
+        if misses >= MISSES_TO_FORGET:
+            self._misses.pop(key, None)
+            self.table.forget_cache(row.index, row.generation)
+        else:
+            if len(self._misses) > 4096:
+                self._misses.clear()  # long-gone upstreams: a bound, not a reset rule
+            self._misses[key] = misses

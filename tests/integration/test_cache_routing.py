@@ -1,0 +1,157 @@
+"""Cache-aware routing on real llama-servers (2 servers x 2 slots): a conversation stays
+where its prompt is cached, moves when that server is full, and a restart forgets."""
+
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.integration.fleet import Fleet, start_fleet
+from tests.integration.harness import PaddlerdRunner
+
+pytestmark = pytest.mark.llamacpp
+
+SYSTEM = "You answer in one short sentence about boats and rivers. " * 6
+
+
+def cache_fleet(paddlerd: PaddlerdRunner, binary: Path, model: Path, imbalance: int = 2) -> Fleet:
+    fleet = start_fleet(
+        paddlerd,
+        binary,
+        {"a": model, "b": model},
+        balancer=f'routing_policy = "cache_aware"\ncache_max_imbalance = {imbalance}\n',
+    )
+    assert fleet.wait_idle(4, timeout=30)
+    return fleet
+
+
+def turn(fleet: Fleet, messages: list[dict[str, str]]) -> tuple[str, str, dict[str, int]]:
+    """One turn: (upstream, expected cache, llama.cpp's timings); the reply is appended."""
+    answer = httpx.post(
+        fleet.url("/v1/chat/completions"),
+        json={"messages": messages, "max_tokens": 8, "temperature": 0},
+        timeout=60,
+    )
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    messages.append({"role": "assistant", "content": body["choices"][0]["message"]["content"]})
+    return (
+        answer.headers["x-paddler-upstream"],
+        answer.headers["x-paddler-cache"],
+        body["timings"],
+    )
+
+
+def conversation(opening: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": opening}]
+
+
+@contextmanager
+def occupied(fleet: Fleet, upstream: str, slots: int) -> Iterator[None]:
+    """Streams through the balancer holding ``slots`` of one upstream's slots for the
+    block: the others drained while they start, and left unread, so that the balancer
+    keeps their reservations (the tiny model generates faster than a test can watch;
+    top logprobs make each event big enough to fill every buffer on the way)."""
+    management = f"http://127.0.0.1:{fleet.management}/api/v1/upstreams"
+    others = [name for name in fleet.servers if name != upstream]
+    body = {
+        "messages": [{"role": "user", "content": "filler"}],
+        "max_tokens": 3500,
+        "ignore_eos": True,
+        "stream": True,
+        "logprobs": True,
+        "top_logprobs": 10,
+    }
+    readers: list[Iterator[str]] = []  # kept: a dropped reader closes its stream
+    with ExitStack() as stack:
+        for name in others:
+            httpx.post(f"{management}/{name}/drain", timeout=5).raise_for_status()
+        try:
+            for _ in range(slots):
+                client = stack.enter_context(httpx.Client(timeout=120))
+                stream = stack.enter_context(
+                    client.stream("POST", fleet.url("/v1/chat/completions"), json=body)
+                )
+                assert stream.headers["x-paddler-upstream"] == upstream
+                readers.append(stream.iter_lines())
+                next(readers[-1])
+        finally:
+            for name in others:
+                httpx.delete(f"{management}/{name}/drain", timeout=5).raise_for_status()
+        time.sleep(0.5)  # longer than the tiny model takes to finish: only ours hold on
+        assert fleet.agents()[upstream]["reservations"] == slots
+        yield
+
+
+def test_a_conversation_stays_where_its_prompt_is_cached(
+    paddlerd: PaddlerdRunner, llama_server_binary: Path, tiny_model: Path
+) -> None:
+    fleet = cache_fleet(paddlerd, llama_server_binary, tiny_model)
+    messages = conversation("Tell me about the Danube.")
+    first, expected, _ = turn(fleet, messages)
+    assert expected == "miss"  # nothing known yet
+    for number in range(4):
+        messages.append({"role": "user", "content": f"And then, part {number}?"})
+        upstream, expected, timings = turn(fleet, messages)
+        assert (upstream, expected) == (first, "hit")
+        assert timings["cache_n"] > 0  # llama.cpp agrees: the prefix came from its cache
+    # A second conversation with the same system prompt, while both are idle, goes where
+    # that prompt is cached too.
+    other = conversation("Tell me about the Rhine.")
+    assert turn(fleet, other)[:2] == (first, "hit")
+    guesses = httpx.get(f"http://127.0.0.1:{fleet.management}/metrics").text
+    assert 'paddler_cache_guesses_total{outcome="hit"} 5' in guesses
+
+
+def test_a_conversation_moves_when_its_upstream_is_full(
+    paddlerd: PaddlerdRunner, llama_server_binary: Path, tiny_model: Path
+) -> None:
+    fleet = cache_fleet(paddlerd, llama_server_binary, tiny_model, imbalance=0)
+    messages = conversation("Tell me about the Loire.")
+    home, _, _ = turn(fleet, messages)
+    away = "b" if home == "a" else "a"
+    messages.append({"role": "user", "content": "More?"})
+    with occupied(fleet, home, 1):
+        # One of its two slots busy, the other server idle: with cache_max_imbalance 0
+        # even one free slot fewer is too many.
+        upstream, expected, _ = turn(fleet, messages)
+        assert upstream == away
+        assert expected == "miss"
+    messages.append({"role": "user", "content": "And more?"})
+    # It took its prefix along: now it is cached on the other one, and stays there.
+    upstream, expected, _ = turn(fleet, messages)
+    assert (upstream, expected) == (away, "hit")
+
+
+def test_a_restarted_upstream_forgets_its_prefixes(
+    paddlerd: PaddlerdRunner, llama_server_binary: Path, tiny_model: Path
+) -> None:
+    fleet = cache_fleet(paddlerd, llama_server_binary, tiny_model)
+    messages = conversation("Tell me about the Seine.")
+    home, _, _ = turn(fleet, messages)
+    messages.append({"role": "user", "content": "More?"})
+    assert turn(fleet, messages)[:2] == (home, "hit")
+
+    server = next(
+        process
+        for process in psutil.process_iter(["cmdline"])
+        if "--port" in (process.info["cmdline"] or [])
+        and str(fleet.servers[home]) in process.info["cmdline"]
+    )
+    server.send_signal(signal.SIGKILL)
+    # paddlerd starts it again; its agent sees it go and come back.
+    deadline = time.monotonic() + 30
+    while fleet.agents()[home]["state"] == "ready" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fleet.wait_idle(4, timeout=30)
+
+    messages.append({"role": "user", "content": "Still there?"})
+    upstream, expected, timings = turn(fleet, messages)
+    assert expected == "miss"  # what it held died with it
+    if upstream == home:
+        assert timings["cache_n"] == 0

@@ -1,0 +1,124 @@
+"""Cache-aware routing's parts: prefix keys, the shared prefix index, preferred rows."""
+
+from dataclasses import replace
+from pathlib import Path
+
+from paddler.prefixes.index import WAYS, PrefixIndex
+from paddler.prefixes.keys import BLOCK, LIMIT, MAX_KEYS, prefix_keys, session_key
+from paddler.slots import SlotTable, UpstreamReport, UpstreamState
+from paddler.slots.policy import Policy
+
+REPORT = UpstreamReport(
+    agent_id="a1",
+    name="gpu0",
+    host="10.0.0.5",
+    port=8081,
+    state=UpstreamState.READY,
+    slots_total=2,
+    slots_idle=2,
+    slots_processing=0,
+    model="tiny",
+    build="b1",
+    error="",
+    sequence=1,
+    interval=1.0,
+)
+
+
+def chat(*contents: str) -> dict[str, object]:
+    roles = ["system", "user", "assistant", "user", "assistant", "user"]
+    return {"messages": [{"role": r, "content": c} for r, c in zip(roles, contents, strict=False)]}
+
+
+def test_a_conversation_s_next_turn_extends_the_keys_of_the_last() -> None:
+    first = prefix_keys(chat("be brief", "hello"))
+    second = prefix_keys(chat("be brief", "hello", "hi there", "how are you?"))
+    assert len(first) == 2
+    assert len(second) == 4
+    assert second[:2] == first  # the same prefixes, the same keys
+    assert [length for _, length in second] == sorted(length for _, length in second)
+    other = prefix_keys(chat("be brief", "goodbye"))
+    assert other[0] == first[0]  # the shared system prompt
+    assert other[1] != first[1]
+    # OpenAI's content parts count as their text.
+    parts = {"messages": [{"role": "system", "content": [{"type": "text", "text": "be brief"}]}]}
+    assert prefix_keys(parts)[0] == first[0]
+
+
+def test_plain_prompts_are_cut_in_blocks_and_bounded() -> None:
+    keys = prefix_keys({"prompt": "x" * (3 * BLOCK + 10)})
+    assert [length for _, length in keys] == [BLOCK, 2 * BLOCK, 3 * BLOCK, 3 * BLOCK + 10]
+    huge = prefix_keys({"prompt": "y" * (4 * LIMIT)})
+    assert len(huge) == MAX_KEYS
+    assert huge[-1][1] == LIMIT  # nothing past the limit is hashed
+    assert prefix_keys({"input": "no prompt here"}) == []
+    assert prefix_keys({"messages": "not a list", "prompt": 7}) == []
+    assert session_key("user-1") == session_key("user-1") != session_key("user-2")
+
+
+def test_the_index_names_the_last_holder_of_the_longest_prefix(tmp_path: Path) -> None:
+    index = PrefixIndex.create(tmp_path / "prefixes", sets=64)
+    keys = prefix_keys(chat("be brief", "hello", "hi there", "how are you?"))
+    index.remember([key for key, _ in keys[:2]], row=3, generation=7, epoch=1, now=10.0)
+    index.remember([key for key, _ in keys[:1]], row=5, generation=2, epoch=0, now=11.0)
+    (first, second) = index.holders(keys)
+    assert (first.row, first.generation, first.epoch, first.length) == (3, 7, 1, keys[1][1])
+    assert (second.row, second.length) == (5, keys[0][1])
+    assert index.holders(prefix_keys(chat("something else"))) == []
+    # Another process sees the same.
+    other = PrefixIndex.open(tmp_path / "prefixes")
+    assert other.holders(keys[:2], most=1)[0].row == 3
+
+
+def test_a_full_set_forgets_the_prefix_used_longest_ago(tmp_path: Path) -> None:
+    index = PrefixIndex.create(tmp_path / "prefixes", sets=1)  # every key in one set
+    for key in range(1, WAYS + 1):
+        index.remember([key], row=key, generation=1, epoch=0, now=float(key))
+    index.remember([1], row=1, generation=1, epoch=0, now=100.0)  # 1 is used again
+    index.remember([99], row=9, generation=1, epoch=0, now=101.0)
+    assert index.find(2) is None  # the oldest went
+    assert index.find(1) == (1, 1, 0)
+    assert index.find(99) == (9, 1, 0)
+
+
+def test_a_preferred_row_is_taken_within_the_imbalance(tmp_path: Path) -> None:
+    table = SlotTable.create(tmp_path / "slots", max_upstreams=4, max_owners=4)
+    table.apply_report(REPORT, now=100.0)
+    table.apply_report(replace(REPORT, agent_id="a2", name="gpu1", port=8082), now=100.0)
+    table.join()
+    gpu1 = next(row.index for row in table.rows() if row.name == "gpu1")
+    # Both free: the preferred one, though the least busy would be the first.
+    taken = table.acquire(0, Policy(100.5, 3, prefer=(gpu1,), imbalance=1))
+    assert taken is not None
+    assert taken[1].name == "gpu1"
+    # gpu1 now has 1 free slot, gpu0 2: within an imbalance of 1 (allowing 1 fewer)...
+    again = table.acquire(0, Policy(100.5, 3, prefer=(gpu1,), imbalance=2))
+    assert again is not None
+    assert again[1].name == "gpu1"
+    # ...full now: the least busy takes it.
+    full = table.acquire(0, Policy(100.5, 3, prefer=(gpu1,), imbalance=2))
+    assert full is not None
+    assert full[1].name == "gpu0"
+    table.release(again[0])
+    # 1 free on gpu1, 1 on gpu0: no imbalance at all is allowed with imbalance=1 here.
+    stay = table.acquire(0, Policy(100.5, 3, prefer=(gpu1,), imbalance=1))
+    assert stay is not None
+    assert stay[1].name == "gpu1"
+
+
+def test_an_upstream_that_may_have_lost_its_cache_moves_to_a_new_epoch(tmp_path: Path) -> None:
+    table = SlotTable.create(tmp_path / "slots", max_upstreams=4, max_owners=4)
+    table.apply_report(REPORT, now=100.0)
+    (row,) = table.rows()
+    epoch = row.cache_epoch
+    table.apply_report(replace(REPORT, sequence=2, slots_idle=1, slots_processing=1), now=101.0)
+    assert table.rows()[0].cache_epoch == epoch  # reports while ready change nothing
+    table.apply_report(replace(REPORT, sequence=3, state=UpstreamState.UNREACHABLE), now=102.0)
+    table.apply_report(replace(REPORT, sequence=4), now=103.0)
+    after_restart = table.rows()[0].cache_epoch
+    assert after_restart != epoch
+    table.forget_cache(row.index, row.generation)
+    assert table.rows()[0].cache_epoch != after_restart
+    assert table.cache_epochs() == [table.rows()[0].cache_epoch]
+    table.forget_cache(row.index, row.generation + 1)  # an old row's: ignored
+    assert table.cache_epochs() == [table.rows()[0].cache_epoch]
