@@ -8,7 +8,9 @@ Two llama-servers with 2 slots each run the generated ~28M-parameter model
 that no arm's proxy steals a server's core more than another's. They are restarted for
 every cell: every arm starts with cold caches. In front of them stand the arms of Part 1:
 direct (the client takes the servers in turn), nginx round robin, nginx least_conn, HAProxy
-leastconn, and Paddler (balancer and two agents under paddlerd, default settings).
+leastconn, Paddler (balancer and two agents under paddlerd, default settings: routing
+policy least_busy) and paddler-cache (the same with routing_policy = "cache_aware"; not
+in --smoke). --arms and --workloads pick a subset; --stem names the results files.
 
 Workloads, drawn from a seed and the same for every arm, streamed chat completions with a
 fixed number of output tokens (temperature 0, end of sequence ignored):
@@ -508,11 +510,14 @@ def run(
 
 
 def _report_trouble(name: str, work: Path) -> None:
+    """The arm's warnings and errors: why a request failed is there, not in the log's
+    tail (which is the arm's stop)."""
     log = work / f"{name}.log"
     if log.exists():
         lines = log.read_text(errors="replace").splitlines()
-        print(f"{name}: errors; the last lines of its log:", file=sys.stderr)
-        for line in lines[-15:]:
+        trouble = [line for line in lines if "WARNING" in line or "ERROR" in line]
+        print(f"{name}: errors; its log's warnings and errors:", file=sys.stderr)
+        for line in trouble[-15:]:
             print(f"  {line}", file=sys.stderr)
 
 
@@ -587,14 +592,19 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="1 repetition of small workloads")
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
-    parser.add_argument("--arms", default=",".join(ARMS), help="a subset of: " + ",".join(ARMS))
+    parser.add_argument(
+        "--arms",
+        help="a subset of: " + ",".join(ARMS) + " (default: all; --smoke: all but paddler-cache, "
+        "to stay within 5 minutes)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--stem", default="fleet_quality", help="the results files' name")
     args = parser.parse_args()
     sizes = SMOKE if args.smoke else FULL
     repetitions = 1 if args.smoke else args.repetitions
     workloads = tuple(args.workloads.split(","))
-    arms = tuple(args.arms.split(","))
+    default = [name for name in ARMS if not (args.smoke and name == "paddler-cache")]
+    arms = tuple(args.arms.split(",")) if args.arms else tuple(default)
     unknown = sorted(set(arms) - set(ARMS)) + sorted(set(workloads) - set(WORKLOADS))
     if unknown:
         parser.error(f"unknown arms or workloads: {', '.join(unknown)}")

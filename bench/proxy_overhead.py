@@ -571,7 +571,8 @@ def write_results(out: Path, stem: str, title: str, data: dict[str, Any], text: 
     (out / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
     (out / f"{stem}.md").write_text(
         f"# {title} ({meta['date']}, {meta['cpus']} CPUs, {meta['machine']})\n\n"
-        f"`{' '.join(['python', f'bench/{stem}.py', *sys.argv[1:]])}`: {text}\n"
+        f"`{' '.join(['python', f'bench/{Path(sys.argv[0]).name}', *sys.argv[1:]])}`: "
+        f"{text}\n"
     )
 
 
