@@ -1,11 +1,13 @@
-"""Which upstream took each prompt prefix last: a bounded table shared by every worker.
+"""Which upstreams took each prompt prefix: a bounded table shared by every worker.
 
 One file beside the slot table (``<slot table>.prefixes``), mapped by every balancer
 process. A set-associative hash table: a key's set is ``key % sets``, each set holds
-WAYS entries, and a new key takes the way used longest ago (least recently used first,
-within its set). Writers hold an flock on the file; readers do not: a torn entry can at
-worst make one guess wrong, and every guess is checked against the slot table (the
-row's generation and cache epoch) before it counts.
+WAYS entries, one per (prefix, upstream): a prefix sent to two upstreams is held by
+both (llama.cpp keeps prompts in host memory too, so both may still have it). A new
+entry takes the way used longest ago (least recently used first, within its set).
+Writers hold an flock on the file; readers do not: a torn entry can at worst make one
+guess wrong, and every guess is checked against the slot table (the row's generation
+and cache epoch) before it counts.
 
 File layout, little-endian:
     offset 0   8s   magic b"PDLRPRFX"
@@ -39,12 +41,14 @@ class PrefixIndexError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Holder:
-    """An upstream that took a prefix: its row as it was then, and the prefix's length."""
+    """An upstream that took a prefix: its row as it was then, the prefix's length, and
+    its rank among the request's holders (0: it holds the longest prefix found)."""
 
     row: int
     generation: int
     epoch: int
     length: int
+    rank: int = 0
 
 
 class PrefixIndex:
@@ -93,27 +97,32 @@ class PrefixIndex:
     def _set_offset(self, key: int) -> int:
         return HEADER_SIZE + (key % self.sets) * SET.size
 
-    def find(self, key: int) -> tuple[int, int, int] | None:
-        """(row, generation, epoch) of the upstream that took this prefix last."""
+    def find(self, key: int) -> list[tuple[int, int, int]]:
+        """(row, generation, epoch) of every upstream that took this prefix."""
         fields = SET.unpack_from(self._map, self._set_offset(key))
-        for way in range(0, 5 * WAYS, 5):
-            if fields[way] == key:
-                return fields[way + 1], fields[way + 2], fields[way + 3]
-        return None
+        return [
+            (fields[way + 1], fields[way + 2], fields[way + 3])
+            for way in range(0, 5 * WAYS, 5)
+            if fields[way] == key
+        ]
 
-    def holders(self, keys: list[tuple[int, int]], most: int = 2) -> list[Holder]:
-        """The upstreams holding the longest of these prefixes (keys shortest first, as
-        prefix_keys gives them), longest first, at most ``most`` different rows."""
+    def holders(self, keys: list[tuple[int, int]], most: int = 4) -> list[Holder]:
+        """The upstreams holding these prefixes (keys shortest first, as prefix_keys
+        gives them): those of the longest prefix found first (rank 0), then those of
+        shorter ones, at most ``most`` different rows."""
         found: list[Holder] = []
         rows: set[int] = set()
+        rank = 0
         for key, length in reversed(keys):
-            hit = self.find(key)
-            if hit is not None and hit[0] not in rows:
-                rows.add(hit[0])
-                found.append(Holder(hit[0], hit[1], hit[2], length))
+            hits = [hit for hit in self.find(key) if hit[0] not in rows]
+            for row, generation, epoch in hits:
+                rows.add(row)
+                found.append(Holder(row, generation, epoch, length, rank))
+            if hits:
+                rank += 1
                 if len(found) >= most:
                     break
-        return found
+        return found[:most]
 
     def remember(self, keys: list[int], row: int, generation: int, epoch: int, now: float) -> None:
         """The upstream in ``row`` takes these prefixes now."""
@@ -125,7 +134,10 @@ class PrefixIndex:
             for key in keys:
                 offset = self._set_offset(key)
                 fields = SET.unpack_from(self._map, offset)
-                way = next((w for w in range(WAYS) if fields[5 * w] == key), None)
+                way = next(
+                    (w for w in range(WAYS) if fields[5 * w] == key and fields[5 * w + 1] == row),
+                    None,
+                )
                 if way is None:
                     # A free way, else the one used longest ago.
                     way = min(range(WAYS), key=lambda w: (fields[5 * w] != 0, fields[5 * w + 4]))

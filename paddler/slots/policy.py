@@ -35,7 +35,16 @@ class Policy:
 
     A plain slotted class: one is made for every request."""
 
-    __slots__ = ("exclude", "imbalance", "key", "missed_reports", "model", "now", "prefer")
+    __slots__ = (
+        "exclude",
+        "imbalance",
+        "key",
+        "missed_reports",
+        "model",
+        "now",
+        "prefer",
+        "ranks",
+    )
 
     def __init__(
         self,
@@ -45,16 +54,19 @@ class Policy:
         exclude: frozenset[tuple[int, int]] = frozenset(),
         prefer: tuple[int, ...] = (),
         imbalance: int = 0,
+        ranks: tuple[int, ...] = (),
     ) -> None:
         self.now = now
         self.missed_reports = missed_reports
         self.model = model
         self.exclude = exclude
-        # Rows to take before the least busy one, best first (cache-aware routing, sticky
-        # sessions), as long as one has a free slot and at most ``imbalance`` - 1 fewer
-        # free slots than the least busy; the line's order is kept either way.
+        # Rows to take before the least busy one (cache-aware routing, sticky sessions),
+        # as long as one has a free slot and at most ``imbalance`` - 1 fewer free slots
+        # than the least busy; among those, the best rank (``ranks``, by position; none:
+        # each its own, in order), then the most free slots. The line's order is kept.
         self.prefer = prefer
         self.imbalance = imbalance
+        self.ranks = ranks or tuple(range(len(prefer)))
         # What the structural part of the match depends on.
         self.key = (model, exclude)
 

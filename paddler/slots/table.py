@@ -740,20 +740,22 @@ class SlotTable:
         used = self._rows_used()
         best_free = self._i16[start + best * step]
         groups = self._groups_for(policy)
-        for row in policy.prefer:
-            if row == best:
-                return best
+        chosen: tuple[int, int, int] | None = None  # (rank, -free, row): least wins
+        for row, rank in zip(policy.prefer, policy.ranks, strict=True):
+            if chosen is not None and rank > chosen[0]:
+                break  # a holder of a longer prefix was found: shorter ones do not count
             if row >= used:
                 continue
             free = self._i16[start + row * step]
             if (
                 free > 0
                 and free + policy.imbalance > best_free
-                and any(row in indices for indices in groups)
-                and self._fresh(row, policy)
+                and (row == best or any(row in indices for indices in groups))
+                and (row == best or self._fresh(row, policy))
             ):
-                return row
-        return best
+                candidate = (rank, -free, row)
+                chosen = candidate if chosen is None else min(chosen, candidate)
+        return best if chosen is None else chosen[2]
 
     def _least_busy(self, policy: Policy, model_key: int, ticket: int | None) -> int | None:
         groups = self._groups_for(policy)

@@ -251,6 +251,9 @@ def test_a_llama_server_killed_before_answering_is_retried_elsewhere(
         interval=5.0,
         paddlerd_extra="backoff_max = 30.0\n",
     )
+    # Both in the table first: with only one there, requests wait for the other to join
+    # while the killed one's agent reports it gone, and nothing is tried on it at all.
+    assert fleet.wait_idle(4, timeout=30)
     fleet.paddlerd.children()[f"llamacpp :{fleet.servers['a']}"].send_signal(signal.SIGKILL)
 
     async def run() -> list[httpx.Response]:
@@ -266,7 +269,7 @@ def test_a_llama_server_killed_before_answering_is_retried_elsewhere(
     # Refused while dead, reset while its socket was still closing, or (after paddlerd's
     # back-off restarted it) a 503 while it loads its model: each a failure before the
     # first byte, and the request went elsewhere.
-    assert "a (127.0.0.1:" in balancer
+    assert "a (127.0.0.1:" in balancer.replace("upstream a (127.0.0.1:", "")
     failures = ("cannot connect", "closed before an answer", "503: it is loading")
     assert any(failure in balancer for failure in failures), balancer
     assert "; trying another upstream" in balancer

@@ -64,7 +64,12 @@ def test_the_index_names_the_last_holder_of_the_longest_prefix(tmp_path: Path) -
     (first, second) = index.holders(keys)
     assert (first.row, first.generation, first.epoch, first.length) == (3, 7, 1, keys[1][1])
     assert (second.row, second.length) == (5, keys[0][1])
+    assert (first.rank, second.rank) == (0, 1)
     assert index.holders(prefix_keys(chat("something else"))) == []
+    # A prefix sent to two upstreams is held by both, as good as each other.
+    index.remember([key for key, _ in keys[:2]], row=5, generation=2, epoch=0, now=12.0)
+    both = index.holders(keys)
+    assert sorted((h.row, h.rank) for h in both) == [(3, 0), (5, 0)]
     # Another process sees the same.
     other = PrefixIndex.open(tmp_path / "prefixes")
     assert other.holders(keys[:2], most=1)[0].row == 3
@@ -76,9 +81,9 @@ def test_a_full_set_forgets_the_prefix_used_longest_ago(tmp_path: Path) -> None:
         index.remember([key], row=key, generation=1, epoch=0, now=float(key))
     index.remember([1], row=1, generation=1, epoch=0, now=100.0)  # 1 is used again
     index.remember([99], row=9, generation=1, epoch=0, now=101.0)
-    assert index.find(2) is None  # the oldest went
-    assert index.find(1) == (1, 1, 0)
-    assert index.find(99) == (9, 1, 0)
+    assert index.find(2) == []  # the oldest went
+    assert index.find(1) == [(1, 1, 0)]
+    assert index.find(99) == [(9, 1, 0)]
 
 
 def test_a_preferred_row_is_taken_within_the_imbalance(tmp_path: Path) -> None:
@@ -104,6 +109,30 @@ def test_a_preferred_row_is_taken_within_the_imbalance(tmp_path: Path) -> None:
     stay = table.acquire(0, Policy(100.5, 3, prefer=(gpu1,), imbalance=1))
     assert stay is not None
     assert stay[1].name == "gpu1"
+
+
+def test_among_holders_of_the_same_prefix_the_least_busy_is_taken(tmp_path: Path) -> None:
+    table = SlotTable.create(tmp_path / "slots", max_upstreams=4, max_owners=4)
+    for number in range(3):
+        report = replace(REPORT, agent_id=f"a{number}", name=f"gpu{number}", port=8081 + number)
+        table.apply_report(replace(report, slots_total=4, slots_idle=4), now=100.0)
+    table.join()
+    rows = {row.name: row.index for row in table.rows()}
+    busy = table.acquire(0, Policy(100.5, 3, prefer=(rows["gpu1"],), imbalance=1))
+    assert busy is not None
+    assert busy[1].name == "gpu1"
+    # gpu1 and gpu2 both hold the longest prefix (rank 0), gpu0 a shorter one (rank 1):
+    # the least busy of the two holders, not gpu0 though it is as free.
+    both = Policy(
+        100.5,
+        3,
+        prefer=(rows["gpu1"], rows["gpu2"], rows["gpu0"]),
+        imbalance=5,
+        ranks=(0, 0, 1),
+    )
+    taken = table.acquire(0, both)
+    assert taken is not None
+    assert taken[1].name == "gpu2"
 
 
 def test_an_upstream_that_may_have_lost_its_cache_moves_to_a_new_epoch(tmp_path: Path) -> None:

@@ -38,7 +38,10 @@ class Plan:
     keys: list[tuple[int, int]] = field(default_factory=list)
     prefer: tuple[int, ...] = ()
     imbalance: int = 0
-    expected: Holder | None = None  # the holder of the longest known prefix, still valid
+    ranks: tuple[int, ...] = ()
+    # The holders of the longest known prefix, still valid (several: the prefix went to
+    # several upstreams, each of which may still hold it).
+    expected: tuple[Holder, ...] = ()
 
 
 class Affinity:
@@ -91,7 +94,8 @@ class Affinity:
             keys,
             tuple(holder.row for holder in valid),
             self.imbalance,
-            valid[0] if valid else None,
+            tuple(holder.rank for holder in valid),
+            tuple(holder for holder in valid if holder.rank == valid[0].rank),
         )
 
     def _round_robin(self) -> Plan:
@@ -104,10 +108,11 @@ class Affinity:
     def granted(self, plan: Plan, row: UpstreamRow) -> bool:
         """The request got a slot on ``row``: it will hold these prefixes. Whether that is
         where a cache hit was expected."""
-        expected = plan.expected is not None and plan.expected.row == row.index
+        holder = next((h for h in plan.expected if h.row == row.index), None)
+        expected = holder is not None
         if plan.keys and self.index is not None:
             # Prefixes it already took need no new write; the rest do.
-            known = plan.expected.length if expected and plan.expected else 0
+            known = holder.length if holder is not None else 0
             fresh = [key for key, length in plan.keys if length > known]
             self.index.remember(fresh, row.index, row.generation, row.cache_epoch, time.monotonic())
         return expected

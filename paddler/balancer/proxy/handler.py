@@ -345,7 +345,7 @@ class Proxy:
         """The upstreams a request may use, evaluated afresh each time it is asked."""
         missed = self.settings.missed_reports
         return lambda: eligible(
-            time.monotonic(), missed, model, exclude, plan.prefer, plan.imbalance
+            time.monotonic(), missed, model, exclude, plan.prefer, plan.imbalance, plan.ranks
         )
 
     # -- requests that take none -----------------------------------------------------------

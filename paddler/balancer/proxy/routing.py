@@ -18,10 +18,11 @@ def eligible(
     exclude: frozenset[tuple[int, int]] = frozenset(),
     prefer: tuple[int, ...] = (),
     imbalance: int = 0,
+    ranks: tuple[int, ...] = (),
 ) -> Policy:
     """The policy: serving, fresh, not ejected, of the model asked for; most free first,
     unless one of ``prefer`` has a free slot and is not too much busier."""
-    return Policy(now, missed_reports, model, exclude, prefer, imbalance)
+    return Policy(now, missed_reports, model, exclude, prefer, imbalance, ranks)
 
 
 def fleet_models(rows: list[UpstreamRow]) -> list[str]:
