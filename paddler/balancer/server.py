@@ -15,6 +15,7 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 
 from paddler.balancer.app import BalancerApp
+from paddler.balancer.proxy.affinity import REMEMBERING
 from paddler.config import BalancerSettings
 from paddler.config.addresses import format_address
 from paddler.config.model import (
@@ -144,7 +145,7 @@ def run(settings: BalancerSettings) -> int:
     except (OSError, SlotTableError) as error:
         log.error("cannot create the slot table %s: %s", slot_table_path(settings), error)
         return 78
-    if settings.routing_policy in ("cache_aware", "session"):
+    if settings.routing_policy in REMEMBERING:
         try:
             PrefixIndex.create(Path(prefix_index_path(settings))).close()
         except (OSError, PrefixIndexError) as error:

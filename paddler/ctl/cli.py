@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from paddler.cli import TOKEN_VARIABLE
-from paddler.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from paddler.config import DEFAULT_CONFIG_PATH, BalancerSettings, ConfigError, load_config
 from paddler.config.model import slot_table_path
 from paddler.ctl import agents, drain, status
 from paddler.supervisor.pidfile import read_pid
@@ -76,23 +76,32 @@ def main(argv: list[str] | None = None) -> int:
     return reload(args.config)
 
 
+def local_balancer(path: Path) -> BalancerSettings | int:
+    """This host's balancer settings from the configuration, or the exit status that
+    says why there are none (the error already printed)."""
+    try:
+        config = load_config(path, check_files=False)
+    except ConfigError as error:
+        print(error.render(), file=sys.stderr)
+        return 78
+    if config.balancer is None:
+        print(
+            f"paddlerctl: {path} runs no balancer on this host; use --management URL",
+            file=sys.stderr,
+        )
+        return 1
+    return config.balancer
+
+
 def drain_upstream(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get(TOKEN_VARIABLE)
     url = args.management
     if url is None:
-        try:
-            config = load_config(args.config, check_files=False)
-        except ConfigError as error:
-            print(error.render(), file=sys.stderr)
-            return 78
-        if config.balancer is None:
-            print(
-                f"paddlerctl: {args.config} runs no balancer on this host; use --management URL",
-                file=sys.stderr,
-            )
-            return 1
-        url = drain.local_management_url(config.balancer)
-        token = token or config.balancer.management_token
+        balancer = local_balancer(args.config)
+        if isinstance(balancer, int):
+            return balancer
+        url = drain.local_management_url(balancer)
+        token = token or balancer.management_token
     return drain.run(url, token, args.upstream, args.undo, args.wait)
 
 
@@ -113,19 +122,10 @@ def list_agents(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get(TOKEN_VARIABLE)
     if args.management or args.table:
         return agents.run(None, args.table, args.management, token, args.json)
-    try:
-        config = load_config(args.config, check_files=False)
-    except ConfigError as error:
-        print(error.render(), file=sys.stderr)
-        return 78
-    if config.balancer is None:
-        print(
-            f"paddlerctl: {args.config} runs no balancer on this host; use --management URL",
-            file=sys.stderr,
-        )
-        return 1
-    table = Path(slot_table_path(config.balancer))
-    return agents.run(config.balancer, table, None, token, args.json)
+    balancer = local_balancer(args.config)
+    if isinstance(balancer, int):
+        return balancer
+    return agents.run(balancer, Path(slot_table_path(balancer)), None, token, args.json)
 
 
 def check(path: Path) -> int:

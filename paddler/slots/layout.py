@@ -1,7 +1,7 @@
 """The slot table's binary layout.
 
 One file in a tmpfs (``/run/paddler``), mapped by every balancer process. All
-integers little-endian. Version 5:
+integers little-endian. Version 6:
 
 Header page (4096 bytes)
     offset 0   8s   magic b"PDLRSLOT"
@@ -46,6 +46,8 @@ Rows, from offset 4096, max_upstreams x row size, each
     offset 646  u16  reservations: the sum of the per-owner counters below
     offset 648  u8   drained: 1 while an operator drains the upstream (paddlerctl drain):
                      no new requests; reports leave it as it is
+    offset 650  u16  this balancer's reservations released since the last report was
+                     applied: that report may have been measured before they ended
     offset 652  u32  cache epoch: moves whenever the upstream may have lost its KV cache
                      (it reported a state other than ready, or the balancer found its
                      cache guesses missing); prefixes remembered in another epoch are void
@@ -68,7 +70,7 @@ import enum
 import struct
 
 MAGIC = b"PDLRSLOT"
-LAYOUT_VERSION = 5
+LAYOUT_VERSION = 6
 HEADER_SIZE = 4096
 HEADER = struct.Struct("<8sIIIIdIIQII")
 NEXT_TICKET_OFFSET = 40
@@ -87,6 +89,7 @@ EJECTION_OFFSET = 632
 FREE_OFFSET = 644
 RESERVED_OFFSET = 646
 DRAINED_OFFSET = 648
+RELEASED_OFFSET = 650
 CACHE_EPOCH_OFFSET = 652
 RESERVATIONS_OFFSET = 656
 WAITER = struct.Struct("<QHxxId8x")

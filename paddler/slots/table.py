@@ -34,6 +34,7 @@ from paddler.slots.layout import (
     NEXT_TICKET_OFFSET,
     OWNER,
     OWNERS_OFFSET,
+    RELEASED_OFFSET,
     RESERVATIONS_OFFSET,
     RESERVED_OFFSET,
     ROW_META,
@@ -293,6 +294,17 @@ class SlotTable:
     def _reservation_index(self, row: int, owner: int) -> int:
         return (self._offset(row) + RESERVATIONS_OFFSET) // 2 + owner
 
+    def _reserved_at_report(self, row: int) -> int:
+        """Ours among the busy slots a report counts: those in flight, and those that
+        ended since the last report, which the agent may have seen still running (the
+        report was measured before it reached us). Counting an ended one too many only
+        hides another client's request for one report interval; counting it too few
+        would make a free slot look busy for one interval."""
+        released = (self._offset(row) + RELEASED_OFFSET) // 2
+        recent = int(self._u16[released])
+        self._u16[released] = 0
+        return self._reservations(row) + recent
+
     def _reservations(self, row: int) -> int:
         return int(self._u16[(self._offset(row) + RESERVED_OFFSET) // 2])
 
@@ -489,6 +501,7 @@ class SlotTable:
         self._write(row.index, UpstreamState.FREE, row.generation, None, 0, 0.0, 0.0)
         self._set_ejection(row.index, 0.0, 0)
         self._map[self._offset(row.index) + DRAINED_OFFSET] = 0
+        self._u16[(self._offset(row.index) + RELEASED_OFFSET) // 2] = 0
         start = (self._offset(row.index) + RESERVATIONS_OFFSET) // 2
         for owner in range(self.max_owners):
             self._u16[start + owner] = 0
@@ -511,7 +524,7 @@ class SlotTable:
                     report.state,
                     numbers[2],
                     report,
-                    self._reservations(found),
+                    self._reserved_at_report(found),
                     numbers[11],
                     now,
                 )
@@ -529,7 +542,13 @@ class SlotTable:
             else:
                 index, generation, first = target.index, target.generation, target.first_report
             self._write(
-                index, report.state, generation, report, self._reservations(index), first, now
+                index,
+                report.state,
+                generation,
+                report,
+                self._reserved_at_report(index),
+                first,
+                now,
             )
             self._agent_rows[report.agent_id] = index
             return Applied.NEW if target is None else Applied.UPDATED
@@ -700,6 +719,8 @@ class SlotTable:
                 return  # the upstream was forgotten meanwhile; its counters were reset
             if self._u16[self._reservation_index(reservation.row, self._owner)] > 0:
                 self._count_reservation(reservation.row, self._owner, -1)
+                released = (self._offset(reservation.row) + RELEASED_OFFSET) // 2
+                self._u16[released] = min(0xFFFF, self._u16[released] + 1)
 
     # -- choosing an upstream, and waiting in line for one ---------------------------------
 

@@ -5,24 +5,12 @@ from pathlib import Path
 
 from paddler.prefixes.index import WAYS, PrefixIndex
 from paddler.prefixes.keys import BLOCK, LIMIT, MAX_KEYS, prefix_keys, session_key
-from paddler.slots import SlotTable, UpstreamReport, UpstreamState
+from paddler.slots import SlotTable, UpstreamState
 from paddler.slots.policy import Policy
+from tests.unit.test_slot_table import REPORT as SLOT_TABLE_REPORT
 
-REPORT = UpstreamReport(
-    agent_id="a1",
-    name="gpu0",
-    host="10.0.0.5",
-    port=8081,
-    state=UpstreamState.READY,
-    slots_total=2,
-    slots_idle=2,
-    slots_processing=0,
-    model="tiny",
-    build="b1",
-    error="",
-    sequence=1,
-    interval=1.0,
-)
+# The slot table's tests' report, with 2 slots as in the test fleets.
+REPORT = replace(SLOT_TABLE_REPORT, slots_total=2, slots_idle=2)
 
 
 def chat(*contents: str) -> dict[str, object]:

@@ -389,3 +389,28 @@ def test_a_freed_row_forgets_its_drain(table: SlotTable) -> None:
     (row,) = table.rows()
     assert (row.index, row.agent_id, row.drained) == (0, "a9", False)
     assert table.drain(lambda row: row.name == "nobody", True) == []
+
+
+def test_a_report_measured_before_a_release_does_not_hide_the_freed_slot(
+    table: SlotTable,
+) -> None:
+    table.apply_report(replace(REPORT, slots_total=2, slots_idle=2), now=100.0)
+    table.join()
+    row = table.rows()[0]
+    first = table.reserve(row.index, row.generation)
+    second = table.reserve(row.index, row.generation)
+    assert first is not None
+    assert second is not None
+    table.release(first)
+    assert table.rows()[0].free_slots == 1
+    # The agent looked while both were still running, and its report arrives now.
+    busy = replace(REPORT, slots_total=2, slots_idle=0, slots_processing=2, sequence=2)
+    table.apply_report(busy, now=100.5)
+    assert table.rows()[0].free_slots == 1  # not 0 until the next report
+    # The next report sees what llama.cpp runs now: one, ours.
+    table.apply_report(replace(busy, slots_idle=1, slots_processing=1, sequence=3), now=101.0)
+    assert table.rows()[0].free_slots == 1
+    # A busy slot that is not ours still counts.
+    table.apply_report(replace(busy, sequence=4), now=101.5)
+    assert table.rows()[0].free_slots == 0
+    table.release(second)

@@ -29,6 +29,8 @@ from paddler.prefixes.keys import prefix_keys, session_key
 from paddler.slots import SlotTable, UpstreamRow
 
 MISSES_TO_FORGET = 3
+# The policies that send a request where its prefix or session went: they need the index.
+REMEMBERING = ("cache_aware", "session")
 ANY_IMBALANCE = 1 << 15
 _CACHE_N = re.compile(rb'"cache_n"\s*:\s*(\d+)')
 
@@ -42,6 +44,9 @@ class Plan:
     # The holders of the longest known prefix, still valid (several: the prefix went to
     # several upstreams, each of which may still hold it).
     expected: tuple[Holder, ...] = ()
+
+
+_NO_PLAN = Plan()  # least_busy's, for every request: never changed
 
 
 class Affinity:
@@ -65,9 +70,14 @@ class Affinity:
     def watches_timings(self) -> bool:
         return self.policy == "cache_aware"
 
+    @property
+    def remembers(self) -> bool:
+        """Whether requests are sent where their prefix or session went before."""
+        return self.policy in REMEMBERING
+
     def plan(self, header: bytes | None, payload: Any) -> Plan:
         if self.policy == "least_busy":
-            return Plan()
+            return _NO_PLAN
         if self.policy == "round_robin":
             return self._round_robin()
         keys: list[tuple[int, int]] = []

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from paddler.balancer.fleet import Fleet
-from paddler.balancer.proxy.affinity import Affinity, Plan
+from paddler.balancer.proxy.affinity import REMEMBERING, Affinity, Plan
 from paddler.balancer.proxy.connections import ConnectionPool
 from paddler.balancer.proxy.http import Exchange, error_payload
 from paddler.balancer.proxy.routing import (
@@ -85,7 +85,7 @@ class Proxy:
         self._recorder = recorder
         self._tracer = tracer
         index = None
-        if self.settings.routing_policy in ("cache_aware", "session"):
+        if self.settings.routing_policy in REMEMBERING:
             index = PrefixIndex.open(Path(prefix_index_path(self.settings)))
         self._affinity = Affinity(self.settings, self.fleet.table, index, recorder)
         self._pool = ConnectionPool(
@@ -275,7 +275,8 @@ class Proxy:
     ) -> None:
         settings = self.settings
         affinity = self.affinity
-        plan = affinity.plan(exchange.header(affinity.session_header), payload)
+        session = exchange.header(affinity.session_header) if affinity.remembers else None
+        plan = affinity.plan(session, payload)
         key = model_key(canonical_model(rows, model)) if model else 0
         deadline = time.monotonic() + settings.request_buffer_timeout
         tried: set[tuple[int, int]] = set()
@@ -320,7 +321,8 @@ class Proxy:
             queued += time.monotonic() - asked
             exchange.queued = queued
             expected = affinity.granted(plan, row)
-            exchange.cache_expected = "hit" if expected else "miss"
+            if affinity.remembers:
+                exchange.cache_expected = "hit" if expected else "miss"
             if affinity.watches_timings:
                 exchange.timings = b""
             try:
