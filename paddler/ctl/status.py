@@ -124,7 +124,8 @@ def _processes(pidfile: Path) -> tuple[list[ProcessInfo], str]:
     pid = read_pid(pidfile)
     if pid is None:
         return [], f"paddlerd is not running (no pid in {pidfile})"
-    published = read_published(pidfile)
+    entries = read_published(pidfile)
+    published = {int(entry["pid"]): entry for entry in entries if entry.get("pid")}
     try:
         paddlerd = psutil.Process(pid)
         found = [_info("paddlerd", paddlerd, "running")]
@@ -146,21 +147,10 @@ def _processes(pidfile: Path) -> tuple[list[ProcessInfo], str]:
         return [], f"cannot look at paddlerd (pid {pid}): {error}"
     # Children that paddlerd knows but that have no process now (backing off, fatal).
     running = {info.pid for info in found}
-    for entry in _published_without_process(pidfile, running):
-        found.append(ProcessInfo(entry["name"], 0, 0.0, 0.0, entry["state"], entry["restarts"]))
+    for entry in entries:
+        if entry.get("pid") not in running:
+            found.append(ProcessInfo(entry["name"], 0, 0.0, 0.0, entry["state"], entry["restarts"]))
     return found, ""
-
-
-def _published_without_process(pidfile: Path, running: set[int]) -> list[dict[str, Any]]:
-    try:
-        data = json.loads(pidfile.with_suffix(".state").read_text())
-    except (OSError, ValueError):
-        return []
-    return [
-        child
-        for child in data.get("children", [])
-        if isinstance(child, dict) and child.get("pid") not in running
-    ]
 
 
 def _role(process: psutil.Process) -> str:

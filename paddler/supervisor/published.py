@@ -43,11 +43,12 @@ class Publisher:
             self.path.unlink(missing_ok=True)
 
 
-def read_published(pidfile: Path) -> dict[int, dict[str, Any]]:
-    """Each child's published entry by pid; empty when there is none to read."""
+def read_published(pidfile: Path) -> list[dict[str, Any]]:
+    """Every child's published entry (pid None: no process now); empty when there is
+    none to read."""
     try:
         data = json.loads(state_path(pidfile).read_text())
     except (OSError, ValueError):
-        return {}
+        return []
     children = data.get("children", []) if isinstance(data, dict) else []
-    return {int(c["pid"]): c for c in children if isinstance(c, dict) and c.get("pid")}
+    return [child for child in children if isinstance(child, dict)]
