@@ -31,6 +31,10 @@ class ConnectFailedError(Exception):
 class DroppedError(Exception):
     """The connection closed or broke before the answer's status line."""
 
+    def __init__(self, reason: str, reused: bool) -> None:
+        super().__init__(reason)
+        self.reused = reused  # a kept-alive connection: the upstream may have closed it idle
+
 
 class BrokenAnswerError(Exception):
     """The answer stopped, or was malformed, after it began."""
@@ -49,6 +53,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.requests = 0
+        self.sent_at = 0.0
         self.idle_timer: asyncio.TimerHandle | None = None
         self._answer: Answer | None = None
         self._parser = httptools.HttpResponseParser(self)
@@ -92,7 +97,12 @@ class UpstreamConnection(asyncio.Protocol):
             if answer.status:
                 answer.fail(BrokenAnswerError(f"the answer broke off: {reason}"))
             else:
-                answer.fail(DroppedError(reason))
+                waited = asyncio.get_running_loop().time() - self.sent_at
+                reused = self.requests > 1
+                where = f"request {self.requests} of a kept-alive" if reused else "a new"
+                answer.fail(
+                    DroppedError(f"{reason} after {waited:.3f}s, on {where} connection", reused)
+                )
 
     def pause_writing(self) -> None:
         pass  # bodies are written whole and bounded by max_body_size
@@ -139,6 +149,7 @@ class UpstreamConnection(asyncio.Protocol):
     def send(self, request: bytes, bodiless: bool) -> "Answer":
         assert self.transport is not None
         self.requests += 1
+        self.sent_at = asyncio.get_running_loop().time()
         self._parser = httptools.HttpResponseParser(self)
         self._answer = Answer(self, bodiless)
         self.transport.write(request)
@@ -335,9 +346,10 @@ class ConnectionPool:
                 connection.idle_timer = None
             if not connection.closed:
                 return connection
-        return await self._connect(address)
+        return await self.connect(address)
 
-    async def _connect(self, address: str) -> UpstreamConnection:
+    async def connect(self, address: str) -> UpstreamConnection:
+        """A new connection to ``address``."""
         host, _, port = address.rpartition(":")
         loop = asyncio.get_running_loop()
         try:

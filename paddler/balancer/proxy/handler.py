@@ -23,7 +23,6 @@ from paddler.balancer.proxy.routing import (
     model_key,
 )
 from paddler.balancer.proxy.upstream import (
-    ConnectionDroppedError,
     Outcome,
     RetryableError,
     UpstreamFailedError,
@@ -330,7 +329,7 @@ class Proxy:
                 affinity.learn(expected, row, exchange.timings)
                 return
             except RetryableError as error:
-                last_error = self._note_failure(exchange, row, error, retries, tried)
+                last_error = self._note_failure(exchange, row, error, tried)
             finally:
                 self.fleet.table.release(reservation)
                 self.waiter.released()
@@ -367,7 +366,7 @@ class Proxy:
                 await self._forward(exchange, row, body)
                 return
             except RetryableError as error:
-                last_error = self._note_failure(exchange, row, error, retries, tried)
+                last_error = self._note_failure(exchange, row, error, tried)
         await _fail(exchange, 503, last_error, "unavailable_error", [(b"retry-after", b"1")])
 
     # -- forwarding and failures -----------------------------------------------------------
@@ -430,18 +429,14 @@ class Proxy:
         exchange: Exchange,
         row: UpstreamRow,
         error: RetryableError,
-        retries: "_Retries",
         tried: set[tuple[int, int]],
     ) -> str:
         """What a retryable failure on ``row`` means for the next attempt; its account."""
         described = f"{row.name} ({row.address}): {error}"
         self.recorder.retried(row.name)
-        if retries.forgives(error):
-            log.info("[%s] %s; trying again", exchange.request_id, described)
-        else:
-            log.warning("[%s] %s; trying another upstream", exchange.request_id, described)
-            tried.add((row.index, row.generation))
-            self._failed(row, str(error))
+        log.warning("[%s] %s; trying another upstream", exchange.request_id, described)
+        tried.add((row.index, row.generation))
+        self._failed(row, str(error))
         return described
 
     def _failed(self, row: UpstreamRow, reason: str, at_once: bool = False) -> None:
@@ -521,28 +516,16 @@ class Proxy:
 
 
 class _Retries:
-    """How many more attempts a request gets.
-
-    The first dropped connection is forgiven: it is most often a kept-alive connection
-    the upstream closed just as it was reused, so the upstream is neither blamed nor
-    avoided and the attempt does not count. A second one counts like any failure.
-    """
+    """How many more attempts a request gets. (A kept-alive connection that the upstream
+    closed as it was reused costs none: upstream.forward sends again on a new one.)"""
 
     def __init__(self, max_retries: int) -> None:
         self._attempts_left = max_retries + 1
-        self._forgiven = False
 
     def left(self) -> bool:
         if self._attempts_left <= 0:
             return False
         self._attempts_left -= 1
-        return True
-
-    def forgives(self, error: RetryableError) -> bool:
-        if self._forgiven or not isinstance(error, ConnectionDroppedError):
-            return False
-        self._forgiven = True
-        self._attempts_left += 1
         return True
 
 

@@ -14,6 +14,7 @@ from paddler.balancer.proxy.connections import (
     ConnectionPool,
     DroppedError,
     SilentError,
+    UpstreamConnection,
     request_bytes,
 )
 
@@ -41,8 +42,8 @@ class RetryableError(Exception):
 
 
 class ConnectionDroppedError(RetryableError):
-    """The connection closed before any answer: most often a kept-alive one that the
-    upstream closed as it was reused, which says nothing about the upstream's health."""
+    """A new connection closed before any answer: the upstream took the request and
+    let it go (it died, or refused more work)."""
 
 
 class UpstreamFailedError(Exception):
@@ -135,20 +136,10 @@ async def forward(
     reset before the status line), UpstreamFailedError for silence past the read
     timeout or a failure after the answer began.
     """
+    connection, answer = await _ask(
+        pool, address, request_bytes(method, target, headers, body), method == "HEAD", read_timeout
+    )
     try:
-        connection = await pool.get(address)
-    except ConnectFailedError as error:
-        raise RetryableError(f"cannot connect: {error}") from None
-    answer = connection.send(request_bytes(method, target, headers, body), method == "HEAD")
-    try:
-        try:
-            await answer.head(read_timeout)
-        except DroppedError as error:
-            raise ConnectionDroppedError(
-                f"the connection closed before an answer: {error}"
-            ) from None
-        except (SilentError, BrokenAnswerError) as error:
-            raise UpstreamFailedError(f"no answer: {error}") from None
         if answer.status == 503:
             # Read it to its end so the connection can serve the next request.
             while await _rest(answer, read_timeout) is not None:
@@ -172,6 +163,40 @@ async def forward(
         # An answer not read to its end (the client left, or it broke) closes its
         # connection: that is also what tells llama.cpp to stop generating.
         connection.finished(answer)
+
+
+async def _ask(
+    pool: ConnectionPool, address: str, request: bytes, bodiless: bool, read_timeout: float
+) -> tuple[UpstreamConnection, Answer]:
+    """Send the request and wait for its answer's head.
+
+    A kept-alive connection that closes before any answer is most often one the upstream
+    let go just as the request went out (its idle timeout, a restart): nothing says it
+    did any work, so the request goes again, once, on a new connection to the same
+    upstream, as Go's and nginx's clients do. Only a new connection's drop counts
+    against the upstream.
+    """
+    fresh = False
+    while True:
+        try:
+            connection = await (pool.connect(address) if fresh else pool.get(address))
+        except ConnectFailedError as error:
+            raise RetryableError(f"cannot connect: {error}") from None
+        answer = connection.send(request, bodiless)
+        try:
+            await answer.head(read_timeout)
+        except DroppedError as error:
+            connection.finished(answer)
+            if error.reused and not fresh:
+                fresh = True
+                continue
+            raise ConnectionDroppedError(
+                f"the connection closed before an answer: {error}"
+            ) from None
+        except (SilentError, BrokenAnswerError) as error:
+            connection.finished(answer)
+            raise UpstreamFailedError(f"no answer: {error}") from None
+        return connection, answer
 
 
 async def _relay(answer: Answer, responder: Responder, read_timeout: float) -> None:
