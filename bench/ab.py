@@ -33,6 +33,7 @@ from proxy_overhead import (
     ensure_tools,
     process,
     register,
+    stop_cleanly_on_sigterm,
     tree,
     wait_http,
     wrk,
@@ -88,6 +89,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=4, help="ABBA rounds (4 cells each)")
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
+    stop_cleanly_on_sigterm()
     ensure_tools()
     results: dict[str, list[float]] = {"A": [], "B": []}
     with tempfile.TemporaryDirectory() as raw:

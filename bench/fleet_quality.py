@@ -15,11 +15,15 @@ in --smoke). --arms and --workloads pick a subset; --stem names the results file
 Workloads, drawn from a seed and the same for every arm, streamed chat completions with a
 fixed number of output tokens (temperature 0, end of sequence ignored):
 
-- W1 multi-turn chat: sessions arriving on a Poisson schedule, a few turns each; a turn
-  sends the whole conversation so far, the last reply included, a moment after it ended.
+- W1 multi-turn chat: sessions of one application (the same system prompt) arriving on a
+  Poisson schedule, six turns each; a turn sends the whole conversation so far, the last
+  reply included, a moment after it ended.
 - W2 shared system prompts: requests from a few groups, each a long system prompt of its
   group and a short question of its own, arriving on a Poisson schedule.
-- W3 unique prompts: the same sizes and schedule with nothing shared (the control).
+- W3 unique prompts: the same sizes with nothing shared (the control), at a third of
+  W2's rate: with no prefix to reuse, each request costs about twice the prefill, and
+  W2's rate would overload the fleet (queues of many seconds, whose noise hides any
+  difference between arms).
 - W4 bursts: bursts of three times the fleet's slots at once.
 
 Per cell: time to first token p50/p90/p99 and end-to-end latency p50/p99, both from the
@@ -56,6 +60,7 @@ from proxy_overhead import (  # noqa: E402
     machine,
     process,
     proxy_argv,
+    stop_cleanly_on_sigterm,
     wait_http,
     write_results,
 )
@@ -81,12 +86,14 @@ class Sizes:
     """How big each workload is; --smoke shrinks them."""
 
     sessions: int = 6  # W1
-    turns: int = 4
+    turns: int = 6
     session_rate: float = 0.4  # sessions started per second
     think: float = 1.0  # seconds between a reply and the next turn
-    turn_words: int = 60
+    turn_words: int = 40
+    session_system_words: int = 150  # W1's system prompt, the same for every session
     requests: int = 24  # W2, W3
-    rate: float = 1.2  # per second
+    rate: float = 1.2  # per second, W2
+    unique_rate: float = 0.4  # per second, W3: every prompt is new, so each costs more
     groups: int = 3
     system_words: int = 350
     question_words: int = 15
@@ -98,7 +105,15 @@ class Sizes:
 
 FULL = Sizes()
 SMOKE = Sizes(
-    sessions=2, turns=2, requests=6, rate=3.0, system_words=150, bursts=1, output_tokens=16
+    sessions=2,
+    turns=2,
+    session_system_words=50,
+    requests=6,
+    rate=3.0,
+    unique_rate=3.0,
+    system_words=150,
+    bursts=1,
+    output_tokens=16,
 )
 
 
@@ -112,6 +127,10 @@ class Outcome:
     cache_n: int = 0
     queued_ms: float | None = None
     text: str = ""
+    sent: float = 0.0  # seconds after the cell's start it was due
+    upstream: str = ""  # Paddler's X-Paddler-Upstream
+    cache_expected: str = ""  # Paddler's X-Paddler-Cache
+    label: str = ""  # W1: session and turn
 
 
 @dataclass
@@ -149,13 +168,15 @@ async def chat(
         "temperature": 0,
         "ignore_eos": True,
     }
-    outcome = Outcome(status=0)
+    outcome = Outcome(status=0, sent=due)
     pieces: list[str] = []
     try:
         async with client.stream("POST", url, json=body) as response:
             outcome.status = response.status_code
             queued = response.headers.get("x-paddler-queue-ms")
             outcome.queued_ms = float(queued) if queued is not None else None
+            outcome.upstream = response.headers.get("x-paddler-upstream", "")
+            outcome.cache_expected = response.headers.get("x-paddler-cache", "")
             if response.status_code != 200:
                 await response.aread()
             else:
@@ -197,13 +218,17 @@ class Target:
 async def w1_multi_turn(
     client: httpx.AsyncClient, target: Target, sizes: Sizes, rng: random.Random, start: float
 ) -> list[Outcome]:
-    async def session(due: float, seed: float) -> list[Outcome]:
+    # One application's sessions: the same system prompt, then turns of their own.
+    system = {"role": "system", "content": words(rng, sizes.session_system_words)}
+
+    async def session(number: int, due: float, seed: float) -> list[Outcome]:
         own = random.Random(seed)
-        messages: list[dict[str, str]] = []
+        messages: list[dict[str, str]] = [system]
         done = []
-        for _ in range(sizes.turns):
+        for turn in range(sizes.turns):
             messages.append({"role": "user", "content": words(own, sizes.turn_words)})
             outcome = await chat(client, target.url(), messages, sizes.output_tokens, due)
+            outcome.label = f"s{number}t{turn}"
             done.append(outcome)
             if outcome.status != 200:
                 break
@@ -212,7 +237,9 @@ async def w1_multi_turn(
         return done
 
     dues = poisson(rng, start, sizes.session_rate, sizes.sessions)
-    sessions = await asyncio.gather(*(session(due, rng.random()) for due in dues))
+    sessions = await asyncio.gather(
+        *(session(number, due, rng.random()) for number, due in enumerate(dues))
+    )
     return [outcome for one in sessions for outcome in one]
 
 
@@ -221,7 +248,7 @@ async def w2_shared_prefixes(
 ) -> list[Outcome]:
     systems = [words(rng, sizes.system_words) for _ in range(sizes.groups)]
     return await _system_and_question(
-        client, target, sizes, rng, start, lambda: rng.choice(systems)
+        client, target, sizes, rng, start, sizes.rate, lambda: rng.choice(systems)
     )
 
 
@@ -229,7 +256,7 @@ async def w3_unique(
     client: httpx.AsyncClient, target: Target, sizes: Sizes, rng: random.Random, start: float
 ) -> list[Outcome]:
     return await _system_and_question(
-        client, target, sizes, rng, start, lambda: words(rng, sizes.system_words)
+        client, target, sizes, rng, start, sizes.unique_rate, lambda: words(rng, sizes.system_words)
     )
 
 
@@ -239,11 +266,13 @@ async def _system_and_question(
     sizes: Sizes,
     rng: random.Random,
     start: float,
+    rate: float,
     system: Callable[[], str],
 ) -> list[Outcome]:
-    """Requests of a system prompt (from ``system``) and a short question of their own."""
+    """Requests of a system prompt (from ``system``) and a short question of their own,
+    ``rate`` per second."""
     jobs = []
-    for due in poisson(rng, start, sizes.rate, sizes.requests):
+    for due in poisson(rng, start, rate, sizes.requests):
         messages = [
             {"role": "system", "content": system()},
             {"role": "user", "content": words(rng, sizes.question_words)},
@@ -306,6 +335,8 @@ async def run_cell(workload: str, entry: list[int], servers: list[int], sizes: S
         rng = random.Random(f"{workload}-7")
         start = time.perf_counter() + 0.2
         cell.outcomes = await WORKLOAD_RUNNERS[workload](client, Target(entry), sizes, rng, start)
+        for outcome in cell.outcomes:
+            outcome.sent -= start
         cell.seconds = time.perf_counter() - start
     stop.set()
     await watch
@@ -479,7 +510,11 @@ def figures(cell: Cell) -> dict[str, Any]:
 
 
 def run(
-    sizes: Sizes, repetitions: int, workloads: tuple[str, ...], arms: tuple[str, ...]
+    sizes: Sizes,
+    repetitions: int,
+    workloads: tuple[str, ...],
+    arms: tuple[str, ...],
+    requests_log: Path | None = None,
 ) -> dict[str, Any]:
     ensure_tools()
     binary = ensure_llama_server()
@@ -496,6 +531,8 @@ def run(
                     ):
                         cell = asyncio.run(run_cell(workload, entry, servers, sizes))
                     measured = figures(cell)
+                    if requests_log is not None:
+                        _log_requests(requests_log, repetition, workload, name, cell)
                     results[name][workload].append(measured)
                     print(
                         f"rep {repetition + 1} {workload} {name:18} ttft p50/p90 "
@@ -507,6 +544,15 @@ def run(
                     if measured["errors"]:
                         _report_trouble(name, work)
     return results
+
+
+def _log_requests(path: Path, repetition: int, workload: str, arm: str, cell: Cell) -> None:
+    """Every request of the cell, one JSON line each: where a figure came from."""
+    with path.open("a") as out:
+        for outcome in sorted(cell.outcomes, key=lambda o: o.sent):
+            record = {"rep": repetition + 1, "workload": workload, "arm": arm}
+            record.update((key, value) for key, value in vars(outcome).items() if key != "text")
+            out.write(json.dumps(record) + "\n")
 
 
 def _report_trouble(name: str, work: Path) -> None:
@@ -599,7 +645,13 @@ def main() -> int:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--stem", default="fleet_quality", help="the results files' name")
+    parser.add_argument(
+        "--requests-log",
+        type=Path,
+        help="append every request (arm, upstream, cache guess, cache_n, TTFT) as JSON lines",
+    )
     args = parser.parse_args()
+    stop_cleanly_on_sigterm()
     sizes = SMOKE if args.smoke else FULL
     repetitions = 1 if args.smoke else args.repetitions
     workloads = tuple(args.workloads.split(","))
@@ -609,7 +661,7 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown arms or workloads: {', '.join(unknown)}")
     began = time.monotonic()
-    results = run(sizes, repetitions, workloads, arms)
+    results = run(sizes, repetitions, workloads, arms, args.requests_log)
     table, compared = tables(results, workloads, arms)
     print(table)
     if not args.smoke:

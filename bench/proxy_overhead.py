@@ -128,6 +128,17 @@ def process(
             output.close()  # type: ignore[union-attr]
 
 
+def stop_cleanly_on_sigterm() -> None:
+    """A benchmark stopped with SIGTERM (kill, a CI timeout) unwinds like one stopped by
+    Ctrl-C: every process() block stops what it started, and no llama-server, nginx or
+    balancer is left running behind it."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def with_suppress_kill(proc: subprocess.Popen[bytes]) -> None:
     try:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -526,6 +537,7 @@ def main() -> int:
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
+    stop_cleanly_on_sigterm()
     seconds = 1.0 if args.smoke else args.seconds
     repetitions = 1 if args.smoke else args.repetitions
     if args.smoke:

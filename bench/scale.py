@@ -31,7 +31,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from proxy_overhead import balancer_argv, cpu_seconds, process, tree, wait_http  # noqa: E402
+from proxy_overhead import (  # noqa: E402
+    balancer_argv,
+    cpu_seconds,
+    process,
+    stop_cleanly_on_sigterm,
+    tree,
+    wait_http,
+)
 
 from paddler.balancer.proxy.connections import ConnectionPool  # noqa: E402
 from paddler.llamacpp.client import UpstreamStatus  # noqa: E402
@@ -186,6 +193,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
+    stop_cleanly_on_sigterm()
     seconds = 5.0 if args.smoke else args.seconds
     one, many = choosing(1, 5000), choosing(args.agents, 5000)
     load = management_load(args.agents, seconds)

@@ -74,7 +74,7 @@ class Management:
 
     def _apply(self, agent_id: str, body: bytes) -> tuple[int, dict[str, Any] | bytes]:
         try:
-            payload = json.loads(body)
+            payload = json.loads(body.decode())  # UTF-8 (RFC 8259 8.1): no guessing
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             return 400, {"error": f"the report is not valid JSON: {error}"}
         try:

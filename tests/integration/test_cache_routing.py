@@ -2,6 +2,7 @@
 where its prompt is cached, moves when that server is full, and a restart forgets."""
 
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -155,3 +156,87 @@ def test_a_restarted_upstream_forgets_its_prefixes(
     assert expected == "miss"  # what it held died with it
     if upstream == home:
         assert timings["cache_n"] == 0
+
+
+def test_a_prefix_counts_as_held_only_once_its_answer_begins(
+    paddlerd: PaddlerdRunner, llama_server_binary: Path, tiny_model: Path
+) -> None:
+    """Until its upstream answers, a request's prompt is not in that upstream's cache: a
+    request with the same prefix meanwhile goes where it would go anyway, rather than
+    crowd in behind the first (measured in bench W1: two sessions that opened together
+    shared one server for their whole length)."""
+    # Reports 10 s apart, the test run just after one: the balancer keeps thinking
+    # upstream a idle while the test fills its slots behind its back.
+    fleet = start_fleet(
+        paddlerd,
+        llama_server_binary,
+        {"a": tiny_model, "b": tiny_model},
+        interval=10.0,
+        balancer='routing_policy = "cache_aware"\n',
+    )
+    assert fleet.wait_idle(4, timeout=30)
+    deadline = time.monotonic() + 15
+    while float(str(fleet.agents()["a"]["last_report_age"])) > 0.5:
+        assert time.monotonic() < deadline, "no report from a's agent"
+        time.sleep(0.02)
+    management = f"http://127.0.0.1:{fleet.management}/api/v1/upstreams"
+    direct = f"http://127.0.0.1:{fleet.servers['a']}/v1/chat/completions"
+    filler = {
+        "messages": [{"role": "user", "content": "filler"}],
+        "max_tokens": 3500,
+        "ignore_eos": True,
+        "stream": True,
+        "logprobs": True,
+        "top_logprobs": 10,
+    }
+    first = conversation("Tell me about the Elbe.")
+    answered: list[httpx.Response] = []
+
+    def fill() -> None:
+        # Read to its end: llama.cpp cancels a stream nobody reads.
+        with httpx.stream("POST", direct, json=filler, timeout=120) as stream:
+            for _ in stream.iter_lines():
+                pass
+
+    fillers = [threading.Thread(target=fill) for _ in range(2)]
+    try:
+        # Both of a's slots busy with clients of its own: what the balancer sends it now
+        # waits inside llama.cpp, unanswered.
+        for thread in fillers:
+            thread.start()
+        while fleet.busy_slots("a") != 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        httpx.post(f"{management}/b/drain", timeout=5).raise_for_status()
+        waiting = threading.Thread(
+            target=lambda: answered.append(
+                httpx.post(
+                    fleet.url("/v1/chat/completions"),
+                    json={"messages": first, "max_tokens": 4},
+                    timeout=60,
+                )
+            )
+        )
+        waiting.start()
+        deadline = time.monotonic() + 10
+        while fleet.agents()["a"]["reservations"] != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert fleet.agents()["a"]["reservations"] == 1  # the first request is with a
+        while fleet.deferred("a") != 1:  # ...and waits inside llama.cpp, unanswered
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        httpx.delete(f"{management}/b/drain", timeout=5).raise_for_status()
+
+        second = conversation("Tell me about the Oder.")
+        upstream, expected, _ = turn(fleet, second)
+        assert (upstream, expected) == ("b", "miss")
+        assert fleet.deferred("a") == 1  # still waiting: the check above meant something
+    finally:
+        for thread in fillers:
+            thread.join(timeout=60)
+    waiting.join(timeout=60)
+    assert [response.status_code for response in answered] == [200]
+    assert answered[0].headers["x-paddler-upstream"] == "a"
+    # Answered now: the system prompt is held by both, and the least busy holder takes it.
+    third = conversation("Tell me about the Main.")
+    assert turn(fleet, third)[1] == "hit"

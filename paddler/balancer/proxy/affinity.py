@@ -115,17 +115,20 @@ class Affinity:
         turn = next(self._turn) % len(rows)
         return Plan(prefer=tuple(rows[turn:] + rows[:turn]), imbalance=ANY_IMBALANCE)
 
-    def granted(self, plan: Plan, row: UpstreamRow) -> bool:
-        """The request got a slot on ``row``: it will hold these prefixes. Whether that is
-        where a cache hit was expected."""
+    def expects(self, plan: Plan, row: UpstreamRow) -> bool:
+        """Whether ``row``, which the request got a slot on, is where a cache hit was
+        expected."""
+        return any(holder.row == row.index for holder in plan.expected)
+
+    def holds(self, plan: Plan, row: UpstreamRow) -> None:
+        """``row`` has the request's prompt in its cache now: remember its prefixes."""
+        if not plan.keys or self.index is None:
+            return
         holder = next((h for h in plan.expected if h.row == row.index), None)
-        expected = holder is not None
-        if plan.keys and self.index is not None:
-            # Prefixes it already took need no new write; the rest do.
-            known = holder.length if holder is not None else 0
-            fresh = [key for key, length in plan.keys if length > known]
-            self.index.remember(fresh, row.index, row.generation, row.cache_epoch, time.monotonic())
-        return expected
+        # Prefixes it already took need no new write; the rest do.
+        known = holder.length if holder is not None else 0
+        fresh = [key for key, length in plan.keys if length > known]
+        self.index.remember(fresh, row.index, row.generation, row.cache_epoch, time.monotonic())
 
     def learn(self, expected: bool, row: UpstreamRow, timings: bytes | None) -> None:
         """What llama.cpp's timings say of the guess."""

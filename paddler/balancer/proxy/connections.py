@@ -8,7 +8,7 @@ as they come. What it does need, a general client hides: whether a connection wa
 fresh or reused, and exactly how far an answer got before it failed.
 
 One pool per worker process, one list of idle connections per upstream address,
-newest first so that the fewest connections stay warm. An idle connection is closed
+the newest taken first so that the fewest connections stay warm. An idle connection is closed
 after ``keepalive_timeout`` seconds: idle connections hold one of llama-server's
 HTTP threads each, and the upstream closes them itself a little later.
 """
@@ -54,7 +54,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.requests = 0
         self.sent_at = 0.0
-        self.idle_timer: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0  # when it was last pooled (loop time)
         self._answer: Answer | None = None
         self._parser = httptools.HttpResponseParser(self)
 
@@ -329,23 +329,30 @@ def _expire(waiter: "asyncio.Future[None]", timeout: float) -> None:
 
 
 class ConnectionPool:
-    """Idle kept-alive connections per upstream address, for one worker process."""
+    """Idle kept-alive connections per upstream address, for one worker process.
+
+    Idle connections expire by one timer for the whole pool, set for the oldest one's
+    expiry, rather than a timer per connection: a request then costs no timer set and
+    cancelled. A connection asked for past its expiry (the loop was late) is not reused.
+    """
 
     def __init__(self, connect_timeout: float, keepalive_timeout: float) -> None:
         self.connect_timeout = connect_timeout
         self.keepalive_timeout = keepalive_timeout
+        # Oldest first: taken from the end, expired from the front.
         self._idle: dict[str, list[UpstreamConnection]] = {}
+        self._sweep: asyncio.TimerHandle | None = None
 
     async def get(self, address: str) -> UpstreamConnection:
         """A kept-alive connection to ``address`` if one is open, else a new one."""
         idle = self._idle.get(address)
-        while idle:
-            connection = idle.pop()
-            if connection.idle_timer is not None:
-                connection.idle_timer.cancel()
-                connection.idle_timer = None
-            if not connection.closed:
-                return connection
+        if idle:
+            oldest_usable = asyncio.get_running_loop().time() - self.keepalive_timeout
+            while idle:
+                connection = idle.pop()
+                if not connection.closed and connection.idle_since > oldest_usable:
+                    return connection
+                connection.close()
         return await self.connect(address)
 
     async def connect(self, address: str) -> UpstreamConnection:
@@ -368,20 +375,32 @@ class ConnectionPool:
             connection.close()
             return
         loop = asyncio.get_running_loop()
-        connection.idle_timer = loop.call_later(
-            self.keepalive_timeout, self._expire_idle, connection
-        )
+        connection.idle_since = loop.time()
         self._idle.setdefault(connection.address, []).append(connection)
+        if self._sweep is None:
+            self._sweep = loop.call_later(self.keepalive_timeout, self._expire)
 
-    def _expire_idle(self, connection: UpstreamConnection) -> None:
-        connection.idle_timer = None
-        self.discard(connection)
-        connection.close()
+    def _expire(self) -> None:
+        """Close what has been idle for the keep-alive timeout; come back for the next."""
+        self._sweep = None
+        loop = asyncio.get_running_loop()
+        oldest_kept = loop.time() - self.keepalive_timeout
+        next_expiry: float | None = None
+        for address, idle in list(self._idle.items()):
+            expired = 0
+            while expired < len(idle) and idle[expired].idle_since <= oldest_kept:
+                idle[expired].close()
+                expired += 1
+            del idle[:expired]
+            if not idle:
+                del self._idle[address]
+                continue
+            expiry = idle[0].idle_since + self.keepalive_timeout
+            next_expiry = expiry if next_expiry is None else min(next_expiry, expiry)
+        if next_expiry is not None:
+            self._sweep = loop.call_at(next_expiry, self._expire)
 
     def discard(self, connection: UpstreamConnection) -> None:
-        if connection.idle_timer is not None:
-            connection.idle_timer.cancel()
-            connection.idle_timer = None
         idle = self._idle.get(connection.address)
         if idle and connection in idle:
             idle.remove(connection)
@@ -392,10 +411,11 @@ class ConnectionPool:
         return sum(len(idle) for idle in self._idle.values())
 
     def close(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for idle in self._idle.values():
             for connection in idle:
-                if connection.idle_timer is not None:
-                    connection.idle_timer.cancel()
                 connection.close()
         self._idle.clear()
 

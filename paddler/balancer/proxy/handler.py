@@ -225,7 +225,9 @@ class Proxy:
         content_type = exchange.header(b"content-type") or b""
         if body and (takes_slot or content_type.startswith(b"application/json")):
             try:
-                payload = json.loads(body)
+                # JSON between systems is UTF-8 (RFC 8259 8.1); decoding first spares
+                # json its guess at the encoding.
+                payload = json.loads(body.decode())
             except (json.JSONDecodeError, UnicodeDecodeError) as error:
                 await _fail(
                     exchange,
@@ -319,9 +321,10 @@ class Proxy:
                 queued_counted = True
             queued += time.monotonic() - asked
             exchange.queued = queued
-            expected = affinity.granted(plan, row)
+            expected = affinity.expects(plan, row)
             if affinity.remembers:
                 exchange.cache_expected = "hit" if expected else "miss"
+                exchange.on_first_byte = self._remember_when_answered(exchange, plan, row)
             if affinity.watches_timings:
                 exchange.timings = b""
             try:
@@ -339,6 +342,21 @@ class Proxy:
             f"no upstream could take the request; last: {last_error}",
             "upstream_error",
         )
+
+    def _remember_when_answered(
+        self, exchange: Exchange, plan: Plan, row: UpstreamRow
+    ) -> Callable[[], None]:
+        """The upstream holds the request's prefixes once its answer begins: a stream's
+        first token comes after the prompt is in the KV cache. Remembered earlier, while
+        the prompt is still being read, a request with the same prefix arriving meanwhile
+        would be sent after a cache that is not there yet, and both would crowd one
+        upstream."""
+
+        def remember() -> None:
+            if exchange.status < 300:
+                self.affinity.holds(plan, row)
+
+        return remember
 
     def _policy(
         self, model: str | None, exclude: frozenset[tuple[int, int]], plan: Plan

@@ -77,6 +77,7 @@ class Exchange:
         self.status = 0
         self.upstream = "none"  # the name of the upstream that answered, for the metrics
         self.first_byte_at = 0.0  # when the first body bytes went out (monotonic)
+        self.on_first_byte: Callable[[], None] | None = None  # called as they go
         self.queued = 0.0  # seconds it waited for a free slot
         self.attempts = 0  # upstreams tried
         self.trace: tuple[bytes, bytes] | None = None  # trace and span id, when tracing
@@ -146,6 +147,8 @@ class Exchange:
             return True
         if not self.first_byte_at:
             self.first_byte_at = time.monotonic()
+            if self.on_first_byte is not None:
+                self.on_first_byte()
         if self.timings is not None and b'"cache_n"' in chunk:
             self.timings = chunk
         if self._chunked:
