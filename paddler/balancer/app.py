@@ -18,12 +18,13 @@ from starlette.types import Receive, Scope, Send
 
 from paddler import __version__
 from paddler.balancer.fleet import Fleet
+from paddler.balancer.lease import LEASE_RETRY, ManagementLease
 from paddler.balancer.management import MAX_REPORT_BYTES, Management
 from paddler.balancer.proxy.handler import Proxy
 from paddler.balancer.proxy.http import ClientLimits, Listener
 from paddler.config import BalancerSettings
 from paddler.config.addresses import parse_address
-from paddler.config.model import counters_directory
+from paddler.config.model import counters_directory, management_lease_path
 from paddler.metrics.counters import CounterFile
 from paddler.metrics.recorder import Recorder
 from paddler.metrics.statsd import StatsdSender
@@ -46,6 +47,7 @@ class BalancerApp:
         self.graceful_timeout = 30.0
         self._listeners: list[Listener] = []
         self._maintenance: list[asyncio.Task[None]] = []
+        self._lease: ManagementLease | None = None
 
     async def startup(self) -> None:
         # After fork, in the worker: its own table descriptor, pool, tasks and listener.
@@ -86,7 +88,16 @@ class BalancerApp:
         small = dataclasses.replace(limits, max_body_size=4 * MAX_REPORT_BYTES)
         management = Listener(self.management.handle, small, quick=self.management.answer_now)
         self._listeners.append(management)
-        await management.start(self.management_sockets)
+        # One worker serves the management API (paddler/balancer/lease.py); the others
+        # stand by to take over.
+        self._lease = ManagementLease(Path(management_lease_path(self.settings)))
+        self._maintenance.append(asyncio.create_task(self._serve_management(management)))
+
+    async def _serve_management(self, listener: Listener) -> None:
+        while not self._lease or not self._lease.take():
+            await asyncio.sleep(LEASE_RETRY)
+        log.info("worker %d serves the management API", os.getpid())
+        await listener.start(self.management_sockets)
 
     async def shutdown(self) -> None:
         # Answers in flight finish first (up to the grace): the pool and table serve them.
@@ -97,6 +108,11 @@ class BalancerApp:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._lease is not None:
+            if not self._lease.held:
+                for sock in self.management_sockets:
+                    sock.close()  # a standby's copies, never handed to a server
+            self._lease.close()
         await self.proxy.shutdown()
         self.fleet.detach()
 

@@ -271,6 +271,11 @@ def prefix_index_path(settings: BalancerSettings) -> str:
     return slot_table_path(settings) + ".prefixes"
 
 
+def management_lease_path(settings: BalancerSettings) -> str:
+    """The lock that says which balancer worker serves the management API."""
+    return slot_table_path(settings) + ".management"
+
+
 def counters_directory(settings: BalancerSettings) -> str:
     """Where the balancer's processes keep their request counters (paddler/metrics)."""
     return slot_table_path(settings) + ".metrics"

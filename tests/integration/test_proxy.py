@@ -570,3 +570,39 @@ def test_paddlerctl_status_shows_the_fleet(fleet: Fleet) -> None:
     assert remote["processes"] == []
     assert remote["problems"] == []
     assert remote["traffic"]["errors_per_second"] == 0
+
+
+def test_one_worker_serves_the_management_api_and_another_takes_over_when_it_dies(
+    fleet: Fleet,
+) -> None:
+    def serving() -> list[psutil.Process]:
+        """The workers with agents' connections to the management port open."""
+        master = fleet.paddlerd.children()["balancer"]
+        return [
+            worker
+            for worker in master.children()
+            if any(
+                c.status == psutil.CONN_ESTABLISHED and c.laddr.port == fleet.management
+                for c in worker.net_connections()
+            )
+        ]
+
+    assert len(fleet.paddlerd.children()["balancer"].children()) == 2
+    holders = serving()
+    assert len(holders) == 1  # both agents report to the same one of the two workers
+    holders[0].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    # The listening socket queues what arrives meanwhile: this request waits, not fails.
+    assert len(fleet.agents()) == 2
+    took_over = time.monotonic() - killed
+    assert took_over < 2.0
+    deadline = time.monotonic() + 5
+    while not (new := serving()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert new
+    assert new[0].pid != holders[0].pid
+    # The agents reconnected and their reports are taken: nobody fell out of rotation.
+    assert fleet.wait_idle(4, timeout=5)
+    ages = [float(str(agent["last_report_age"])) for agent in fleet.agents().values()]
+    assert max(ages) < 1.0
+    assert fleet.paddlerd.log().count("serves the management API") >= 2
