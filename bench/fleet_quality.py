@@ -355,8 +355,11 @@ def bench_model() -> Path:
 
 
 @contextmanager
-def llama_servers(binary: Path, model: Path, work: Path) -> Iterator[list[int]]:
-    """Fresh llama-servers (cold caches), each pinned to a core of its own."""
+def llama_servers(
+    binary: Path, model: Path, work: Path, cache_ram: int | None = None
+) -> Iterator[list[int]]:
+    """Fresh llama-servers (cold caches), each pinned to a core of its own; ``cache_ram``:
+    their host-memory prompt cache in MiB (llama.cpp's default when None)."""
     ports = [free_port() for _ in range(SERVERS)]
     cores = sorted(os.sched_getaffinity(0))
     with ExitStack() as stack:
@@ -381,6 +384,7 @@ def llama_servers(binary: Path, model: Path, work: Path) -> Iterator[list[int]]:
                 "--metrics",
                 "--alias",
                 "bench",
+                *(("--cache-ram", str(cache_ram)) if cache_ram is not None else ()),
             ]
             stack.enter_context(
                 process(
@@ -515,6 +519,7 @@ def run(
     workloads: tuple[str, ...],
     arms: tuple[str, ...],
     requests_log: Path | None = None,
+    cache_ram: int | None = None,
 ) -> dict[str, Any]:
     ensure_tools()
     binary = ensure_llama_server()
@@ -526,7 +531,7 @@ def run(
             for workload in workloads:
                 for name in arms:
                     with (
-                        llama_servers(binary, model, work) as servers,
+                        llama_servers(binary, model, work, cache_ram) as servers,
                         arm(name, servers, work) as entry,
                     ):
                         cell = asyncio.run(run_cell(workload, entry, servers, sizes))
@@ -646,6 +651,13 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--stem", default="fleet_quality", help="the results files' name")
     parser.add_argument(
+        "--cache-ram",
+        type=int,
+        help="llama-server's host-memory prompt cache, MiB (default: llama.cpp's, 8192): the "
+        "bench model's KV takes 16 KB a token, so the default holds every prompt of every "
+        "workload, as no production cache does",
+    )
+    parser.add_argument(
         "--requests-log",
         type=Path,
         help="append every request (arm, upstream, cache guess, cache_n, TTFT) as JSON lines",
@@ -661,7 +673,7 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown arms or workloads: {', '.join(unknown)}")
     began = time.monotonic()
-    results = run(sizes, repetitions, workloads, arms, args.requests_log)
+    results = run(sizes, repetitions, workloads, arms, args.requests_log, args.cache_ram)
     table, compared = tables(results, workloads, arms)
     print(table)
     if not args.smoke:
@@ -669,6 +681,7 @@ def main() -> int:
             **machine(),
             "llama_server": str(ensure_llama_server(log=False)),
             "sizes": sizes.__dict__,
+            "cache_ram_mib": args.cache_ram,
             "repetitions": repetitions,
             "minutes": round((time.monotonic() - began) / 60, 1),
         }
@@ -679,7 +692,13 @@ def main() -> int:
             {"meta": meta, "results": results, "ratios": compared},
             f"{repetitions} repetitions (median, and min-max where they differ), "
             f"{meta['minutes']} minutes. 2 llama-servers x 2 slots, the generated "
-            f"~28M-parameter model, one core each.\n\n{table}",
+            f"~28M-parameter model, one core each"
+            + (
+                f", a host-memory prompt cache of {args.cache_ram} MiB"
+                if args.cache_ram is not None
+                else ""
+            )
+            + f".\n\n{table}",
         )
     return 0
 
