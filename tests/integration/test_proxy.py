@@ -254,6 +254,13 @@ def test_a_llama_server_killed_before_answering_is_retried_elsewhere(
     # Both in the table first: with only one there, requests wait for the other to join
     # while the killed one's agent reports it gone, and nothing is tried on it at all.
     assert fleet.wait_idle(4, timeout=30)
+    # Killed just after a report of its agent, so that the next one (which would take it
+    # out of rotation) is an interval away: when b joins an interval after a, a's next
+    # report comes at that very moment otherwise.
+    deadline = time.monotonic() + 15
+    while float(str(fleet.agents()["a"]["last_report_age"])) > 0.5:
+        assert time.monotonic() < deadline, "no report from a's agent"
+        time.sleep(0.02)
     fleet.paddlerd.children()[f"llamacpp :{fleet.servers['a']}"].send_signal(signal.SIGKILL)
 
     async def run() -> list[httpx.Response]:
