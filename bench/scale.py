@@ -247,8 +247,7 @@ def main() -> int:
         f"{sum(load['failed'] for load in loads)}, sent over 0.1 s late "
         f"{sum(load['late'] for load in loads)}"
         + "".join(f"; {reason}: {count}" for load in loads for reason, count in load["why"].items())
-        + f". Medians of {repetitions} "
-        f"run{'s' if repetitions > 1 else ''}, and their spread.",
+        + (f". Medians of {repetitions} runs, and their spread." if repetitions > 1 else "."),
     ]
     table = "\n".join(lines)
     print(table)
