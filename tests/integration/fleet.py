@@ -38,6 +38,14 @@ class Fleet:
         answer = httpx.get(f"http://127.0.0.1:{self.management}/api/v1/agents", timeout=5)
         return {agent["name"]: agent for agent in answer.json()["agents"]}
 
+    def wait_for_report(self, name: str, timeout: float = 15.0) -> None:
+        """Until the agent of ``name`` has just reported: its next report is then a whole
+        interval away, for a test that acts behind the balancer's back meanwhile."""
+        deadline = time.monotonic() + timeout
+        while float(str(self.agents()[name]["last_report_age"])) > 0.5:
+            assert time.monotonic() < deadline, f"no report from {name}'s agent"
+            time.sleep(0.02)
+
     def deferred(self, name: str) -> int:
         """llama.cpp's requests_deferred: requests waiting inside llama-server itself."""
         text = httpx.get(f"http://127.0.0.1:{self.servers[name]}/metrics", timeout=5).text

@@ -18,6 +18,15 @@ from tests.integration.harness import PaddlerdRunner
 pytestmark = pytest.mark.llamacpp
 
 SYSTEM = "You answer in one short sentence about boats and rivers. " * 6
+# A long stream that keeps a slot busy for seconds: top logprobs make each event big.
+FILLER = {
+    "messages": [{"role": "user", "content": "filler"}],
+    "max_tokens": 3500,
+    "ignore_eos": True,
+    "stream": True,
+    "logprobs": True,
+    "top_logprobs": 10,
+}
 
 
 def cache_fleet(paddlerd: PaddlerdRunner, binary: Path, model: Path, imbalance: int = 2) -> Fleet:
@@ -60,14 +69,6 @@ def occupied(fleet: Fleet, upstream: str, slots: int) -> Iterator[None]:
     top logprobs make each event big enough to fill every buffer on the way)."""
     management = f"http://127.0.0.1:{fleet.management}/api/v1/upstreams"
     others = [name for name in fleet.servers if name != upstream]
-    body = {
-        "messages": [{"role": "user", "content": "filler"}],
-        "max_tokens": 3500,
-        "ignore_eos": True,
-        "stream": True,
-        "logprobs": True,
-        "top_logprobs": 10,
-    }
     readers: list[Iterator[str]] = []  # kept: a dropped reader closes its stream
     with ExitStack() as stack:
         for name in others:
@@ -76,7 +77,7 @@ def occupied(fleet: Fleet, upstream: str, slots: int) -> Iterator[None]:
             for _ in range(slots):
                 client = stack.enter_context(httpx.Client(timeout=120))
                 stream = stack.enter_context(
-                    client.stream("POST", fleet.url("/v1/chat/completions"), json=body)
+                    client.stream("POST", fleet.url("/v1/chat/completions"), json=FILLER)
                 )
                 assert stream.headers["x-paddler-upstream"] == upstream
                 readers.append(stream.iter_lines())
@@ -175,26 +176,16 @@ def test_a_prefix_counts_as_held_only_once_its_answer_begins(
         balancer='routing_policy = "cache_aware"\n',
     )
     assert fleet.wait_idle(4, timeout=30)
+    fleet.wait_for_report("a")
     deadline = time.monotonic() + 15
-    while float(str(fleet.agents()["a"]["last_report_age"])) > 0.5:
-        assert time.monotonic() < deadline, "no report from a's agent"
-        time.sleep(0.02)
     management = f"http://127.0.0.1:{fleet.management}/api/v1/upstreams"
     direct = f"http://127.0.0.1:{fleet.servers['a']}/v1/chat/completions"
-    filler = {
-        "messages": [{"role": "user", "content": "filler"}],
-        "max_tokens": 3500,
-        "ignore_eos": True,
-        "stream": True,
-        "logprobs": True,
-        "top_logprobs": 10,
-    }
     first = conversation("Tell me about the Elbe.")
     answered: list[httpx.Response] = []
 
     def fill() -> None:
         # Read to its end: llama.cpp cancels a stream nobody reads.
-        with httpx.stream("POST", direct, json=filler, timeout=120) as stream:
+        with httpx.stream("POST", direct, json=FILLER, timeout=120) as stream:
             for _ in stream.iter_lines():
                 pass
 
