@@ -29,12 +29,19 @@ FILLER = {
 }
 
 
-def cache_fleet(paddlerd: PaddlerdRunner, binary: Path, model: Path, imbalance: int = 2) -> Fleet:
+def cache_fleet(
+    paddlerd: PaddlerdRunner,
+    binary: Path,
+    model: Path,
+    imbalance: int = 2,
+    interval: float = 0.3,
+) -> Fleet:
     fleet = start_fleet(
         paddlerd,
         binary,
         {"a": model, "b": model},
         balancer=f'routing_policy = "cache_aware"\ncache_max_imbalance = {imbalance}\n',
+        interval=interval,
     )
     assert fleet.wait_idle(4, timeout=30)
     return fleet
@@ -168,14 +175,7 @@ def test_a_prefix_counts_as_held_only_once_its_answer_begins(
     shared one server for their whole length)."""
     # Reports 10 s apart, the test run just after one: the balancer keeps thinking
     # upstream a idle while the test fills its slots behind its back.
-    fleet = start_fleet(
-        paddlerd,
-        llama_server_binary,
-        {"a": tiny_model, "b": tiny_model},
-        interval=10.0,
-        balancer='routing_policy = "cache_aware"\n',
-    )
-    assert fleet.wait_idle(4, timeout=30)
+    fleet = cache_fleet(paddlerd, llama_server_binary, tiny_model, interval=10.0)
     fleet.wait_for_report("a")
     deadline = time.monotonic() + 15
     management = f"http://127.0.0.1:{fleet.management}/api/v1/upstreams"
