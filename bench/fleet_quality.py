@@ -45,7 +45,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -658,6 +658,12 @@ def main() -> int:
         "workload, as no production cache does",
     )
     parser.add_argument(
+        "--rate", type=float, help=f"W2's requests per second (default {FULL.rate})"
+    )
+    parser.add_argument(
+        "--unique-rate", type=float, help=f"W3's requests per second (default {FULL.unique_rate})"
+    )
+    parser.add_argument(
         "--requests-log",
         type=Path,
         help="append every request (arm, upstream, cache guess, cache_n, TTFT) as JSON lines",
@@ -665,6 +671,10 @@ def main() -> int:
     args = parser.parse_args()
     stop_cleanly_on_sigterm()
     sizes = SMOKE if args.smoke else FULL
+    if args.rate is not None:
+        sizes = replace(sizes, rate=args.rate)
+    if args.unique_rate is not None:
+        sizes = replace(sizes, unique_rate=args.unique_rate)
     repetitions = 1 if args.smoke else args.repetitions
     workloads = tuple(args.workloads.split(","))
     default = [name for name in ARMS if not (args.smoke and name == "paddler-cache")]

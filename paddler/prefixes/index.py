@@ -9,13 +9,21 @@ Writers hold an flock on the file; readers do not: a torn entry can at worst mak
 guess wrong, and every guess is checked against the slot table (the row's generation
 and cache epoch) before it counts.
 
+An entry also counts the requests with that prefix in flight on its upstream. llama.cpp
+keeps a prompt in the KV cache of the slot that processed it, and a slot serves one
+request at a time: while a request runs, a second one with the same prefix lands on
+another slot and processes the prompt again, sharing the server's compute with the
+first. Such a holder is busy, and not offered as one. A count left behind by a worker
+that was killed mid-request stops counting BUSY_HORIZON seconds after its entry was
+last used, so that it cannot keep an upstream's prefix out of use for good.
+
 File layout, little-endian:
     offset 0   8s   magic b"PDLRPRFX"
     offset 8   u32  layout version
     offset 12  u32  sets
     then sets x WAYS entries of 24 bytes:
-               u64 key (0: free), u16 row, u16 0, u32 row generation, u32 cache epoch,
-               u32 last used (CLOCK_MONOTONIC seconds)
+               u64 key (0: free), u16 row, u16 requests in flight, u32 row generation,
+               u32 cache epoch, u32 last used (CLOCK_MONOTONIC seconds)
 """
 
 import fcntl
@@ -26,12 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MAGIC = b"PDLRPRFX"
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct("<8sII")
 HEADER_SIZE = 64
 WAYS = 4
-ENTRY = struct.Struct("<QHxxIII")
-SET = struct.Struct("<" + "QHxxIII" * WAYS)
+ENTRY = struct.Struct("<QHHIII")
+SET = struct.Struct("<" + "QHHIII" * WAYS)
+FIELDS = 6  # per entry, as SET unpacks them
+BUSY_HORIZON = 600  # seconds: longer than llama.cpp answers run
 DEFAULT_SETS = 16384  # 65,536 prefixes, 1.5 MB
 
 
@@ -99,22 +109,47 @@ class PrefixIndex:
 
     def find(self, key: int) -> list[tuple[int, int, int]]:
         """(row, generation, epoch) of every upstream that took this prefix."""
+        return [(row, generation, epoch) for row, generation, epoch, _ in self._find(key, None)]
+
+    def in_flight(self, key: int, row: int) -> int:
+        """Requests with this prefix in flight on ``row``, as counted (0: not held there)."""
+        fields = SET.unpack_from(self._map, self._set_offset(key))
+        return next(
+            (
+                fields[way + 2]
+                for way in range(0, FIELDS * WAYS, FIELDS)
+                if fields[way] == key and fields[way + 1] == row
+            ),
+            0,
+        )
+
+    def _find(self, key: int, now: float | None) -> list[tuple[int, int, int, bool]]:
+        """(row, generation, epoch, busy) of every upstream that took this prefix; busy:
+        a request with it is in flight there (as of ``now``; None: never busy)."""
         fields = SET.unpack_from(self._map, self._set_offset(key))
         return [
-            (fields[way + 1], fields[way + 2], fields[way + 3])
-            for way in range(0, 5 * WAYS, 5)
+            (
+                fields[way + 1],
+                fields[way + 3],
+                fields[way + 4],
+                now is not None and fields[way + 2] > 0 and now - fields[way + 5] < BUSY_HORIZON,
+            )
+            for way in range(0, FIELDS * WAYS, FIELDS)
             if fields[way] == key
         ]
 
-    def holders(self, keys: list[tuple[int, int]], most: int = 4) -> list[Holder]:
+    def holders(
+        self, keys: list[tuple[int, int]], most: int = 4, now: float | None = None
+    ) -> list[Holder]:
         """The upstreams holding these prefixes (keys shortest first, as prefix_keys
         gives them): those of the longest prefix found first (rank 0), then those of
-        shorter ones, at most ``most`` different rows."""
+        shorter ones, at most ``most`` different rows. Given ``now``, an upstream whose
+        copy of a prefix is busy does not hold it (it may hold a shorter one idle)."""
         found: list[Holder] = []
         rows: set[int] = set()
         rank = 0
         for key, length in reversed(keys):
-            hits = [hit for hit in self.find(key) if hit[0] not in rows]
+            hits = [hit[:3] for hit in self._find(key, now) if hit[0] not in rows and not hit[3]]
             for row, generation, epoch in hits:
                 rows.add(row)
                 found.append(Holder(row, generation, epoch, length, rank))
@@ -124,8 +159,17 @@ class PrefixIndex:
                     break
         return found[:most]
 
-    def remember(self, keys: list[int], row: int, generation: int, epoch: int, now: float) -> None:
-        """The upstream in ``row`` takes these prefixes now."""
+    def remember(
+        self,
+        keys: list[int],
+        row: int,
+        generation: int,
+        epoch: int,
+        now: float,
+        occupy: bool = False,
+    ) -> None:
+        """The upstream in ``row`` takes these prefixes now; ``occupy``: and a request
+        with them is in flight there until vacate()."""
         if not keys:
             return
         used = int(now)
@@ -134,15 +178,55 @@ class PrefixIndex:
             for key in keys:
                 offset = self._set_offset(key)
                 fields = SET.unpack_from(self._map, offset)
-                way = next(
-                    (w for w in range(WAYS) if fields[5 * w] == key and fields[5 * w + 1] == row),
-                    None,
-                )
+                way = self._way(fields, key, row)
+                in_flight = 0
                 if way is None:
                     # A free way, else the one used longest ago.
-                    way = min(range(WAYS), key=lambda w: (fields[5 * w] != 0, fields[5 * w + 4]))
+                    way = min(
+                        range(WAYS),
+                        key=lambda w: (fields[FIELDS * w] != 0, fields[FIELDS * w + 5]),
+                    )
+                elif fields[FIELDS * way + 3] == generation and fields[FIELDS * way + 4] == epoch:
+                    in_flight = fields[FIELDS * way + 2]
+                    if used - fields[FIELDS * way + 5] >= BUSY_HORIZON:
+                        in_flight = 0  # left by a worker that died mid-request
+                if occupy:
+                    in_flight = min(0xFFFF, in_flight + 1)
                 ENTRY.pack_into(
-                    self._map, offset + way * ENTRY.size, key, row, generation, epoch, used
+                    self._map,
+                    offset + way * ENTRY.size,
+                    key,
+                    row,
+                    in_flight,
+                    generation,
+                    epoch,
+                    used,
                 )
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def vacate(self, keys: list[int], row: int, generation: int) -> None:
+        """A request that occupied these prefixes on ``row`` ended."""
+        if not keys:
+            return
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            for key in keys:
+                offset = self._set_offset(key)
+                fields = SET.unpack_from(self._map, offset)
+                way = self._way(fields, key, row)
+                if way is None or fields[FIELDS * way + 3] != generation:
+                    continue  # forgotten meanwhile, or the row went to another upstream
+                in_flight = fields[FIELDS * way + 2]
+                if in_flight:
+                    # The count alone: its u16 sits right after the row's.
+                    struct.pack_into("<H", self._map, offset + way * ENTRY.size + 10, in_flight - 1)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    @staticmethod
+    def _way(fields: tuple[int, ...], key: int, row: int) -> int | None:
+        return next(
+            (w for w in range(WAYS) if fields[FIELDS * w] == key and fields[FIELDS * w + 1] == row),
+            None,
+        )

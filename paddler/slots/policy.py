@@ -44,6 +44,7 @@ class Policy:
         "now",
         "prefer",
         "ranks",
+        "spread",
     )
 
     def __init__(
@@ -55,6 +56,7 @@ class Policy:
         prefer: tuple[int, ...] = (),
         imbalance: int = 0,
         ranks: tuple[int, ...] = (),
+        spread: bool = False,
     ) -> None:
         self.now = now
         self.missed_reports = missed_reports
@@ -67,6 +69,11 @@ class Policy:
         self.prefer = prefer
         self.imbalance = imbalance
         self.ranks = ranks or tuple(range(len(prefer)))
+        # Ties for the most free slots taken in turn rather than the first row always:
+        # cache-aware routing spreads new prompts over the fleet's caches. (least_busy
+        # keeps the first: at low load one server takes most requests, and its cache
+        # serves repeats by luck.)
+        self.spread = spread
         # What the structural part of the match depends on.
         self.key = (model, exclude)
 

@@ -225,6 +225,7 @@ class SlotTable:
         # A report's texts as stored, packed once: they rarely change between reports.
         self._packed_texts: dict[tuple[str, ...], bytes] = {}
         self._owner: int | None = None
+        self._turn = 0  # whose turn among tied rows, for policies that spread
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -329,6 +330,11 @@ class SlotTable:
 
     def _structure(self) -> int:
         return int(self._u32[STRUCTURE_OFFSET // 4])
+
+    def structure_version(self) -> int:
+        """Moves whenever a row gets another state, model or generation, or is freed:
+        what a process derives from those alone stays true while it stays."""
+        return self._structure()
 
     def _restructured(self) -> None:
         self._u32[STRUCTURE_OFFSET // 4] = (self._u32[STRUCTURE_OFFSET // 4] + 1) & 0xFFFFFFFF
@@ -797,6 +803,10 @@ class SlotTable:
                 if most <= 0:
                     break
                 position = values.index(most)
+                if policy.spread:
+                    ties = [at for at, value in enumerate(values) if value == most]
+                    position = ties[self._turn % len(ties)]
+                    self._turn += 1
                 if self._fresh(indices[position], policy):
                     best = indices[position]
                 else:

@@ -231,3 +231,41 @@ def test_a_prefix_counts_as_held_only_once_its_answer_begins(
     # Answered now: the system prompt is held by both, and the least busy holder takes it.
     third = conversation("Tell me about the Main.")
     assert turn(fleet, third)[1] == "hit"
+
+
+def test_a_holder_whose_copy_is_busy_is_passed_over_until_it_is_free(
+    paddlerd: PaddlerdRunner, llama_server_binary: Path, tiny_model: Path
+) -> None:
+    """llama.cpp keeps a prompt in the one slot that processed it: while a request with
+    that prefix runs there, a second one would process it again on another slot of the
+    same server (measured in bench W2: a group's second request, sent to the holder of
+    its system prompt, found nothing cached there and halved the first one's speed)."""
+    fleet = cache_fleet(paddlerd, llama_server_binary, tiny_model, imbalance=2)
+    messages = conversation("Tell me about the Rhone.")
+    home, _, _ = turn(fleet, messages)
+    away = "b" if home == "a" else "a"
+    going_on = {
+        **FILLER,
+        "messages": [*messages, {"role": "user", "content": "Go on."}],
+        "max_tokens": 3000,  # within the slot's context, after the conversation so far
+    }
+    with (
+        httpx.Client(timeout=120) as client,
+        client.stream("POST", fleet.url("/v1/chat/completions"), json=going_on) as stream,
+    ):
+        assert (stream.headers["x-paddler-upstream"], stream.headers["x-paddler-cache"]) == (
+            home,
+            "hit",
+        )
+        lines = stream.iter_lines()  # kept: a dropped reader closes its stream
+        next(lines)  # its answer began: home's copy of the prefix is in use
+        # One slot of home's two is free, within the imbalance allowed: only the busy
+        # copy sends the same conversation elsewhere.
+        assert fleet.agents()[home]["reservations"] == 1
+        again = conversation("Tell me about the Rhone.")
+        assert turn(fleet, again)[:2] == (away, "miss")
+    deadline = time.monotonic() + 10
+    while fleet.agents()[home]["reservations"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # Both hold it now, neither busy: a hit wherever it goes.
+    assert turn(fleet, conversation("Tell me about the Rhone."))[1] == "hit"

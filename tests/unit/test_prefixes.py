@@ -3,7 +3,7 @@
 from dataclasses import replace
 from pathlib import Path
 
-from paddler.prefixes.index import WAYS, PrefixIndex
+from paddler.prefixes.index import BUSY_HORIZON, WAYS, PrefixIndex
 from paddler.prefixes.keys import BLOCK, LIMIT, MAX_KEYS, prefix_keys, session_key
 from paddler.slots import SlotTable, UpstreamState
 from paddler.slots.policy import Policy
@@ -139,3 +139,69 @@ def test_an_upstream_that_may_have_lost_its_cache_moves_to_a_new_epoch(tmp_path:
     assert table.cache_epochs() == [table.rows()[0].cache_epoch]
     table.forget_cache(row.index, row.generation + 1)  # an old row's: ignored
     assert table.cache_epochs() == [table.rows()[0].cache_epoch]
+
+
+def test_a_holder_busy_with_the_prefix_is_not_offered_until_its_request_ends(
+    tmp_path: Path,
+) -> None:
+    index = PrefixIndex.create(tmp_path / "prefixes", sets=64)
+    first = prefix_keys(chat("be brief", "hello"))
+    second = prefix_keys(chat("be brief", "goodbye"))  # the same system prompt
+    index.remember([key for key, _ in first], row=3, generation=7, epoch=1, now=10.0, occupy=True)
+    # The system prompt's only copy on row 3 is in the slot of the request in flight.
+    assert index.holders(second, now=11.0) == []
+    assert [h.row for h in index.holders(second)] == [3]  # without now: busy is not asked
+    # Meanwhile it went to row 5 as well, and ended there: row 5 is offered.
+    index.remember([key for key, _ in second], row=5, generation=2, epoch=0, now=12.0, occupy=True)
+    index.vacate([key for key, _ in second], row=5, generation=2)
+    assert [(h.row, h.length) for h in index.holders(second, now=13.0)] == [(5, second[1][1])]
+    # The first request ends: both hold the system prompt, row 5 its longer prefix.
+    index.vacate([key for key, _ in first], row=3, generation=7)
+    held = index.holders(second, now=14.0)
+    assert [(h.row, h.rank) for h in held] == [(5, 0), (3, 1)]
+    # Two in flight on one row need two ends.
+    index.remember([first[0][0]], row=3, generation=7, epoch=1, now=15.0, occupy=True)
+    index.remember([first[0][0]], row=3, generation=7, epoch=1, now=15.0, occupy=True)
+    index.vacate([first[0][0]], row=3, generation=7)
+    assert index.in_flight(first[0][0], 3) == 1
+    index.vacate([first[0][0]], row=3, generation=7)
+    index.vacate([first[0][0]], row=3, generation=7)  # one end too many: stays at 0
+    assert index.in_flight(first[0][0], 3) == 0
+
+
+def test_a_count_left_by_a_dead_worker_stops_counting_after_the_horizon(tmp_path: Path) -> None:
+    index = PrefixIndex.create(tmp_path / "prefixes", sets=64)
+    keys = prefix_keys(chat("be brief", "hello"))
+    index.remember([key for key, _ in keys], row=3, generation=7, epoch=1, now=10.0, occupy=True)
+    # Nobody vacates: the worker that sent it was SIGKILLed.
+    assert index.holders(keys, now=10.0 + BUSY_HORIZON - 1) == []
+    assert [h.row for h in index.holders(keys, now=10.0 + BUSY_HORIZON)] == [3]
+    # Taken again later, it counts from zero, not from what was left behind.
+    index.remember([keys[0][0]], row=3, generation=7, epoch=1, now=20.0 + BUSY_HORIZON, occupy=True)
+    assert index.in_flight(keys[0][0], 3) == 1
+    # A row given to another upstream (a new generation) starts from zero too.
+    index.remember([keys[1][0]], row=3, generation=8, epoch=0, now=21.0, occupy=True)
+    assert index.in_flight(keys[1][0], 3) == 1
+
+
+def test_cache_aware_takes_equally_free_upstreams_in_turn(tmp_path: Path) -> None:
+    table = SlotTable.create(tmp_path / "slots", max_upstreams=4, max_owners=4)
+    for number in range(2):
+        report = replace(REPORT, agent_id=f"a{number}", name=f"gpu{number}", port=8081 + number)
+        table.apply_report(report, now=100.0)
+    table.join()
+    spreading = []
+    for _ in range(4):
+        taken = table.acquire(0, Policy(100.5, 3, spread=True))
+        assert taken is not None
+        spreading.append(taken[1].name)
+        table.release(taken[0])
+    assert sorted(spreading) == ["gpu0", "gpu0", "gpu1", "gpu1"]
+    # least_busy keeps the first of equals.
+    first = []
+    for _ in range(2):
+        taken = table.acquire(0, Policy(100.5, 3))
+        assert taken is not None
+        first.append(taken[1].name)
+        table.release(taken[0])
+    assert len(set(first)) == 1

@@ -10,6 +10,15 @@
 The slot table takes the preferred upstream only while it has a free slot and is not
 more than cache_max_imbalance free slots busier than the least busy one.
 
+cache_aware counts, per prefix and upstream, the requests in flight with it (the
+prefix index): llama.cpp keeps a prompt in the KV cache of the one slot that processed
+it, so while a request runs there, another with the same prefix would process it again
+on another slot of the same server, sharing its compute. Such a holder is left out, and
+the request goes to the least busy upstream, which then holds the prefix as well: a
+popular prompt ends up cached on as many servers as its traffic needs. Among equally
+free upstreams, cache_aware takes them in turn, so that new prompts spread over the
+fleet's caches instead of all filling the first server's.
+
 Feedback: llama.cpp's timings in each answer say how many prompt tokens came from its
 cache (cache_n). A guess that found none counts as a miss; MISSES_TO_FORGET misses in a
 row on one upstream mean its cache is not what the index thinks (a restart the agent did
@@ -44,6 +53,7 @@ class Plan:
     # The holders of the longest known prefix, still valid (several: the prefix went to
     # several upstreams, each of which may still hold it).
     expected: tuple[Holder, ...] = ()
+    spread: bool = False  # ties among the least busy taken in turn
 
 
 _NO_PLAN = Plan()  # least_busy's, for every request: never changed
@@ -88,11 +98,13 @@ class Affinity:
             session = payload["user"]
         if session:
             keys.append((session_key(session), 1 << 30))  # the longest "prefix" of all
+        spread = self.policy == "cache_aware"
         if not keys or self.index is None:
-            return Plan(keys)
-        holders = self.index.holders(keys)
+            return Plan(keys, spread=spread)
+        # Only cache_aware leaves busy holders out: a session sticks to its upstream.
+        holders = self.index.holders(keys, now=time.monotonic() if spread else None)
         if not holders:
-            return Plan(keys)
+            return Plan(keys, spread=spread)
         rows = {row.index: row for row in self.table.rows()}
         valid = [
             holder
@@ -106,6 +118,7 @@ class Affinity:
             self.imbalance,
             tuple(holder.rank for holder in valid),
             tuple(holder for holder in valid if holder.rank == valid[0].rank),
+            spread,
         )
 
     def _round_robin(self) -> Plan:
@@ -120,15 +133,27 @@ class Affinity:
         expected."""
         return any(holder.row == row.index for holder in plan.expected)
 
-    def holds(self, plan: Plan, row: UpstreamRow) -> None:
-        """``row`` has the request's prompt in its cache now: remember its prefixes."""
+    def holds(self, plan: Plan, row: UpstreamRow) -> list[int]:
+        """``row`` has the request's prompt in its cache now: remember its prefixes.
+        cache_aware: they are busy there until vacate() gets the keys returned."""
         if not plan.keys or self.index is None:
-            return
+            return []
+        now = time.monotonic()
+        if plan.spread:  # cache_aware: every prefix counts the request
+            keys = [key for key, _ in plan.keys]
+            self.index.remember(keys, row.index, row.generation, row.cache_epoch, now, occupy=True)
+            return keys
         holder = next((h for h in plan.expected if h.row == row.index), None)
         # Prefixes it already took need no new write; the rest do.
         known = holder.length if holder is not None else 0
         fresh = [key for key, length in plan.keys if length > known]
-        self.index.remember(fresh, row.index, row.generation, row.cache_epoch, time.monotonic())
+        self.index.remember(fresh, row.index, row.generation, row.cache_epoch, now)
+        return []
+
+    def vacate(self, keys: list[int], row: UpstreamRow) -> None:
+        """The request that holds() occupied ``keys`` on ``row`` for has ended."""
+        if keys and self.index is not None:
+            self.index.vacate(keys, row.index, row.generation)
 
     def learn(self, expected: bool, row: UpstreamRow, timings: bytes | None) -> None:
         """What llama.cpp's timings say of the guess."""

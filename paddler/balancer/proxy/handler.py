@@ -15,13 +15,7 @@ from paddler.balancer.fleet import Fleet
 from paddler.balancer.proxy.affinity import REMEMBERING, Affinity, Plan
 from paddler.balancer.proxy.connections import ConnectionPool
 from paddler.balancer.proxy.http import Exchange, error_payload
-from paddler.balancer.proxy.routing import (
-    canonical_model,
-    eligible,
-    fleet_models,
-    knows_model,
-    model_key,
-)
+from paddler.balancer.proxy.routing import ModelLines, eligible, fleet_models
 from paddler.balancer.proxy.upstream import (
     Outcome,
     RetryableError,
@@ -79,6 +73,7 @@ class Proxy:
         self._recorder: Recorder | None = None
         self._tracer: Exporter | None = None
         self._affinity: Affinity | None = None
+        self._lines: ModelLines | None = None
 
     async def startup(self, recorder: Recorder, tracer: Exporter | None = None) -> None:
         self._recorder = recorder
@@ -91,6 +86,7 @@ class Proxy:
             self.settings.upstream_connect_timeout, self.settings.upstream_keepalive_timeout
         )
         self._waiter = SlotWaiter(self.fleet.table)
+        self._lines = ModelLines(self.fleet.table)
         self._waiter.start()
         # Unique across workers and restarts by a random part drawn once per worker
         # process (startup runs after the fork), then a counter: no syscall per request.
@@ -116,6 +112,11 @@ class Proxy:
     def affinity(self) -> Affinity:
         assert self._affinity is not None
         return self._affinity
+
+    @property
+    def lines(self) -> ModelLines:
+        assert self._lines is not None
+        return self._lines
 
     @property
     def waiter(self) -> SlotWaiter:
@@ -238,18 +239,22 @@ class Proxy:
                 return
             named = payload.get("model") if isinstance(payload, dict) else None
             model = named if isinstance(named, str) and named else None
-        rows = self.fleet.table.rows() if model is not None else []
-        if model is not None and rows and not knows_model(rows, model):
-            await _fail(
-                exchange,
-                404,
-                f"model {model!r} is not served here; the models are: "
-                f"{', '.join(fleet_models(rows)) or 'none yet'}",
-                "not_found_error",
-            )
-            return
+        line = 0  # any model's
+        if model is not None:
+            known = self.lines.key(model)
+            if known is None:
+                served = fleet_models(self.fleet.table.rows())
+                await _fail(
+                    exchange,
+                    404,
+                    f"model {model!r} is not served here; the models are: "
+                    f"{', '.join(served) or 'none yet'}",
+                    "not_found_error",
+                )
+                return
+            line = known
         if takes_slot:
-            await self._with_slot(exchange, body, model, rows, payload)
+            await self._with_slot(exchange, body, model, line, payload)
         else:
             await self._without_slot(exchange, body, model)
 
@@ -271,14 +276,13 @@ class Proxy:
         exchange: Exchange,
         body: bytes,
         model: str | None,
-        rows: list[UpstreamRow],
+        line: int,
         payload: Any,
     ) -> None:
         settings = self.settings
         affinity = self.affinity
         session = exchange.header(affinity.session_header) if affinity.remembers else None
         plan = affinity.plan(session, payload)
-        key = model_key(canonical_model(rows, model)) if model else 0
         deadline = time.monotonic() + settings.request_buffer_timeout
         tried: set[tuple[int, int]] = set()
         last_error = ""
@@ -292,7 +296,7 @@ class Proxy:
             asked = time.monotonic()
             try:
                 reservation, row = await self.waiter.acquire(
-                    key, choose, max(0.0, deadline - time.monotonic()), partial=bool(tried)
+                    line, choose, max(0.0, deadline - time.monotonic()), partial=bool(tried)
                 )
             except QueueFullError:
                 self.recorder.queue_rejected()
@@ -322,9 +326,10 @@ class Proxy:
             queued += time.monotonic() - asked
             exchange.queued = queued
             expected = affinity.expects(plan, row)
+            occupied: list[int] = []
             if affinity.remembers:
                 exchange.cache_expected = "hit" if expected else "miss"
-                exchange.on_first_byte = self._remember_when_answered(exchange, plan, row)
+                exchange.on_first_byte = self._remember_when_answered(exchange, plan, row, occupied)
             if affinity.watches_timings:
                 exchange.timings = b""
             try:
@@ -334,6 +339,7 @@ class Proxy:
             except RetryableError as error:
                 last_error = self._note_failure(exchange, row, error, tried)
             finally:
+                affinity.vacate(occupied, row)
                 self.fleet.table.release(reservation)
                 self.waiter.released()
         await _fail(
@@ -344,17 +350,17 @@ class Proxy:
         )
 
     def _remember_when_answered(
-        self, exchange: Exchange, plan: Plan, row: UpstreamRow
+        self, exchange: Exchange, plan: Plan, row: UpstreamRow, occupied: list[int]
     ) -> Callable[[], None]:
         """The upstream holds the request's prefixes once its answer begins: a stream's
         first token comes after the prompt is in the KV cache. Remembered earlier, while
         the prompt is still being read, a request with the same prefix arriving meanwhile
         would be sent after a cache that is not there yet, and both would crowd one
-        upstream."""
+        upstream. ``occupied`` gets the keys that are busy until the request ends."""
 
         def remember() -> None:
             if exchange.status < 300:
-                self.affinity.holds(plan, row)
+                occupied.extend(self.affinity.holds(plan, row))
 
         return remember
 
@@ -364,7 +370,14 @@ class Proxy:
         """The upstreams a request may use, evaluated afresh each time it is asked."""
         missed = self.settings.missed_reports
         return lambda: eligible(
-            time.monotonic(), missed, model, exclude, plan.prefer, plan.imbalance, plan.ranks
+            time.monotonic(),
+            missed,
+            model,
+            exclude,
+            plan.prefer,
+            plan.imbalance,
+            plan.ranks,
+            plan.spread,
         )
 
     # -- requests that take none -----------------------------------------------------------
