@@ -24,7 +24,7 @@ class Kept:
         self.body = b""
         self.ended = False
 
-    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    def begin(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.status, self.headers = status, headers
 
     def send(self, chunk: bytes, last: bool = False) -> bool:

@@ -231,20 +231,25 @@ class Answer:
         """What has arrived since the last call, at least one byte; None at the end."""
         while True:
             if self._chunks:
-                data = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
-                self._chunks.clear()
-                self._buffered = 0
-                if self._paused:
-                    self._paused = False
-                    transport = self.connection.transport
-                    if transport is not None and not self.connection.closed:
-                        transport.resume_reading()
-                return data
+                return self.take()
             if self.complete:
                 return None
             if self._error is not None:
                 raise self._error
             await self._wait(timeout)
+
+    def take(self) -> bytes:
+        """Everything that has arrived and was not read yet (b"" if nothing); an upstream
+        paused for having sent too much is let go on."""
+        data = b"".join(self._chunks) if len(self._chunks) > 1 else (self._chunks or [b""])[0]
+        self._chunks.clear()
+        self._buffered = 0
+        if self._paused:
+            self._paused = False
+            transport = self.connection.transport
+            if transport is not None and not self.connection.closed:
+                transport.resume_reading()
+        return data
 
     def flush(self) -> None:
         """Pass on, in one piece, what the last read brought to a relayed answer: one
@@ -343,8 +348,8 @@ class ConnectionPool:
         self._idle: dict[str, list[UpstreamConnection]] = {}
         self._sweep: asyncio.TimerHandle | None = None
 
-    async def get(self, address: str) -> UpstreamConnection:
-        """A kept-alive connection to ``address`` if one is open, else a new one."""
+    def idle(self, address: str) -> UpstreamConnection | None:
+        """A kept-alive connection to ``address`` if one is open (else connect())."""
         idle = self._idle.get(address)
         if idle:
             oldest_usable = asyncio.get_running_loop().time() - self.keepalive_timeout
@@ -353,7 +358,7 @@ class ConnectionPool:
                 if not connection.closed and connection.idle_since > oldest_usable:
                     return connection
                 connection.close()
-        return await self.connect(address)
+        return None
 
     async def connect(self, address: str) -> UpstreamConnection:
         """A new connection to ``address``."""

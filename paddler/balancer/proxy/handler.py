@@ -295,7 +295,7 @@ class Proxy:
                 break  # nowhere else to try: say what went wrong instead of waiting
             asked = time.monotonic()
             try:
-                reservation, row = await self.waiter.acquire(
+                reservation, row = self.waiter.take(line, choose()) or await self.waiter.wait(
                     line, choose, max(0.0, deadline - time.monotonic()), partial=bool(tried)
                 )
             except QueueFullError:

@@ -57,7 +57,9 @@ class Outcome(NamedTuple):
 class Responder(Protocol):
     """Where the answer goes: the client's side of the proxy."""
 
-    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
+    def begin(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """The answer's status and headers (they go out with its first body bytes)."""
+        ...
 
     def send(self, chunk: bytes, last: bool) -> bool:
         """Pass body bytes on at once (``last``: the answer ends with them); False when
@@ -145,11 +147,14 @@ async def forward(
             while await _rest(answer, read_timeout) is not None:
                 pass
             raise RetryableError("503: it is loading its model or overloaded")
-        await responder.start(
+        responder.begin(
             answer.status,
             [(name, value) for name, value in answer.headers if name not in NOT_RETURNED],
         )
-        if answer.sized:
+        if answer.sized and answer.complete:
+            # Whole already: a JSON answer mostly comes in the read that brought its head.
+            await responder.write(answer.take())
+        elif answer.sized:
             # Of known length (a JSON answer, whole in one or two reads): taken as it
             # comes. A relay costs more to set up than it saves on so few reads.
             while (chunk := await _rest(answer, read_timeout)) is not None:
@@ -179,7 +184,7 @@ async def _ask(
     fresh = False
     while True:
         try:
-            connection = await (pool.connect(address) if fresh else pool.get(address))
+            connection = (None if fresh else pool.idle(address)) or await pool.connect(address)
         except ConnectFailedError as error:
             raise RetryableError(f"cannot connect: {error}") from None
         answer = connection.send(request, bodiless)

@@ -63,6 +63,11 @@ class SlotWaiter:
         if self._waiters:
             self._wake.set()
 
+    def take(self, model_key: int, policy: Eligible) -> Granted | None:
+        """A slot now, if one is free for a request that is not in line (and none of the
+        line's could take it): no task switch for the common case."""
+        return self.table.acquire(model_key, policy)
+
     async def acquire(
         self,
         model_key: int,
@@ -70,9 +75,19 @@ class SlotWaiter:
         timeout: float,
         partial: bool = False,
     ) -> Granted:
-        granted = self.table.acquire(model_key, eligible())
+        granted = self.take(model_key, eligible())
         if granted is not None:
             return granted
+        return await self.wait(model_key, eligible, timeout, partial)
+
+    async def wait(
+        self,
+        model_key: int,
+        eligible: Callable[[], Eligible],
+        timeout: float,
+        partial: bool = False,
+    ) -> Granted:
+        """Wait in line for a slot (after take() found none)."""
         ticket = self.table.enqueue(model_key, time.monotonic())
         if ticket is None:
             raise QueueFullError
