@@ -97,7 +97,7 @@ class UpstreamConnection(asyncio.Protocol):
             if answer.status:
                 answer.fail(BrokenAnswerError(f"the answer broke off: {reason}"))
             else:
-                waited = asyncio.get_running_loop().time() - self.sent_at
+                waited = self.pool.loop.time() - self.sent_at
                 reused = self.requests > 1
                 where = f"request {self.requests} of a kept-alive" if reused else "a new"
                 answer.fail(
@@ -149,7 +149,7 @@ class UpstreamConnection(asyncio.Protocol):
     def send(self, request: bytes, bodiless: bool) -> "Answer":
         assert self.transport is not None
         self.requests += 1
-        self.sent_at = asyncio.get_running_loop().time()
+        self.sent_at = self.pool.loop.time()
         self._parser = httptools.HttpResponseParser(self)
         self._answer = Answer(self, bodiless)
         self.transport.write(request)
@@ -187,7 +187,7 @@ class Answer:
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
         self._sink: Callable[[bytes, bool], None] | None = None
-        self._loop = asyncio.get_running_loop()
+        self._loop = connection.pool.loop
         self._last_data = 0.0
         self._silence: asyncio.TimerHandle | None = None
 
@@ -318,7 +318,7 @@ class Answer:
         self._silence = self._loop.call_later(timeout - quiet, self._check_silence, timeout)
 
     async def _wait(self, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         waiter = self._waiter = loop.create_future()
         timer = loop.call_later(timeout, _expire, waiter, timeout)
         try:
@@ -347,12 +347,21 @@ class ConnectionPool:
         # Oldest first: taken from the end, expired from the front.
         self._idle: dict[str, list[UpstreamConnection]] = {}
         self._sweep: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The worker's loop, remembered: on Python 3.11, asyncio.get_running_loop()
+        costs a getpid() system call each time (it checks for a fork), five per request."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
 
     def idle(self, address: str) -> UpstreamConnection | None:
         """A kept-alive connection to ``address`` if one is open (else connect())."""
         idle = self._idle.get(address)
         if idle:
-            oldest_usable = asyncio.get_running_loop().time() - self.keepalive_timeout
+            oldest_usable = self.loop.time() - self.keepalive_timeout
             while idle:
                 connection = idle.pop()
                 if not connection.closed and connection.idle_since > oldest_usable:
@@ -363,7 +372,7 @@ class ConnectionPool:
     async def connect(self, address: str) -> UpstreamConnection:
         """A new connection to ``address``."""
         host, _, port = address.rpartition(":")
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, connection = await loop.create_connection(
@@ -379,7 +388,7 @@ class ConnectionPool:
         if self.keepalive_timeout <= 0:
             connection.close()
             return
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         connection.idle_since = loop.time()
         self._idle.setdefault(connection.address, []).append(connection)
         if self._sweep is None:
@@ -388,7 +397,7 @@ class ConnectionPool:
     def _expire(self) -> None:
         """Close what has been idle for the keep-alive timeout; come back for the next."""
         self._sweep = None
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         oldest_kept = loop.time() - self.keepalive_timeout
         next_expiry: float | None = None
         for address, idle in list(self._idle.items()):
