@@ -395,7 +395,10 @@ def arm(name: str, upstreams: list[int], work: Path) -> Iterator[tuple[int | Non
         yield None, []
         return
     port = free_port()
-    if name != "paddler":
+    if name == "bare":  # bench/floor.py's: the floor of a Python proxy
+        script = str(ROOT / "bench" / "bare_proxy.py")
+        argv = [sys.executable, script, str(port), "2", *map(str, upstreams)]
+    elif name != "paddler":
         argv = proxy_argv(name, upstreams, port, work)
     else:
         management = free_port()
