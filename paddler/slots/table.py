@@ -994,6 +994,16 @@ class SlotTable:
             if self._u32[(self._offset(row) + 8) // 4] == generation:
                 self._bump_cache_epoch(row)
 
+    def identity(self, row: int) -> tuple[int, int] | None:
+        """(generation, cache epoch) of a row in use, or None: what a remembered guess
+        about it is checked against, read without decoding the row or taking the lock."""
+        if row >= self._rows_used():
+            return None
+        offset = self._offset(row)
+        if self._map[offset + 4] == UpstreamState.FREE:
+            return None
+        return int(self._u32[(offset + 8) // 4]), int(self._u32[(offset + CACHE_EPOCH_OFFSET) // 4])
+
     def cache_epochs(self) -> list[int]:
         """Every row's cache epoch, in one strided read (row index -> epoch)."""
         used = self._rows_used()

@@ -414,3 +414,17 @@ def test_a_report_measured_before_a_release_does_not_hide_the_freed_slot(
     table.apply_report(replace(busy, sequence=4), now=101.5)
     assert table.rows()[0].free_slots == 0
     table.release(second)
+
+
+def test_a_row_s_identity_is_its_generation_and_cache_epoch_while_in_use(
+    table: SlotTable,
+) -> None:
+    table.apply_report(REPORT, now=1.0)
+    (row,) = table.rows()
+    assert table.identity(row.index) == (row.generation, row.cache_epoch)
+    table.forget_cache(row.index, row.generation)
+    assert table.identity(row.index) == (row.generation, table.rows()[0].cache_epoch)
+    assert table.identity(row.index) != (row.generation, row.cache_epoch)
+    assert table.identity(row.index + 1) is None  # never used
+    table.remove_agent(REPORT.agent_id)
+    assert table.identity(row.index) is None  # freed

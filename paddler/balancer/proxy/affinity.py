@@ -105,12 +105,11 @@ class Affinity:
         holders = self.index.holders(keys, now=time.monotonic() if spread else None)
         if not holders:
             return Plan(keys, spread=spread)
-        rows = {row.index: row for row in self.table.rows()}
+        identity = self.table.identity
         valid = [
             holder
             for holder in holders
-            if (current := rows.get(holder.row)) is not None
-            and (current.generation, current.cache_epoch) == (holder.generation, holder.epoch)
+            if identity(holder.row) == (holder.generation, holder.epoch)
         ]
         return Plan(
             keys,

@@ -339,9 +339,9 @@ class Proxy:
             except RetryableError as error:
                 last_error = self._note_failure(exchange, row, error, tried)
             finally:
-                affinity.vacate(occupied, row)
                 self.fleet.table.release(reservation)
                 self.waiter.released()
+                affinity.vacate(occupied, row)
         await _fail(
             exchange,
             502,
