@@ -8,9 +8,9 @@ Two llama-servers with 2 slots each run the generated ~28M-parameter model
 that no arm's proxy steals a server's core more than another's. They are restarted for
 every cell: every arm starts with cold caches. In front of them stand the arms of Part 1:
 direct (the client takes the servers in turn), nginx round robin, nginx least_conn, HAProxy
-leastconn, Paddler (balancer and two agents under paddlerd, default settings: routing
-policy least_busy) and paddler-cache (the same with routing_policy = "cache_aware"; not
-in --smoke). --arms and --workloads pick a subset; --stem names the results files.
+leastconn, Paddler (balancer and two agents under paddlerd, routing_policy = "least_busy",
+the original Paddler's) and paddler-cache (the same with "cache_aware", the default since
+2026-11-28; not in --smoke). --arms and --workloads pick a subset; --stem names the results files.
 
 Workloads, drawn from a seed and the same for every arm, streamed chat completions with a
 fixed number of output tokens (temperature 0, end of sequence ignored):
@@ -73,7 +73,7 @@ ARMS = ("direct", "nginx-rr", "nginx-leastconn", "haproxy-leastconn", "paddler",
 BASELINE = "nginx-leastconn"
 # The ratios the tables give: each (arm, against).
 RATIOS = (("paddler", BASELINE), ("paddler-cache", BASELINE), ("paddler-cache", "paddler"))
-# Paddler's arms: least_busy (the default policy) and cache_aware.
+# Paddler's arms: least_busy (the original's policy) and cache_aware (the default).
 POLICIES = {"paddler": "least_busy", "paddler-cache": "cache_aware"}
 WORKLOADS = ("W1", "W2", "W3", "W4")
 SERVERS = 2

@@ -211,11 +211,11 @@ class BalancerSettings:
         "Send upstreams their own address as Host instead of the client's.", False
     )
     routing_policy: str = setting(
-        "How a request that takes a slot picks among upstreams with a free one: least_busy "
-        "(the most free slots), cache_aware (the one most likely to hold the request's "
-        "prompt prefix in its KV cache, else the least busy), session (the one its session "
-        "went to: session_header or the request's user field), round_robin.",
-        "least_busy",
+        "How a request that takes a slot picks among upstreams with a free one: cache_aware "
+        "(the one most likely to hold the request's prompt prefix in its KV cache, else the "
+        "least busy), least_busy (the most free slots: the original Paddler's), session (the "
+        "one its session went to: session_header or the request's user field), round_robin.",
+        "cache_aware",
         choices=("least_busy", "cache_aware", "session", "round_robin"),
     )
     session_header: str = setting(
