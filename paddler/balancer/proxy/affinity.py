@@ -132,13 +132,16 @@ class Affinity:
         expected."""
         return any(holder.row == row.index for holder in plan.expected)
 
-    def holds(self, plan: Plan, row: UpstreamRow) -> list[int]:
+    def holds(self, plan: Plan, row: UpstreamRow, streaming: bool) -> list[int]:
         """``row`` has the request's prompt in its cache now: remember its prefixes.
-        cache_aware: they are busy there until vacate() gets the keys returned."""
+        cache_aware, for a stream: they are busy there until vacate() gets the keys
+        returned. (An answer that is not a stream is whole when its first byte comes:
+        its slot is free again at once, and counting it would cost two writes under the
+        index's lock for nothing.)"""
         if not plan.keys or self.index is None:
             return []
         now = time.monotonic()
-        if plan.spread:  # cache_aware: every prefix counts the request
+        if plan.spread and streaming:  # cache_aware: every prefix counts the request
             keys = [key for key, _ in plan.keys]
             self.index.remember(keys, row.index, row.generation, row.cache_epoch, now, occupy=True)
             return keys

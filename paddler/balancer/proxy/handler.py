@@ -360,7 +360,7 @@ class Proxy:
 
         def remember() -> None:
             if exchange.status < 300:
-                occupied.extend(self.affinity.holds(plan, row))
+                occupied.extend(self.affinity.holds(plan, row, exchange.event_stream))
 
         return remember
 
