@@ -75,6 +75,8 @@ class SlotWaiter:
         timeout: float,
         partial: bool = False,
     ) -> Granted:
+        """take() or wait(), in one call (the handler calls the two itself, so that a free
+        slot costs it no coroutine)."""
         granted = self.take(model_key, eligible())
         if granted is not None:
             return granted
