@@ -26,17 +26,15 @@ from pathlib import Path
 
 from proxy_overhead import (
     BODIES,
-    CONCURRENCY,
     ROOT,
     balancer_argv,
-    cpu_seconds,
+    cpu_per_thousand,
     ensure_tools,
     process,
     register,
     stop_cleanly_on_sigterm,
     tree,
     wait_http,
-    wrk,
 )
 
 from paddler.testbed.ports import free_port
@@ -71,15 +69,7 @@ def balancer(tree_root: Path, upstreams: list[int], work: Path) -> Iterator[tupl
 def cell(tree_root: Path, upstreams: list[int], work: Path, workload: str, seconds: float) -> float:
     """CPU milliseconds per 1,000 requests of one build."""
     with balancer(tree_root, upstreams, work) as (port, pids):
-        url = f"http://127.0.0.1:{port}/v1/chat/completions"
-        body = BODIES[workload]
-        wrk(url, body, 4, 1.0, work)  # warm connections and caches
-        before = cpu_seconds(pids)
-        load = wrk(url, body, CONCURRENCY[workload], seconds, work)
-        used = cpu_seconds(pids) - before
-        if load["errors"]:
-            raise RuntimeError(f"{load['errors']:.0f} errors; see {work / 'balancer.log'}")
-        return 1_000_000 * used / load["requests"]
+        return cpu_per_thousand(port, pids, workload, seconds, work, str(work / "balancer.log"))
 
 
 def main() -> int:

@@ -22,15 +22,13 @@ from pathlib import Path
 
 from proxy_overhead import (
     BODIES,
-    CONCURRENCY,
     ROOT,
     arm,
-    cpu_seconds,
+    cpu_per_thousand,
     ensure_tools,
     process,
     stop_cleanly_on_sigterm,
     wait_http,
-    wrk,
 )
 
 from paddler.testbed.ports import free_port
@@ -41,15 +39,8 @@ ARMS = ("nginx-leastconn", "bare", "paddler")
 def cell(name: str, upstreams: list[int], work: Path, workload: str, seconds: float) -> float:
     """CPU milliseconds per 1,000 requests of one arm."""
     with arm(name, upstreams, work) as (port, pids):
-        url = f"http://127.0.0.1:{port}/v1/chat/completions"
-        body = BODIES[workload]
-        wrk(url, body, 4, 1.0, work)  # warm connections and caches
-        before = cpu_seconds(pids)
-        load = wrk(url, body, CONCURRENCY[workload], seconds, work)
-        used = cpu_seconds(pids) - before
-        if load["errors"]:
-            raise RuntimeError(f"{name}: {load['errors']:.0f} errors; see {work}/{name}.log")
-        return 1_000_000 * used / load["requests"]
+        assert port is not None
+        return cpu_per_thousand(port, pids, workload, seconds, work, f"{work}/{name}.log")
 
 
 def main() -> int:

@@ -256,6 +256,23 @@ def wrk(url: str, body: str, connections: int, seconds: float, workdir: Path) ->
     return result
 
 
+def cpu_per_thousand(
+    port: int, pids: list[int], workload: str, seconds: float, work: Path, log: str
+) -> float:
+    """CPU milliseconds per 1,000 requests of the processes ``pids`` serving ``port``,
+    under a closed-loop wrk cell of Part 1 (after a warm-up); ``log`` says where to look
+    when the cell had errors."""
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    body = BODIES[workload]
+    wrk(url, body, 4, 1.0, work)  # warm connections and caches
+    before = cpu_seconds(pids)
+    load = wrk(url, body, CONCURRENCY[workload], seconds, work)
+    used = cpu_seconds(pids) - before
+    if load["errors"]:
+        raise RuntimeError(f"{load['errors']:.0f} errors; see {log}")
+    return 1_000_000 * used / load["requests"]
+
+
 def open_loop(addresses: list[str], body: str, rate: float, seconds: float) -> dict[str, Any]:
     out = subprocess.run(
         [

@@ -5,23 +5,10 @@ from pathlib import Path
 import pytest
 
 from paddler.balancer.proxy.routing import ModelLines, model_key
-from paddler.slots import SlotTable, UpstreamReport, UpstreamState
+from paddler.slots import SlotTable
+from tests.unit.test_slot_table import REPORT as SLOT_TABLE_REPORT
 
-REPORT = UpstreamReport(
-    agent_id="a1",
-    name="gpu0",
-    host="10.0.0.5",
-    port=8081,
-    state=UpstreamState.READY,
-    slots_total=4,
-    slots_idle=4,
-    slots_processing=0,
-    model="/models/qwen-0.5b.gguf",
-    build="b1",
-    error="",
-    sequence=1,
-    interval=1.0,
-)
+REPORT = replace(SLOT_TABLE_REPORT, model="/models/qwen-0.5b.gguf")
 
 
 @pytest.fixture
