@@ -30,6 +30,7 @@ from proxy_overhead import (
     balancer_argv,
     cpu_per_thousand,
     ensure_tools,
+    fake_upstreams,
     process,
     register,
     stop_cleanly_on_sigterm,
@@ -85,11 +86,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as raw:
         work = Path(raw)
         trees = {"A": export(args.base, work / "base"), "B": ROOT}
-        upstreams = [free_port(), free_port()]
-        fake = [sys.executable, str(ROOT / "bench" / "fake_upstream.py")]
-        with process([*fake, str(upstreams[0])]), process([*fake, str(upstreams[1])]):
-            for upstream in upstreams:
-                wait_http(f"http://127.0.0.1:{upstream}/health")
+        with fake_upstreams() as upstreams:
             for round_number in range(args.rounds):
                 for build in ("A", "B", "B", "A"):
                     value = cell(trees[build], upstreams, work, args.workload, args.seconds)

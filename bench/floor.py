@@ -22,16 +22,12 @@ from pathlib import Path
 
 from proxy_overhead import (
     BODIES,
-    ROOT,
     arm,
     cpu_per_thousand,
     ensure_tools,
-    process,
+    fake_upstreams,
     stop_cleanly_on_sigterm,
-    wait_http,
 )
-
-from paddler.testbed.ports import free_port
 
 ARMS = ("nginx-leastconn", "bare", "paddler")
 
@@ -57,11 +53,7 @@ def main() -> int:
     }
     with tempfile.TemporaryDirectory() as raw:
         work = Path(raw)
-        upstreams = [free_port(), free_port()]
-        fake = [sys.executable, str(ROOT / "bench" / "fake_upstream.py")]
-        with process([*fake, str(upstreams[0])]), process([*fake, str(upstreams[1])]):
-            for upstream in upstreams:
-                wait_http(f"http://127.0.0.1:{upstream}/health")
+        with fake_upstreams() as upstreams:
             for round_number in range(args.rounds):
                 turn = round_number % len(ARMS)
                 for name in ARMS[turn:] + ARMS[:turn]:

@@ -39,7 +39,7 @@ async def one(
     pool: ConnectionPool, address: str, request: bytes, due: float, timeout: float
 ) -> tuple[float, float, bool]:
     """Latency to the first body byte and to the end, from ``due``; and success."""
-    connection = await pool.get(address)
+    connection = pool.idle(address) or await pool.connect(address)
     answer = connection.send(request, False)
     first = 0.0
     try:
@@ -53,7 +53,9 @@ async def one(
         connection.finished(answer)
 
 
-async def run(addresses: list[str], body: bytes, rate: float, seconds: float, seed: int) -> dict:
+async def run(
+    addresses: list[str], body: bytes, rate: float, seconds: float, seed: int
+) -> dict[str, object]:
     pool = ConnectionPool(connect_timeout=5.0, keepalive_timeout=30.0)
     schedule = random.Random(seed)
     request = {

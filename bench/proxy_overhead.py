@@ -431,18 +431,23 @@ def arm(name: str, upstreams: list[int], work: Path) -> Iterator[tuple[int | Non
         yield port, tree(proc.pid)
 
 
+@contextmanager
+def fake_upstreams() -> Iterator[list[int]]:
+    """The two fake upstreams every arm stands in front of, answering; their ports."""
+    upstreams = [free_port(), free_port()]
+    fake = [sys.executable, str(ROOT / "bench" / "fake_upstream.py")]
+    with process([*fake, str(upstreams[0])]), process([*fake, str(upstreams[1])]):
+        for upstream in upstreams:
+            wait_http(f"http://127.0.0.1:{upstream}/health")
+        yield upstreams
+
+
 def run(seconds: float, repetitions: int) -> dict[str, list[dict[str, Any]]]:
     ensure_tools()
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in ARMS}
     with tempfile.TemporaryDirectory() as raw:
         work = Path(raw)
-        upstreams = [free_port(), free_port()]
-        with (
-            process([sys.executable, str(ROOT / "bench" / "fake_upstream.py"), str(upstreams[0])]),
-            process([sys.executable, str(ROOT / "bench" / "fake_upstream.py"), str(upstreams[1])]),
-        ):
-            for upstream in upstreams:
-                wait_http(f"http://127.0.0.1:{upstream}/health")
+        with fake_upstreams() as upstreams:
             for repetition in range(repetitions):
                 print(f"repetition {repetition + 1} of {repetitions}", file=sys.stderr)
                 for name in ARMS:

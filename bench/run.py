@@ -18,7 +18,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 
-PARTS = (
+PARTS: tuple[tuple[str, str, list[str]], ...] = (
     ("part 1, proxy cost", "proxy_overhead.py", ["--seconds", "5", "--repetitions", "3"]),
     ("part 2, fleet quality", "fleet_quality.py", []),
     ("scale", "scale.py", []),

@@ -60,7 +60,7 @@ async def report_forever(management: int, agents: int, seconds: float) -> dict[s
     )
     # Rendered once per agent: the generator's own CPU must not starve the balancer it
     # measures (two cores here), so a report costs it a few concatenations.
-    templates = []
+    templates: list[tuple[bytes, bytes, bytes]] = []
     for agent in range(agents):
         before, after = json.dumps(
             build_report(
@@ -92,9 +92,9 @@ async def report_forever(management: int, agents: int, seconds: float) -> dict[s
                 await asyncio.sleep(delay)
             elif delay < -0.1:
                 late += 1
-            head, before, after = templates[agent]
-            body = before + str(sequence).encode() + after
-            request = head + str(len(body)).encode() + b"\r\n\r\n" + body
+            start_of_head, start_of_body, end_of_body = templates[agent]
+            body = start_of_body + str(sequence).encode() + end_of_body
+            request = start_of_head + str(len(body)).encode() + b"\r\n\r\n" + body
             batch.append(asyncio.create_task(_send(pool, address, request)))
         results = await asyncio.gather(*batch, return_exceptions=True)
         sent += len(results)
@@ -109,7 +109,7 @@ async def report_forever(management: int, agents: int, seconds: float) -> dict[s
 
 async def _send(pool: ConnectionPool, address: str, request: bytes) -> bool | int:
     """True when the report was taken, else the status it got (an error raises)."""
-    connection = await pool.get(address)
+    connection = pool.idle(address) or await pool.connect(address)
     answer = connection.send(request, False)
     try:
         await answer.head(10.0)
