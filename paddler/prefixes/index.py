@@ -30,6 +30,7 @@ import fcntl
 import mmap
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,14 +115,8 @@ class PrefixIndex:
     def in_flight(self, key: int, row: int) -> int:
         """Requests with this prefix in flight on ``row``, as counted (0: not held there)."""
         fields = SET.unpack_from(self._map, self._set_offset(key))
-        return next(
-            (
-                fields[way + 2]
-                for way in range(0, FIELDS * WAYS, FIELDS)
-                if fields[way] == key and fields[way + 1] == row
-            ),
-            0,
-        )
+        way = self._way(fields, key, row)
+        return 0 if way is None else int(fields[FIELDS * way + 2])
 
     def _find(self, key: int, now: float | None) -> list[tuple[int, int, int, bool]]:
         """(row, generation, epoch, busy) of every upstream that took this prefix; busy:
@@ -170,43 +165,48 @@ class PrefixIndex:
     ) -> None:
         """The upstream in ``row`` takes these prefixes now; ``occupy``: and a request
         with them is in flight there until vacate()."""
-        if not keys:
-            return
         used = int(now)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:
-            for key in keys:
-                offset = self._set_offset(key)
-                fields = SET.unpack_from(self._map, offset)
-                way = self._way(fields, key, row)
-                in_flight = 0
-                if way is None:
-                    # A free way, else the one used longest ago.
-                    way = min(
-                        range(WAYS),
-                        key=lambda w: (fields[FIELDS * w] != 0, fields[FIELDS * w + 5]),
-                    )
-                elif fields[FIELDS * way + 3] == generation and fields[FIELDS * way + 4] == epoch:
-                    in_flight = fields[FIELDS * way + 2]
-                    if used - fields[FIELDS * way + 5] >= BUSY_HORIZON:
-                        in_flight = 0  # left by a worker that died mid-request
-                if occupy:
-                    in_flight = min(0xFFFF, in_flight + 1)
-                ENTRY.pack_into(
-                    self._map,
-                    offset + way * ENTRY.size,
-                    key,
-                    row,
-                    in_flight,
-                    generation,
-                    epoch,
-                    used,
+        for key, offset, fields, held in self._entries(keys, row):
+            in_flight = 0
+            # Its own way, else a free one, else the one used longest ago.
+            way = held
+            if way is None:
+                way = min(
+                    range(WAYS),
+                    key=lambda w: (fields[FIELDS * w] != 0, fields[FIELDS * w + 5]),
                 )
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            elif fields[FIELDS * way + 3] == generation and fields[FIELDS * way + 4] == epoch:
+                in_flight = fields[FIELDS * way + 2]
+                if used - fields[FIELDS * way + 5] >= BUSY_HORIZON:
+                    in_flight = 0  # left by a worker that died mid-request
+            if occupy:
+                in_flight = min(0xFFFF, in_flight + 1)
+            ENTRY.pack_into(
+                self._map,
+                offset + way * ENTRY.size,
+                key,
+                row,
+                in_flight,
+                generation,
+                epoch,
+                used,
+            )
 
     def vacate(self, keys: list[int], row: int, generation: int) -> None:
         """A request that occupied these prefixes on ``row`` ended."""
+        for _, offset, fields, way in self._entries(keys, row):
+            if way is None or fields[FIELDS * way + 3] != generation:
+                continue  # forgotten meanwhile, or the row went to another upstream
+            in_flight = fields[FIELDS * way + 2]
+            if in_flight:
+                # The count alone: its u16 sits right after the row's.
+                struct.pack_into("<H", self._map, offset + way * ENTRY.size + 10, in_flight - 1)
+
+    def _entries(
+        self, keys: list[int], row: int
+    ) -> Iterator[tuple[int, int, tuple[int, ...], int | None]]:
+        """(key, its set's offset, the set's fields, the way holding it for ``row`` or
+        None) of each key, under the index's lock: what a writer of these keys reads."""
         if not keys:
             return
         fcntl.flock(self._fd, fcntl.LOCK_EX)
@@ -214,13 +214,7 @@ class PrefixIndex:
             for key in keys:
                 offset = self._set_offset(key)
                 fields = SET.unpack_from(self._map, offset)
-                way = self._way(fields, key, row)
-                if way is None or fields[FIELDS * way + 3] != generation:
-                    continue  # forgotten meanwhile, or the row went to another upstream
-                in_flight = fields[FIELDS * way + 2]
-                if in_flight:
-                    # The count alone: its u16 sits right after the row's.
-                    struct.pack_into("<H", self._map, offset + way * ENTRY.size + 10, in_flight - 1)
+                yield key, offset, fields, self._way(fields, key, row)
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 

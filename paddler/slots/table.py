@@ -802,11 +802,12 @@ class SlotTable:
                 most = max(values, default=0)
                 if most <= 0:
                     break
-                position = values.index(most)
                 if policy.spread:
                     ties = [at for at, value in enumerate(values) if value == most]
                     position = ties[self._turn % len(ties)]
                     self._turn += 1
+                else:
+                    position = values.index(most)
                 if self._fresh(indices[position], policy):
                     best = indices[position]
                 else:

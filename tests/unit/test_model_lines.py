@@ -1,21 +1,10 @@
-from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
-
-import pytest
 
 from paddler.balancer.proxy.routing import ModelLines, model_key
 from paddler.slots import SlotTable
 from tests.unit.test_slot_table import REPORT as SLOT_TABLE_REPORT
 
 REPORT = replace(SLOT_TABLE_REPORT, model="/models/qwen-0.5b.gguf")
-
-
-@pytest.fixture
-def table(tmp_path: Path) -> Iterator[SlotTable]:
-    created = SlotTable.create(tmp_path / "slots.table", max_upstreams=8, max_owners=4)
-    yield created
-    created.close()
 
 
 def test_with_no_upstream_a_model_waits_in_its_own_line(table: SlotTable) -> None:

@@ -2,7 +2,6 @@ import random
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,13 +32,6 @@ REPORT = UpstreamReport(
     sequence=1,
     interval=1.0,
 )
-
-
-@pytest.fixture
-def table(tmp_path: Path) -> Iterator[SlotTable]:
-    created = SlotTable.create(tmp_path / "slots.table", max_upstreams=8, max_owners=4)
-    yield created
-    created.close()
 
 
 def test_a_report_becomes_a_row_with_every_field(table: SlotTable) -> None:
