@@ -47,7 +47,10 @@ class CounterFile:
         self._map = mapping
         self._used = HEADER.size
         self._offsets: dict[str, int] = {}
-        self.values: dict[str, float] = {}
+        # The file as 8-byte floats: a value's index is its offset // 8 (values are
+        # 8-aligned). The request path adds through it with no call per counter; it is
+        # replaced when the file grows, so nobody may hold on to it across calls.
+        self.doubles = memoryview(mapping).cast("d")
 
     @classmethod
     def create(cls, path: Path) -> CounterFile:
@@ -58,12 +61,21 @@ class CounterFile:
         return cls(path, fd, mapping)
 
     def add(self, key: str, amount: float = 1.0) -> None:
+        index = self.index(key)  # first: a new key may replace ``doubles``
+        self.doubles[index] += amount
+
+    def index(self, key: str) -> int:
+        """Where ``key``'s value is in ``doubles`` (added, at zero, if it is new)."""
         offset = self._offsets.get(key)
         if offset is None:
             offset = self._append(key)
-        value = self.values[key] + amount
-        self.values[key] = value
-        VALUE.pack_into(self._map, offset, value)
+        return offset // VALUE.size
+
+    @property
+    def values(self) -> dict[str, float]:
+        """This process's counts."""
+        doubles = self.doubles
+        return {key: doubles[offset // VALUE.size] for key, offset in self._offsets.items()}
 
     def _append(self, key: str) -> int:
         encoded = key.encode()
@@ -71,7 +83,9 @@ class CounterFile:
         start = self._used
         end = start + ENTRY.size + padded + VALUE.size
         if end > len(self._map):
+            self.doubles.release()  # a mapping with a view on it cannot be resized
             self._map.resize(max(2 * len(self._map), end))  # grows the file too
+            self.doubles = memoryview(self._map).cast("d")
         ENTRY.pack_into(self._map, start, len(encoded), 0)
         self._map[start + ENTRY.size : start + ENTRY.size + len(encoded)] = encoded
         offset = start + ENTRY.size + padded
@@ -80,10 +94,10 @@ class CounterFile:
         # Readers stop at the used mark: the entry is whole before the mark covers it.
         struct.pack_into("<I", self._map, 12, end)
         self._offsets[key] = offset
-        self.values[key] = 0.0
         return offset
 
     def close(self) -> None:
+        self.doubles.release()
         self._map.close()
         os.close(self._fd)
 

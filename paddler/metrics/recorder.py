@@ -29,45 +29,56 @@ def labels(**pairs: str) -> str:
 
 
 class Histogram:
-    """One histogram's keys for one set of labels. Buckets are stored one by one (an
-    observation writes one bucket, its sum and its count); the exposition adds them up."""
+    """One histogram of one set of labels, its values' places in the counter file.
+    Buckets are stored one by one (an observation adds to one bucket, its sum and its
+    count); the exposition adds them up."""
 
-    def __init__(self, family: Family, label_text: str) -> None:
+    def __init__(self, family: Family, label_text: str, counters: CounterFile) -> None:
         inner = label_text + "," if label_text else ""
         self.bounds = family.buckets
-        self.buckets = [
-            f'{family.name}_bucket{{{inner}le="{bound:g}"}}' for bound in family.buckets
-        ] + [f'{family.name}_bucket{{{inner}le="+Inf"}}']
+        names = [f'{family.name}_bucket{{{inner}le="{bound:g}"}}' for bound in family.buckets]
+        names.append(f'{family.name}_bucket{{{inner}le="+Inf"}}')
+        self.buckets = [counters.index(name) for name in names]
         suffix = f"{{{label_text}}}" if label_text else ""
-        self.sum = f"{family.name}_sum{suffix}"
-        self.count = f"{family.name}_count{suffix}"
+        self.sum = counters.index(f"{family.name}_sum{suffix}")
+        self.count = counters.index(f"{family.name}_count{suffix}")
 
     def observe(self, counters: CounterFile, value: float) -> None:
-        counters.add(self.buckets[bisect_left(self.bounds, value)])
-        counters.add(self.sum, value)
-        counters.add(self.count)
+        doubles = counters.doubles
+        doubles[self.buckets[bisect_left(self.bounds, value)]] += 1
+        doubles[self.sum] += value
+        doubles[self.count] += 1
 
 
 class Recorder:
-    """The proxy's counts. Keys are built once per label set and remembered: a request
-    costs a few dictionary lookups and writes into the mapping."""
+    """The proxy's counts. Each label set's places in the counter file are found once
+    and remembered: a request costs one dictionary lookup and a few additions there."""
 
     def __init__(self, counters: CounterFile) -> None:
         self.counters = counters
-        self._requests: dict[tuple[str, int, str], str] = {}
+        self._requests: dict[tuple[str, int, str], tuple[int, Histogram]] = {}
         self._histograms: dict[tuple[str, str], Histogram] = {}
         self._per_upstream: dict[tuple[str, str], str] = {}
-        self._queue_wait = Histogram(QUEUE_WAIT, "")
+        self._queue_wait = Histogram(QUEUE_WAIT, "", counters)
 
     def request(
         self, route: str, status: int, upstream: str, seconds: float, first_token: float | None
     ) -> None:
-        key = self._requests.get((route, status, upstream))
-        if key is None:
+        known = self._requests.get((route, status, upstream))
+        if known is None:
             text = labels(route=route, status=str(status), upstream=upstream)
-            key = self._requests[(route, status, upstream)] = f"{REQUESTS.name}{{{text}}}"
-        self.counters.add(key)
-        self._histogram(DURATION, route).observe(self.counters, seconds)
+            known = (
+                self.counters.index(f"{REQUESTS.name}{{{text}}}"),
+                self._histogram(DURATION, route),
+            )
+            self._requests[(route, status, upstream)] = known
+        count, duration = known
+        # Histogram.observe, written out: this runs for every request.
+        doubles = self.counters.doubles
+        doubles[count] += 1
+        doubles[duration.buckets[bisect_left(duration.bounds, seconds)]] += 1
+        doubles[duration.sum] += seconds
+        doubles[duration.count] += 1
         if first_token is not None:
             self._histogram(FIRST_TOKEN, route).observe(self.counters, first_token)
 
@@ -92,7 +103,7 @@ class Recorder:
     def _histogram(self, family: Family, route: str) -> Histogram:
         histogram = self._histograms.get((family.name, route))
         if histogram is None:
-            histogram = Histogram(family, labels(route=route))
+            histogram = Histogram(family, labels(route=route), self.counters)
             self._histograms[(family.name, route)] = histogram
         return histogram
 

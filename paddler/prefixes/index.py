@@ -31,8 +31,8 @@ import mmap
 import os
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 MAGIC = b"PDLRPRFX"
 VERSION = 2
@@ -50,10 +50,10 @@ class PrefixIndexError(Exception):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class Holder:
+class Holder(NamedTuple):
     """An upstream that took a prefix: its row as it was then, the prefix's length, and
-    its rank among the request's holders (0: it holds the longest prefix found)."""
+    its rank among the request's holders (0: it holds the longest prefix found). (A
+    tuple: several are made for every request.)"""
 
     row: int
     generation: int
@@ -144,11 +144,20 @@ class PrefixIndex:
         rows: set[int] = set()
         rank = 0
         for key, length in reversed(keys):
-            hits = [hit[:3] for hit in self._find(key, now) if hit[0] not in rows and not hit[3]]
-            for row, generation, epoch in hits:
-                rows.add(row)
-                found.append(Holder(row, generation, epoch, length, rank))
-            if hits:
+            # _find, written out: this runs for every request.
+            fields = SET.unpack_from(self._map, HEADER_SIZE + (key % self.sets) * SET.size)
+            hit = False
+            for way in range(0, FIELDS * WAYS, FIELDS):
+                if fields[way] != key or fields[way + 1] in rows:
+                    continue
+                if now is not None and fields[way + 2] and now - fields[way + 5] < BUSY_HORIZON:
+                    continue  # busy: a request with this prefix is in flight there
+                rows.add(fields[way + 1])
+                found.append(
+                    Holder(fields[way + 1], fields[way + 3], fields[way + 4], length, rank)
+                )
+                hit = True
+            if hit:
                 rank += 1
                 if len(found) >= most:
                     break

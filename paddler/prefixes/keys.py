@@ -30,12 +30,15 @@ def _text(content: Any) -> str:
 def _pieces(payload: dict[str, Any]) -> list[str]:
     messages = payload.get("messages")
     if isinstance(messages, list):
-        return [
-            f"{message.get('role', '')}\x1f{_text(message.get('content'))}\x1d"
-            if isinstance(message, dict)
-            else f"{message}\x1d"
-            for message in messages
-        ]
+        pieces = []
+        for message in messages:  # a loop, not a comprehension: no call per request
+            if isinstance(message, dict):
+                content = message.get("content")
+                text = content if isinstance(content, str) else _text(content)
+                pieces.append(f"{message.get('role', '')}\x1f{text}\x1d")
+            else:
+                pieces.append(f"{message}\x1d")
+        return pieces
     prompt = payload.get("prompt")
     if isinstance(prompt, list):
         prompt = " ".join(map(str, prompt))  # token ids, or several prompts

@@ -226,6 +226,7 @@ class SlotTable:
         self._packed_texts: dict[tuple[str, ...], bytes] = {}
         self._owner: int | None = None
         self._turn = 0  # whose turn among tied rows, for policies that spread
+        self._lock = _Flock(fd)
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -287,7 +288,7 @@ class SlotTable:
     # -- locking and rows ------------------------------------------------------------------
 
     def locked(self) -> "_Flock":
-        return _Flock(self._fd)
+        return self._lock
 
     def _offset(self, row: int) -> int:
         return HEADER_SIZE + row * self.row_size
@@ -323,10 +324,12 @@ class SlotTable:
 
     def _count_reservation(self, row: int, owner: int, change: int) -> None:
         """One reservation more (1) or fewer (-1) of ``owner`` on ``row``."""
-        offset = self._offset(row)
-        self._u16[self._reservation_index(row, owner)] += change
-        self._u16[(offset + RESERVED_OFFSET) // 2] += change
-        self._i16[(offset + FREE_OFFSET) // 2] -= change
+        # Offsets written out (rows and fields are 2-aligned): this runs twice a request.
+        half = (HEADER_SIZE + row * self.row_size) // 2
+        u16 = self._u16
+        u16[half + RESERVATIONS_OFFSET // 2 + owner] += change
+        u16[half + RESERVED_OFFSET // 2] += change
+        self._i16[half + FREE_OFFSET // 2] -= change
 
     def _structure(self) -> int:
         return int(self._u32[STRUCTURE_OFFSET // 4])
@@ -380,7 +383,7 @@ class SlotTable:
             idle,
             processing,
             reserved_at_report,
-            self._reservations(row),
+            int(self._u16[(offset + RESERVED_OFFSET) // 2]),
             last_report,
             first_report,
             interval,
@@ -392,8 +395,7 @@ class SlotTable:
         )
 
     def _rows_used(self) -> int:
-        count: int = struct.unpack_from("<I", self._map, ROWS_USED_OFFSET)[0]
-        return count
+        return int(self._u32[ROWS_USED_OFFSET // 4])
 
     def _used_rows(self) -> list[UpstreamRow]:
         rows = []
@@ -720,13 +722,16 @@ class SlotTable:
     def release(self, reservation: Reservation) -> None:
         if self._owner is None:
             raise SlotTableError("join() the table before releasing")
-        with self.locked():
-            if self._u32[(self._offset(reservation.row) + 8) // 4] != reservation.generation:
+        row, owner = reservation.row, self._owner
+        offset = HEADER_SIZE + row * self.row_size
+        u16 = self._u16
+        with self._lock:
+            if self._u32[offset // 4 + 2] != reservation.generation:
                 return  # the upstream was forgotten meanwhile; its counters were reset
-            if self._u16[self._reservation_index(reservation.row, self._owner)] > 0:
-                self._count_reservation(reservation.row, self._owner, -1)
-                released = (self._offset(reservation.row) + RELEASED_OFFSET) // 2
-                self._u16[released] = min(0xFFFF, self._u16[released] + 1)
+            if u16[(offset + RESERVATIONS_OFFSET) // 2 + owner] > 0:
+                self._count_reservation(row, owner, -1)
+                released = (offset + RELEASED_OFFSET) // 2
+                u16[released] = min(0xFFFF, u16[released] + 1)
 
     # -- choosing an upstream, and waiting in line for one ---------------------------------
 
@@ -748,7 +753,7 @@ class SlotTable:
         """
         if self._owner is None:
             raise SlotTableError("join() the table before reserving")
-        with self.locked():
+        with self._lock:
             chosen = self._choose(policy, model_key, ticket)
             if chosen is None:
                 return None
@@ -774,14 +779,18 @@ class SlotTable:
             if row >= used:
                 continue
             free = self._i16[start + row * step]
-            if (
-                free > 0
-                and free + policy.imbalance > best_free
-                and (row == best or any(row in indices for indices in groups))
-                and (row == best or self._fresh(row, policy))
-            ):
-                candidate = (rank, -free, row)
-                chosen = candidate if chosen is None else min(chosen, candidate)
+            if free <= 0 or free + policy.imbalance <= best_free:
+                continue
+            if row != best:
+                for indices in groups:
+                    if row in indices:
+                        break
+                else:
+                    continue  # not one the policy allows
+                if not self._fresh(row, policy):
+                    continue
+            candidate = (rank, -free, row)
+            chosen = candidate if chosen is None else min(chosen, candidate)
         return best if chosen is None else chosen[2]
 
     def _least_busy(self, policy: Policy, model_key: int, ticket: int | None) -> int | None:
@@ -792,12 +801,15 @@ class SlotTable:
         start = (HEADER_SIZE + FREE_OFFSET) // 2
         step = self.row_size // 2
         frees = self._i16[start : start + used * step : step].tolist()
-        self._forget_recovered(policy.now)
+        if self._unfit:
+            self._forget_recovered(policy.now)
         waiting = self._waiting()
         available = 0
         best: int | None = None
         for indices in groups:
-            values = self._free_of(indices, frees)
+            # Every row in use (one model, none excluded) and none unfit: as read.
+            same = len(indices) == used and not self._unfit
+            values = frees if same else self._free_of(indices, frees)
             while best is None:
                 most = max(values, default=0)
                 if most <= 0:
@@ -826,7 +838,7 @@ class SlotTable:
         return best
 
     def _groups_for(self, policy: Policy) -> list[list[int]]:
-        structure = self._structure()
+        structure = self._u32[STRUCTURE_OFFSET // 4]
         if structure != self._structure_seen:
             self._structure_seen = structure
             self._groups.clear()
@@ -860,7 +872,7 @@ class SlotTable:
         return [by_rank[rank] for rank in sorted(by_rank, reverse=True)]
 
     def _fresh(self, row: int, policy: Policy) -> bool:
-        offset = self._offset(row)
+        offset = HEADER_SIZE + row * self.row_size
         last_report = self._f64[(offset + 24) // 8]
         interval = self._f64[(offset + 32) // 8]
         ejected_until = self._f64[(offset + EJECTION_OFFSET) // 8]
@@ -916,8 +928,7 @@ class SlotTable:
         return self._waiters_offset + entry * WAITER.size
 
     def _waiting(self) -> int:
-        count: int = struct.unpack_from("<I", self._map, WAITING_OFFSET)[0]
-        return count
+        return int(self._u32[WAITING_OFFSET // 4])
 
     def _set_waiting(self, count: int) -> None:
         struct.pack_into("<I", self._map, WAITING_OFFSET, max(0, count))

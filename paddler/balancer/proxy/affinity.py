@@ -28,8 +28,7 @@ not see, a cache too small for the traffic): everything remembered for it is for
 import itertools
 import re
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from paddler.config import BalancerSettings
 from paddler.metrics.recorder import Recorder
@@ -44,9 +43,8 @@ ANY_IMBALANCE = 1 << 15
 _CACHE_N = re.compile(rb'"cache_n"\s*:\s*(\d+)')
 
 
-@dataclass
-class Plan:
-    keys: list[tuple[int, int]] = field(default_factory=list)
+class Plan(NamedTuple):
+    keys: list[tuple[int, int]] = []  # noqa: RUF012 - never changed: a plan is a tuple
     prefer: tuple[int, ...] = ()
     imbalance: int = 0
     ranks: tuple[int, ...] = ()
@@ -56,7 +54,7 @@ class Plan:
     spread: bool = False  # ties among the least busy taken in turn
 
 
-_NO_PLAN = Plan()  # least_busy's, for every request: never changed
+_NO_PLAN = Plan()  # least_busy's, for every request
 
 
 class Affinity:
@@ -68,6 +66,9 @@ class Affinity:
         recorder: Recorder,
     ) -> None:
         self.policy = settings.routing_policy
+        # Whether requests are sent where their prefix or session went before.
+        self.remembers = self.policy in REMEMBERING
+        self.watches_timings = self.policy == "cache_aware"
         self.session_header = settings.session_header.lower().encode()
         self.imbalance = settings.cache_max_imbalance + 1
         self.table = table
@@ -75,15 +76,6 @@ class Affinity:
         self.recorder = recorder
         self._turn = itertools.count()
         self._misses: dict[tuple[int, int], int] = {}
-
-    @property
-    def watches_timings(self) -> bool:
-        return self.policy == "cache_aware"
-
-    @property
-    def remembers(self) -> bool:
-        """Whether requests are sent where their prefix or session went before."""
-        return self.policy in REMEMBERING
 
     def plan(self, header: bytes | None, payload: Any) -> Plan:
         if self.policy == "least_busy":
@@ -106,19 +98,16 @@ class Affinity:
         if not holders:
             return Plan(keys, spread=spread)
         identity = self.table.identity
-        valid = [
-            holder
-            for holder in holders
-            if identity(holder.row) == (holder.generation, holder.epoch)
-        ]
-        return Plan(
-            keys,
-            tuple(holder.row for holder in valid),
-            self.imbalance,
-            tuple(holder.rank for holder in valid),
-            tuple(holder for holder in valid if holder.rank == valid[0].rank),
-            spread,
-        )
+        rows: list[int] = []
+        ranks: list[int] = []
+        expected: list[Holder] = []
+        for holder in holders:
+            if identity(holder.row) == (holder.generation, holder.epoch):
+                rows.append(holder.row)
+                ranks.append(holder.rank)
+                if holder.rank == ranks[0]:
+                    expected.append(holder)
+        return Plan(keys, tuple(rows), self.imbalance, tuple(ranks), tuple(expected), spread)
 
     def _round_robin(self) -> Plan:
         rows = sorted(row.index for row in self.table.rows())
@@ -130,7 +119,10 @@ class Affinity:
     def expects(self, plan: Plan, row: UpstreamRow) -> bool:
         """Whether ``row``, which the request got a slot on, is where a cache hit was
         expected."""
-        return any(holder.row == row.index for holder in plan.expected)
+        for holder in plan.expected:  # noqa: SIM110 - a loop: no generator per request
+            if holder.row == row.index:
+                return True
+        return False
 
     def holds(self, plan: Plan, row: UpstreamRow, streaming: bool) -> list[int]:
         """``row`` has the request's prompt in its cache now: remember its prefixes.
@@ -145,11 +137,15 @@ class Affinity:
             keys = [key for key, _ in plan.keys]
             self.index.remember(keys, row.index, row.generation, row.cache_epoch, now, occupy=True)
             return keys
-        holder = next((h for h in plan.expected if h.row == row.index), None)
         # Prefixes it already took need no new write; the rest do.
-        known = holder.length if holder is not None else 0
-        fresh = [key for key, length in plan.keys if length > known]
-        self.index.remember(fresh, row.index, row.generation, row.cache_epoch, now)
+        known = 0
+        for holder in plan.expected:
+            if holder.row == row.index:
+                known = holder.length
+                break
+        if plan.keys[-1][1] > known:
+            fresh = [key for key, length in plan.keys if length > known]
+            self.index.remember(fresh, row.index, row.generation, row.cache_epoch, now)
         return []
 
     def vacate(self, keys: list[int], row: UpstreamRow) -> None:

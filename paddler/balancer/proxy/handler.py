@@ -32,8 +32,8 @@ from paddler.balancer.proxy.waiting import (
 from paddler.config.model import prefix_index_path
 from paddler.metrics.recorder import Recorder
 from paddler.prefixes.index import PrefixIndex
-from paddler.slots import UpstreamRow, UpstreamState
-from paddler.slots.policy import model_names
+from paddler.slots import SlotTable, UpstreamRow, UpstreamState
+from paddler.slots.policy import Policy, model_names
 from paddler.tracing.otlp import Exporter, Span, new_span_id, trace_context, traceparent
 
 log = logging.getLogger("paddler.balancer")
@@ -59,69 +59,50 @@ CLIENT_LEFT = 499  # nginx's status for a client that closed before its answer e
 
 
 class Proxy:
+    # What startup() makes in the worker, after the fork. Plain attributes rather than
+    # properties that check for it: the request path reads them a dozen times.
+    table: SlotTable
+    pool: ConnectionPool
+    recorder: Recorder
+    affinity: Affinity
+    lines: ModelLines
+    waiter: SlotWaiter
+
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
         self.settings = fleet.settings
         self.slot_endpoints = frozenset(self.settings.slot_endpoints)
         self.exposed = tuple(self.settings.exposed_endpoints)
         self.api_keys = [key.encode() for key in self.settings.api_keys]
-        self._pool: ConnectionPool | None = None
-        self._waiter: SlotWaiter | None = None
+        self._started = False
         self._failures: dict[tuple[int, int], int] = {}
         self._request_ids: Iterator[str] = iter(())
         self._routes = self.slot_endpoints | KNOWN_ROUTES
-        self._recorder: Recorder | None = None
         self._tracer: Exporter | None = None
-        self._affinity: Affinity | None = None
-        self._lines: ModelLines | None = None
 
     async def startup(self, recorder: Recorder, tracer: Exporter | None = None) -> None:
-        self._recorder = recorder
+        self.recorder = recorder
         self._tracer = tracer
+        self.table = self.fleet.table
         index = None
         if self.settings.routing_policy in REMEMBERING:
             index = PrefixIndex.open(Path(prefix_index_path(self.settings)))
-        self._affinity = Affinity(self.settings, self.fleet.table, index, recorder)
-        self._pool = ConnectionPool(
+        self.affinity = Affinity(self.settings, self.table, index, recorder)
+        self.pool = ConnectionPool(
             self.settings.upstream_connect_timeout, self.settings.upstream_keepalive_timeout
         )
-        self._waiter = SlotWaiter(self.fleet.table)
-        self._lines = ModelLines(self.fleet.table)
-        self._waiter.start()
+        self.waiter = SlotWaiter(self.table)
+        self.lines = ModelLines(self.table)
+        self.waiter.start()
+        self._started = True
         # Unique across workers and restarts by a random part drawn once per worker
         # process (startup runs after the fork), then a counter: no syscall per request.
         self._request_ids = map((os.urandom(6).hex() + "{:06x}").format, itertools.count())
 
     async def shutdown(self) -> None:
-        if self._waiter is not None:
-            await self._waiter.stop()
-        if self._pool is not None:
-            self._pool.close()
-
-    @property
-    def pool(self) -> ConnectionPool:
-        assert self._pool is not None
-        return self._pool
-
-    @property
-    def recorder(self) -> Recorder:
-        assert self._recorder is not None
-        return self._recorder
-
-    @property
-    def affinity(self) -> Affinity:
-        assert self._affinity is not None
-        return self._affinity
-
-    @property
-    def lines(self) -> ModelLines:
-        assert self._lines is not None
-        return self._lines
-
-    @property
-    def waiter(self) -> SlotWaiter:
-        assert self._waiter is not None
-        return self._waiter
+        if self._started:
+            await self.waiter.stop()
+            self.pool.close()
 
     # -- entry -----------------------------------------------------------------------------
 
@@ -291,7 +272,7 @@ class Proxy:
         queued_counted = False  # a request's first wait is its queue wait; retries wait too
         while retries.left():
             choose = self._policy(model, frozenset(tried), plan)
-            if last_error and not choose()(self.fleet.table.rows()):
+            if last_error and not choose()(self.table.rows()):
                 break  # nowhere else to try: say what went wrong instead of waiting
             asked = time.monotonic()
             try:
@@ -329,7 +310,7 @@ class Proxy:
             occupied: list[int] = []
             if affinity.remembers:
                 exchange.cache_expected = "hit" if expected else "miss"
-                exchange.on_first_byte = self._remember_when_answered(exchange, plan, row, occupied)
+                exchange.on_first_byte = self._remember_when_answered(plan, row, occupied)
             if affinity.watches_timings:
                 exchange.timings = b""
             try:
@@ -339,7 +320,7 @@ class Proxy:
             except RetryableError as error:
                 last_error = self._note_failure(exchange, row, error, tried)
             finally:
-                self.fleet.table.release(reservation)
+                self.table.release(reservation)
                 self.waiter.released()
                 affinity.vacate(occupied, row)
         await _fail(
@@ -350,15 +331,15 @@ class Proxy:
         )
 
     def _remember_when_answered(
-        self, exchange: Exchange, plan: Plan, row: UpstreamRow, occupied: list[int]
-    ) -> Callable[[], None]:
+        self, plan: Plan, row: UpstreamRow, occupied: list[int]
+    ) -> Callable[[Exchange], None]:
         """The upstream holds the request's prefixes once its answer begins: a stream's
         first token comes after the prompt is in the KV cache. Remembered earlier, while
         the prompt is still being read, a request with the same prefix arriving meanwhile
         would be sent after a cache that is not there yet, and both would crowd one
         upstream. ``occupied`` gets the keys that are busy until the request ends."""
 
-        def remember() -> None:
+        def remember(exchange: Exchange) -> None:
             if exchange.status < 300:
                 occupied.extend(self.affinity.holds(plan, row, exchange.event_stream))
 
@@ -369,7 +350,7 @@ class Proxy:
     ) -> Callable[[], Eligible]:
         """The upstreams a request may use, evaluated afresh each time it is asked."""
         missed = self.settings.missed_reports
-        return lambda: eligible(
+        return lambda: Policy(
             time.monotonic(),
             missed,
             model,
@@ -389,7 +370,7 @@ class Proxy:
         while retries.left():
             candidates = eligible(
                 time.monotonic(), self.settings.missed_reports, model, frozenset(tried)
-            )(self.fleet.table.rows())
+            )(self.table.rows())
             if not candidates:
                 break
             row = candidates[0]

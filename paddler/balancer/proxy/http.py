@@ -77,7 +77,9 @@ class Exchange:
         self.status = 0
         self.upstream = "none"  # the name of the upstream that answered, for the metrics
         self.first_byte_at = 0.0  # when the first body bytes went out (monotonic)
-        self.on_first_byte: Callable[[], None] | None = None  # called as they go
+        # Called as they go, with this exchange (a callback that kept the exchange itself
+        # would make a reference cycle: every request left for the garbage collector).
+        self.on_first_byte: Callable[[Exchange], None] | None = None
         self.queued = 0.0  # seconds it waited for a free slot
         self.attempts = 0  # upstreams tried
         self.trace: tuple[bytes, bytes] | None = None  # trace and span id, when tracing
@@ -148,7 +150,7 @@ class Exchange:
         if not self.first_byte_at:
             self.first_byte_at = time.monotonic()
             if self.on_first_byte is not None:
-                self.on_first_byte()
+                self.on_first_byte(self)
         if self.timings is not None and b'"cache_n"' in chunk:
             self.timings = chunk
         if self._chunked:
