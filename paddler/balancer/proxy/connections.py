@@ -20,6 +20,21 @@ from typing import cast
 
 import httptools
 
+# Hop-by-hop headers (RFC 9110 7.6.1): they concern one connection, and are not passed on.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+    }
+)
 # Buffered answer bytes past which the upstream is paused until the client takes them.
 HIGH_WATER = 256 * 1024
 
@@ -77,7 +92,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             answer.fail(BrokenAnswerError(f"malformed answer: {error}"))
         else:
-            answer.flush()
+            answer.arrived(len(data))
 
     def eof_received(self) -> bool:
         return False  # close the transport; connection_lost reports it
@@ -145,7 +160,9 @@ class Answer:
         self.ends_with_close = False
         self.sized = False  # a Content-Length: not a stream
         self.complete = False
+        # End to end (RFC 9110 7.6.1), names in lower case: as the client gets them.
         self.headers: list[tuple[bytes, bytes]] = []
+        self._transfer_encoding = False
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._error: Exception | None = None
@@ -155,43 +172,36 @@ class Answer:
         self._loop = connection.pool.loop
         self._last_data = 0.0
         self._silence: asyncio.TimerHandle | None = None
+        # Every chunk of the body goes straight into the list, with no Python call per
+        # chunk (a stream's every event is one): arrived() sees to them once per read.
+        # The parser looks its callbacks up once, as it is made: this one goes first.
+        self.on_body: Callable[[bytes], None] = self._chunks.append
         self.parser = httptools.HttpResponseParser(self)
 
     # -- httptools callbacks, as the connection feeds the parser ---------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
+        name = name.lower()
+        if name not in HOP_BY_HOP:
+            self.headers.append((name, value))
+            if name == b"content-length":
+                self.sized = True
+        elif name == b"transfer-encoding":
+            self._transfer_encoding = True
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
         self.keep_alive = self.parser.should_keep_alive()
-        self.sized = any(name == b"content-length" for name, _ in self.headers)
         self.ends_with_close = not (
             self.bodiless
             or self.sized
             or self.status in (204, 304)
             or self.status < 200
-            or any(name == b"transfer-encoding" for name, _ in self.headers)
+            or self._transfer_encoding
         )
         self.wake()
         if self.bodiless:
             self.on_message_complete()
-
-    def on_body(self, data: bytes) -> None:
-        self._chunks.append(data)
-        if self._sink is not None:
-            return  # passed on by flush(), once for all that one read brought
-        self._buffered += len(data)
-        if self._buffered > HIGH_WATER and not self._paused:
-            transport = self.connection.transport
-            if transport is not None:
-                transport.pause_reading()
-                self._paused = True
-        waiter = self._waiter  # wake(), written out: this runs for every chunk
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
 
     def on_message_complete(self) -> None:
         if not self.complete:
@@ -199,6 +209,23 @@ class Answer:
             self.wake()
 
     # -- fed by the connection -------------------------------------------------------------
+
+    def arrived(self, size: int) -> None:
+        """One read of ``size`` bytes is parsed: a relayed answer passes its chunks on, in
+        one piece; otherwise its reader is woken, and an upstream that sent more than the
+        client took is paused."""
+        if not self._chunks:
+            return
+        if self._sink is not None:
+            self.flush()
+            return
+        self._buffered += size
+        if self._buffered > HIGH_WATER and not self._paused:
+            transport = self.connection.transport
+            if transport is not None:
+                transport.pause_reading()
+                self._paused = True
+        self.wake()
 
     def fail(self, error: Exception) -> None:
         if self._error is None:  # the first cause; a close that follows it is its echo
@@ -220,7 +247,15 @@ class Answer:
         while not self.status:
             if self._error is not None:
                 raise self._error
-            await self._wait(timeout)
+            # _wait(), written out: one coroutine less for every request to pass through.
+            loop = self._loop
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(timeout, _expire, waiter, timeout)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
 
     async def body(self, timeout: float) -> bytes | None:
         """What has arrived since the last call, at least one byte; None at the end."""
@@ -436,8 +471,10 @@ def request_bytes(
     method: str, target: str, headers: Iterable[tuple[bytes, bytes]], body: bytes
 ) -> bytes:
     """The request as written on the wire, head and body in one piece."""
-    lines = [f"{method} {target} HTTP/1.1".encode("latin-1")]
-    lines.extend(name + b": " + value for name, value in headers)
+    parts = [f"{method} {target} HTTP/1.1\r\n".encode("latin-1")]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
     if body or method in ("POST", "PUT", "PATCH"):
-        lines.append(b"content-length: " + str(len(body)).encode())
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+        parts.append(b"content-length: %d\r\n" % len(body))
+    parts += (b"\r\n", body)
+    return b"".join(parts)

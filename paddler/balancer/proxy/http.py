@@ -31,6 +31,8 @@ log = logging.getLogger("paddler.balancer")
 MAX_HEAD_BYTES = 64 * 1024
 REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 BODILESS_STATUS = frozenset({204, 304})
+# The request headers that decide how its head and body are read.
+_HEAD_RULES = frozenset((b"host", b"content-length", b"expect", b"transfer-encoding"))
 # Seconds a refused client's remaining bytes are read and dropped before the close.
 LINGER_SECONDS = 2.0
 
@@ -246,6 +248,9 @@ class ClientConnection(asyncio.Protocol):
         self._head_size = 0
         self._partial_head = 0
         self._hosts = 0
+        self._length: int | None = None  # the first Content-Length
+        self._expect: bytes | None = None  # the first Expect
+        self._transfer_encoding = False
         self._expects_continue = False
         self._discarding = False
         self._reading: str | None = None  # "head" or "body" of a request on its way
@@ -333,6 +338,8 @@ class ClientConnection(asyncio.Protocol):
         self._headers = []
         self._body = []
         self._body_size = self._head_size = self._hosts = 0
+        self._length = self._expect = None
+        self._transfer_encoding = False
         self._expects_continue = False
         self._reading = "head"
         if self.task is None:
@@ -346,20 +353,30 @@ class ClientConnection(asyncio.Protocol):
         if self._reading != "head":
             return  # a trailer after a chunked body: not a header of the request
         name = name.lower()
-        if name == b"host":
-            self._hosts += 1
         self._headers.append((name, value))
-        self._count_head(len(name) + len(value))
+        # What on_headers_complete decides by, noted as it passes rather than searched.
+        if name in _HEAD_RULES:
+            if name == b"host":
+                self._hosts += 1
+            elif name == b"content-length":
+                if self._length is None:
+                    self._length = int(value)  # httptools refused one that is not a number
+            elif name == b"expect":
+                if self._expect is None:
+                    self._expect = value
+            else:
+                self._transfer_encoding = True
+        self._head_size += len(name) + len(value)
+        if self._head_size > MAX_HEAD_BYTES:
+            self._refuse(431, f"the request line and headers exceed {MAX_HEAD_BYTES} bytes")
 
     def on_headers_complete(self) -> None:
         self._partial_head = 0
         if self._hosts > 1:
             self._refuse(400, "more than one Host header (RFC 9112 3.2)")
             return
-        length = self._content_length()
-        if self.parser.should_upgrade() and (
-            length or any(name == b"transfer-encoding" for name, _ in self._headers)
-        ):
+        length = self._length
+        if self.parser.should_upgrade() and (length or self._transfer_encoding):
             # httptools skips the body of an upgrade request: forwarding it without its
             # body would send the upstream something else than what the client sent.
             self._refuse(400, "a protocol upgrade request with a body is not supported")
@@ -367,7 +384,7 @@ class ClientConnection(asyncio.Protocol):
         if length is not None and length > self.limits.max_body_size:
             self._refuse(413, f"the request body is larger than {self.limits.max_body_size} bytes")
             return
-        expect = next((v for k, v in self._headers if k == b"expect"), None)
+        expect = self._expect
         if expect is not None:
             if expect.lower() != b"100-continue":
                 self._refuse(417, "only Expect: 100-continue is understood")
@@ -554,12 +571,6 @@ class ClientConnection(asyncio.Protocol):
         self._head_size += size
         if self._head_size > MAX_HEAD_BYTES:
             self._refuse(431, f"the request line and headers exceed {MAX_HEAD_BYTES} bytes")
-
-    def _content_length(self) -> int | None:
-        for name, value in self._headers:
-            if name == b"content-length":
-                return int(value)  # httptools has already refused one that is not a number
-        return None
 
     def _target(self) -> str:
         url = self._url

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 from typing import NamedTuple, Protocol
 
 from paddler.balancer.proxy.connections import (
+    HOP_BY_HOP,
     Answer,
     BrokenAnswerError,
     ConnectFailedError,
@@ -18,23 +19,7 @@ from paddler.balancer.proxy.connections import (
     request_bytes,
 )
 
-# Hop-by-hop headers (RFC 9110 7.6.1), and what aiohttp sets itself.
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"trailers",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-connection",
-    }
-)
 NOT_FORWARDED = HOP_BY_HOP | {b"content-length", b"expect"}
-NOT_RETURNED = HOP_BY_HOP  # Server and Date pass through: the workers add neither
 
 
 class RetryableError(Exception):
@@ -106,13 +91,20 @@ def request_headers(
     send instead.
     """
     dropped = _DROPPED_ALWAYS
-    if any(name == b"connection" for name, _ in raw):
-        dropped = dropped | _connection_tokens(raw)
     if host is not None:
         dropped |= {b"host"}  # rewritten: the upstream's own address instead
     if not keep_credentials or upstream_api_key:
         dropped |= CLIENT_CREDENTIALS
-    headers = [(name, value) for name, value in raw if name not in dropped]
+    headers = []
+    named_hop_by_hop = False
+    for name, value in raw:
+        if name not in dropped:
+            headers.append((name, value))
+        elif name == b"connection":
+            named_hop_by_hop = True
+    if named_hop_by_hop:
+        tokens = _connection_tokens(raw)
+        headers = [(name, value) for name, value in headers if name not in tokens]
     headers.append((b"x-request-id", request_id.encode("latin-1")))
     if upstream_api_key:
         headers.append((b"authorization", b"Bearer " + upstream_api_key.encode("latin-1")))
@@ -147,10 +139,9 @@ async def forward(
             while await _rest(answer, read_timeout) is not None:
                 pass
             raise RetryableError("503: it is loading its model or overloaded")
-        responder.begin(
-            answer.status,
-            [(name, value) for name, value in answer.headers if name not in NOT_RETURNED],
-        )
+        # Hop-by-hop headers were left out as they came (Server and Date pass through:
+        # the workers add neither).
+        responder.begin(answer.status, answer.headers)
         if answer.sized and answer.complete:
             # Whole already: a JSON answer mostly comes in the read that brought its head.
             await responder.write(answer.take())
