@@ -60,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     balancer.add_argument(
         "--slot-table", help="default: /run/paddler/balancer-<management port>.slots"
     )
+    balancer.add_argument(
+        "--routing-policy",
+        help="cache_aware (the default), least_busy (the original's), session or round_robin",
+    )
     return parser
 
 

@@ -157,10 +157,11 @@ def run(settings: BalancerSettings) -> int:
         log.error("cannot prepare %s: %s", counters_directory(settings), error)
         return 78
     log.info(
-        "balancer: proxy on %s, management API on %s, slot table %s",
+        "balancer: proxy on %s, management API on %s, slot table %s, routing %s",
         format_address(settings.reverseproxy_host, settings.reverseproxy_port),
         format_address(settings.management_host, settings.management_port),
         slot_table_path(settings),
+        settings.routing_policy,
     )
     BalancerApplication(settings, BalancerApp(settings)).run()
     return 0

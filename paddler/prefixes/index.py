@@ -221,7 +221,7 @@ class PrefixIndex:
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
             for key in keys:
-                offset = self._set_offset(key)
+                offset = HEADER_SIZE + (key % self.sets) * SET.size
                 fields = SET.unpack_from(self._map, offset)
                 yield key, offset, fields, self._way(fields, key, row)
         finally:
@@ -229,7 +229,7 @@ class PrefixIndex:
 
     @staticmethod
     def _way(fields: tuple[int, ...], key: int, row: int) -> int | None:
-        return next(
-            (w for w in range(WAYS) if fields[FIELDS * w] == key and fields[FIELDS * w + 1] == row),
-            None,
-        )
+        for way in range(WAYS):  # a loop, not next() over a generator: it runs per request
+            if fields[FIELDS * way] == key and fields[FIELDS * way + 1] == row:
+                return way
+        return None

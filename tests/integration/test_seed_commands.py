@@ -120,6 +120,8 @@ def test_seed_commands_register_the_agent_with_the_balancer(
             "127.0.0.1",
             "--reverseproxy-port",
             str(proxy),
+            "--routing-policy",
+            "least_busy",
             log=balancer_log,
         )
     )
@@ -149,6 +151,7 @@ def test_seed_commands_register_the_agent_with_the_balancer(
     assert agent["address"] == f"127.0.0.1:{llama_port}"
     assert agent["slots"] == {"total": 2, "idle": 2, "processing": 0, "free": 2}
     assert agent["in_rotation"] is True
+    assert "routing least_busy" in balancer_log.read_text()
 
     # A second agent whose address comes from EC2's metadata service, with a name.
     processes.append(
@@ -208,4 +211,18 @@ def test_bad_flags_name_the_flag() -> None:
     assert "paddler agent: --management-host/--management-port: must be host:port entries" in (
         result.stderr
     )
+    assert "Traceback" not in result.stderr
+
+
+def test_a_balancer_flag_outside_its_choices_is_named() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "paddler", "balancer", "--routing-policy", "fastest"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 78
+    assert "paddler balancer: --routing-policy: " in result.stderr
+    assert "fastest" in result.stderr
     assert "Traceback" not in result.stderr
