@@ -41,6 +41,10 @@ class Kept:
 
         self.ended = True
 
+    async def finish(self, chunk: bytes) -> None:
+        self.send(chunk)
+        self.ended = True
+
 
 async def read_request(reader: asyncio.StreamReader) -> None:
     head = await reader.readuntil(b"\r\n\r\n")

@@ -64,6 +64,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def __init__(self, pool: "ConnectionPool", address: str) -> None:
         self.pool = pool
+        self.loop = pool.loop
         self.address = address
         self.transport: asyncio.Transport | None = None
         self.closed = False
@@ -129,7 +130,7 @@ class UpstreamConnection(asyncio.Protocol):
     def send(self, request: bytes, bodiless: bool) -> "Answer":
         assert self.transport is not None
         self.requests += 1
-        self.sent_at = self.pool.loop.time()
+        self.sent_at = self.loop.time()
         self._answer = Answer(self, bodiless)
         self.transport.write(request)
         return self._answer
@@ -169,7 +170,7 @@ class Answer:
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
         self._sink: Callable[[bytes, bool], None] | None = None
-        self._loop = connection.pool.loop
+        self._loop = connection.loop
         self._last_data = 0.0
         self._silence: asyncio.TimerHandle | None = None
         # Every chunk of the body goes straight into the list, with no Python call per

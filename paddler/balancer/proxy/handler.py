@@ -280,54 +280,65 @@ class Proxy:
                     line, choose, max(0.0, deadline - time.monotonic()), partial=bool(tried)
                 )
             except QueueFullError:
-                self.recorder.queue_rejected()
-                retry_after = max(1, round(settings.request_buffer_timeout / 4))
-                await _fail(
-                    exchange,
-                    503,
-                    "every slot is busy and the request buffer is full; retry later",
-                    "overloaded_error",
-                    [(b"retry-after", str(retry_after).encode())],
-                )
+                await self._queue_full(exchange)
                 return
             except QueueTimeoutError:
                 if last_error:
                     break  # time ran out retrying: the upstream's failure is the news
-                self.recorder.queue_timed_out()
-                await _fail(
-                    exchange,
-                    504,
-                    f"no slot became free within {settings.request_buffer_timeout:g}s",
-                    "timeout_error",
-                )
+                await self._queue_timed_out(exchange)
                 return
             if not queued_counted:
                 self.recorder.queue_wait(time.monotonic() - asked)
                 queued_counted = True
             queued += time.monotonic() - asked
             exchange.queued = queued
-            expected = affinity.expects(plan, row)
+            # (What only the remembering policies need is guarded here: least_busy's
+            # requests make none of those calls.)
+            expected = False
             occupied: list[int] = []
             if affinity.remembers:
+                expected = affinity.expects(plan, row)
                 exchange.cache_expected = "hit" if expected else "miss"
                 exchange.on_first_byte = self._remember_when_answered(plan, row, occupied)
             if affinity.watches_timings:
                 exchange.timings = b""
             try:
                 await self._forward(exchange, row, body, queued)
-                affinity.learn(expected, row, exchange.timings)
+                if exchange.timings:
+                    affinity.learn(expected, row, exchange.timings)
                 return
             except RetryableError as error:
                 last_error = self._note_failure(exchange, row, error, tried)
             finally:
                 self.table.release(reservation)
                 self.waiter.released()
-                affinity.vacate(occupied, row)
+                if occupied:
+                    affinity.vacate(occupied, row)
         await _fail(
             exchange,
             502,
             f"no upstream could take the request; last: {last_error}",
             "upstream_error",
+        )
+
+    async def _queue_full(self, exchange: Exchange) -> None:
+        self.recorder.queue_rejected()
+        retry_after = max(1, round(self.settings.request_buffer_timeout / 4))
+        await _fail(
+            exchange,
+            503,
+            "every slot is busy and the request buffer is full; retry later",
+            "overloaded_error",
+            [(b"retry-after", str(retry_after).encode())],
+        )
+
+    async def _queue_timed_out(self, exchange: Exchange) -> None:
+        self.recorder.queue_timed_out()
+        await _fail(
+            exchange,
+            504,
+            f"no slot became free within {self.settings.request_buffer_timeout:g}s",
+            "timeout_error",
         )
 
     def _remember_when_answered(
@@ -433,7 +444,7 @@ class Proxy:
             return
         if outcome.status >= 500:
             self._failed(row, f"answered {outcome.status}")
-        else:
+        elif self._failures or row.ejections:  # else nothing to forgive
             self._succeeded(row)
 
     def _note_failure(

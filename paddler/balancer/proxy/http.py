@@ -139,7 +139,8 @@ class Exchange:
             lines.append(b"connection: keep-alive")
         if self.request_id:
             lines.append(b"x-request-id: " + self.request_id.encode("latin-1"))
-        lines.extend(name + b": " + value for name, value in self.extra_headers)
+        if self.extra_headers:
+            lines.extend(name + b": " + value for name, value in self.extra_headers)
         self._head = b"\r\n".join(lines) + b"\r\n\r\n"
         if bodiless:
             self._chunked = False
@@ -173,6 +174,17 @@ class Exchange:
 
     async def end(self) -> None:
         if not self._complete():
+            await self.connection.drained()
+
+    async def finish(self, chunk: bytes) -> None:
+        if self.method == "HEAD" or not chunk:
+            await self.end()
+            return
+        # send() ends a chunked answer along with its last chunk.
+        sent = self.send(chunk, last=True)
+        self._chunked = False
+        self.response_complete = True
+        if not sent:
             await self.connection.drained()
 
     def _complete(self) -> bool:

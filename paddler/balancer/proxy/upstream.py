@@ -60,6 +60,10 @@ class Responder(Protocol):
 
     async def end(self) -> None: ...
 
+    async def finish(self, chunk: bytes) -> None:
+        """The answer's last bytes and its end, in one write: write() and end()."""
+        ...
+
 
 CLIENT_CREDENTIALS = frozenset({b"authorization", b"x-api-key"})
 _DROPPED_ALWAYS = NOT_FORWARDED | {b"x-request-id"}
@@ -144,15 +148,16 @@ async def forward(
         responder.begin(answer.status, answer.headers)
         if answer.sized and answer.complete:
             # Whole already: a JSON answer mostly comes in the read that brought its head.
-            await responder.write(answer.take())
-        elif answer.sized:
-            # Of known length (a JSON answer, whole in one or two reads): taken as it
-            # comes. A relay costs more to set up than it saves on so few reads.
-            while (chunk := await _rest(answer, read_timeout)) is not None:
-                await responder.write(chunk)
+            await responder.finish(answer.take())
         else:
-            await _relay(answer, responder, read_timeout)
-        await responder.end()
+            if answer.sized:
+                # Of known length (a JSON answer, whole in one or two reads): taken as it
+                # comes. A relay costs more to set up than it saves on so few reads.
+                while (chunk := await _rest(answer, read_timeout)) is not None:
+                    await responder.write(chunk)
+            else:
+                await _relay(answer, responder, read_timeout)
+            await responder.end()
 
         return Outcome(answer.status)
     finally:
