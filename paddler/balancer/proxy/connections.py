@@ -248,15 +248,7 @@ class Answer:
         while not self.status:
             if self._error is not None:
                 raise self._error
-            # _wait(), written out: one coroutine less for every request to pass through.
-            loop = self._loop
-            waiter = self._waiter = loop.create_future()
-            timer = loop.call_later(timeout, _expire, waiter, timeout)
-            try:
-                await waiter
-            finally:
-                timer.cancel()
-                self._waiter = None
+            await self._wait(timeout)
 
     async def body(self, timeout: float) -> bytes | None:
         """What has arrived since the last call, at least one byte; None at the end."""
