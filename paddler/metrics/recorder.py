@@ -73,12 +73,8 @@ class Recorder:
             )
             self._requests[(route, status, upstream)] = known
         count, duration = known
-        # Histogram.observe, written out: this runs for every request.
-        doubles = self.counters.doubles
-        doubles[count] += 1
-        doubles[duration.buckets[bisect_left(duration.bounds, seconds)]] += 1
-        doubles[duration.sum] += seconds
-        doubles[duration.count] += 1
+        self.counters.doubles[count] += 1
+        duration.observe(self.counters, seconds)
         if first_token is not None:
             self._histogram(FIRST_TOKEN, route).observe(self.counters, first_token)
 

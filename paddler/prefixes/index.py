@@ -110,28 +110,13 @@ class PrefixIndex:
 
     def find(self, key: int) -> list[tuple[int, int, int]]:
         """(row, generation, epoch) of every upstream that took this prefix."""
-        return [(row, generation, epoch) for row, generation, epoch, _ in self._find(key, None)]
+        return [holder[:3] for holder in self.holders([(key, 0)], most=WAYS)]
 
     def in_flight(self, key: int, row: int) -> int:
         """Requests with this prefix in flight on ``row``, as counted (0: not held there)."""
         fields = SET.unpack_from(self._map, self._set_offset(key))
         way = self._way(fields, key, row)
         return 0 if way is None else int(fields[FIELDS * way + 2])
-
-    def _find(self, key: int, now: float | None) -> list[tuple[int, int, int, bool]]:
-        """(row, generation, epoch, busy) of every upstream that took this prefix; busy:
-        a request with it is in flight there (as of ``now``; None: never busy)."""
-        fields = SET.unpack_from(self._map, self._set_offset(key))
-        return [
-            (
-                fields[way + 1],
-                fields[way + 3],
-                fields[way + 4],
-                now is not None and fields[way + 2] > 0 and now - fields[way + 5] < BUSY_HORIZON,
-            )
-            for way in range(0, FIELDS * WAYS, FIELDS)
-            if fields[way] == key
-        ]
 
     def holders(
         self, keys: list[tuple[int, int]], most: int = 4, now: float | None = None
@@ -144,7 +129,6 @@ class PrefixIndex:
         rows: set[int] = set()
         rank = 0
         for key, length in reversed(keys):
-            # _find, written out: this runs for every request.
             fields = SET.unpack_from(self._map, HEADER_SIZE + (key % self.sets) * SET.size)
             hit = False
             for way in range(0, FIELDS * WAYS, FIELDS):

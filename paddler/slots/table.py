@@ -324,7 +324,7 @@ class SlotTable:
 
     def _count_reservation(self, row: int, owner: int, change: int) -> None:
         """One reservation more (1) or fewer (-1) of ``owner`` on ``row``."""
-        # Offsets written out (rows and fields are 2-aligned): this runs twice a request.
+        # Offsets written out (rows and fields are 2-aligned): it runs twice a request.
         half = (HEADER_SIZE + row * self.row_size) // 2
         u16 = self._u16
         u16[half + RESERVATIONS_OFFSET // 2 + owner] += change
@@ -730,9 +730,7 @@ class SlotTable:
             if self._u32[offset // 4 + 2] != reservation.generation:
                 return  # the upstream was forgotten meanwhile; its counters were reset
             if u16[half + RESERVATIONS_OFFSET // 2 + self._owner] > 0:
-                u16[half + RESERVATIONS_OFFSET // 2 + self._owner] -= 1
-                u16[half + RESERVED_OFFSET // 2] -= 1
-                self._i16[half + FREE_OFFSET // 2] += 1
+                self._count_reservation(reservation.row, self._owner, -1)
                 released = half + RELEASED_OFFSET // 2
                 u16[released] = min(0xFFFF, u16[released] + 1)
         finally:
@@ -759,8 +757,8 @@ class SlotTable:
         owner = self._owner
         if owner is None:
             raise SlotTableError("join() the table before reserving")
-        # The lock taken and dropped by hand, and the choice and the count written out
-        # where that saves a call: this runs for every request.
+        # The lock taken and dropped by hand, and a policy without preferences sent
+        # straight to the least busy row: this runs for every request.
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
             if policy.prefer:
@@ -769,10 +767,7 @@ class SlotTable:
                 chosen = self._least_busy(policy, model_key, ticket)
             if chosen is None:
                 return None
-            half = (HEADER_SIZE + chosen * self.row_size) // 2
-            self._u16[half + RESERVATIONS_OFFSET // 2 + owner] += 1
-            self._u16[half + RESERVED_OFFSET // 2] += 1
-            self._i16[half + FREE_OFFSET // 2] -= 1
+            self._count_reservation(chosen, owner, 1)
             if ticket is not None:
                 self._remove_waiter(ticket)
             row = self._row(chosen)
