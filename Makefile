@@ -9,14 +9,20 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: setup demo test lint llama-server test-tools packages clean
+.PHONY: setup demo test lint llama-server compiled test-tools packages clean
 
-setup: $(INSTALLED) llama-server
+setup: $(INSTALLED) compiled llama-server
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
+
+# The balancer's hot path compiled with mypyc (packaging/compile_hot_path.py): compiled
+# again when a source changed, and nothing done otherwise. Without a C compiler or the
+# Python headers the demo runs pure Python, and says so; the tests need it compiled.
+compiled: $(INSTALLED)
+	$(BIN)/python packaging/compile_hot_path.py --optional
 
 llama-server: $(INSTALLED)
 	$(BIN)/python -m paddler.testbed.llama_server
@@ -51,7 +57,9 @@ lint: $(INSTALLED)
 	$(BIN)/mypy
 
 test: setup lint test-tools
+	$(BIN)/python packaging/compile_hot_path.py
 	$(BIN)/pytest -v
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build/mypyc paddler/_compiled.json
+	find paddler -name '*.so' -delete

@@ -16,8 +16,11 @@ Both packages carry the same tree, staged once:
 
 The environment runs on the target's own Python (--python, by default /usr/bin/python3),
 so the packages depend on that exact minor version (python3.11 on Debian 12 and RHEL 9).
-The build needs pip (for PyPI, or its cache), dpkg-deb for the .deb and rpmbuild for the
-.rpm (Debian's package `rpm`); it installs nothing on the build host.
+The balancer's hot path goes in compiled with mypyc (packaging/compile_hot_path.py) when
+the target's Python is this build's minor version, which the packages depend on anyway.
+The build needs pip (for PyPI, or its cache), a C compiler and the Python headers,
+dpkg-deb for the .deb and rpmbuild for the .rpm (Debian's package `rpm`); it installs
+nothing on the build host.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import sys
 import tempfile
 import tomllib
 from pathlib import Path
+
+from compile_hot_path import CompileError, compile_hot_path
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 PACKAGING = REPOSITORY / "packaging"
@@ -105,6 +110,7 @@ def stage(root: Path, python: str, work: Path) -> None:
             str(wheel),
         ]
     )
+    ship_compiled(venv, python)
     relocate(venv, root)
     # Byte-code compiled now, under the paths it will have, so that the read-only /opt of
     # the hardened unit never needs a write and tracebacks name the installed files.
@@ -146,6 +152,24 @@ def stage(root: Path, python: str, work: Path) -> None:
         "The Python packages under /opt/paddler/lib carry their own licenses in their\n"
         "*.dist-info directories.\n"
     )
+
+
+def ship_compiled(venv: Path, python: str) -> None:
+    """The hot path compiled with mypyc (packaging/compile_hot_path.py), when the target's
+    Python is the one this build compiles for; else its pure-Python modules, said so."""
+    version = python_version(python)
+    ours = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    if version != ours:
+        print(
+            f"build.py: the hot path ships as pure Python: the build's Python is {ours}, "
+            f"the target's {version} (build with a {version} environment to compile it)",
+            file=sys.stderr,
+        )
+        return
+    try:
+        compile_hot_path(venv / "lib" / f"python{version}" / "site-packages")
+    except CompileError as error:
+        raise BuildError(f"compiling the hot path: {error}") from error
 
 
 def relocate(venv: Path, root: Path) -> None:

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+import paddler
 from paddler.testbed.llama_server import binary_path, ensure_llama_server
 from paddler.testbed.models import write_model
 from tests.integration.harness import PaddlerdRunner
@@ -29,13 +30,15 @@ def paddlerd(tmp_path: Path) -> Iterator[PaddlerdRunner]:
         runner.kill_everything()
 
 
-def pytest_report_header(config: pytest.Config) -> str:
-    """Say which real llama-server the llamacpp tests run against."""
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Say which real llama-server the llamacpp tests run against, and whether the
+    balancer's hot path under test is the compiled one that ships."""
+    hot_path = f"paddler hot path: {paddler.HOT_PATH}"
     binary = binary_path()
     if not binary.exists():
-        return f"llama-server: not built yet ({binary})"
+        return [f"llama-server: not built yet ({binary})", hot_path]
     version = subprocess.run(
         [str(binary), "--version"], capture_output=True, text=True, timeout=30, check=False
     )
     first = (version.stdout + version.stderr).strip().splitlines()[:1]
-    return f"llama-server: {binary} ({first[0] if first else 'unknown version'})"
+    return [f"llama-server: {binary} ({first[0] if first else 'unknown version'})", hot_path]

@@ -14,6 +14,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
+import paddler
 from paddler.balancer.app import BalancerApp
 from paddler.balancer.proxy.affinity import REMEMBERING
 from paddler.config import BalancerSettings
@@ -157,11 +158,12 @@ def run(settings: BalancerSettings) -> int:
         log.error("cannot prepare %s: %s", counters_directory(settings), error)
         return 78
     log.info(
-        "balancer: proxy on %s, management API on %s, slot table %s, routing %s",
+        "balancer: proxy on %s, management API on %s, slot table %s, routing %s, hot path %s",
         format_address(settings.reverseproxy_host, settings.reverseproxy_port),
         format_address(settings.management_host, settings.management_port),
         slot_table_path(settings),
         settings.routing_policy,
+        paddler.HOT_PATH,
     )
     BalancerApplication(settings, BalancerApp(settings)).run()
     return 0

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 from paddler.slots.layout import (
     CACHE_EPOCH_OFFSET,
@@ -632,7 +632,10 @@ class SlotTable:
         used = self._rows_used()
         end = HEADER_SIZE + used * self.row_size
         states = self._map[HEADER_SIZE + 4 : end : self.row_size]
-        reported = self._f64[(HEADER_SIZE + 24) // 8 : end // 8 : self.row_size // 8].tolist()
+        reported = cast(
+            "list[float]",  # typeshed says list[int]: a memoryview of doubles gives floats
+            self._f64[(HEADER_SIZE + 24) // 8 : end // 8 : self.row_size // 8].tolist(),
+        )
         candidates = [
             index
             for index, (state, last) in enumerate(zip(states, reported, strict=True))

@@ -30,6 +30,12 @@ def test_installed_paddlerd_checks_the_shipped_configuration(installed_root: Pat
     assert os.readlink(root / "opt/paddler/bin/python3.11") == "/usr/bin/python3.11"
     shebang = (root / "opt/paddler/bin/paddlerd").read_text().splitlines()[0]
     assert shebang == "#!/opt/paddler/bin/python"
+    # The balancer's hot path, compiled by the build (packaging/compile_hot_path.py),
+    # loads on Debian's own Python.
+    hot_path = chroot(
+        root, "/opt/paddler/bin/python", "-c", "import paddler; print(paddler.HOT_PATH)"
+    )
+    assert hot_path.stdout.strip() == "compiled with mypyc"
 
     # The system user, and a configuration that only it (and root) can read: it holds
     # the management token.

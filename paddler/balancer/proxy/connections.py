@@ -55,7 +55,7 @@ class BrokenAnswerError(Exception):
     """The answer stopped, or was malformed, after it began."""
 
 
-class SilentError(TimeoutError):
+class SilentError(Exception):
     """The upstream said nothing for longer than the read timeout."""
 
 
@@ -314,8 +314,11 @@ class Answer:
     async def relayed(self, timeout: float) -> None:
         """Wait until a relayed answer ends. SilentError when the upstream sends nothing
         for ``timeout`` seconds while the client keeps up."""
-        if self._error is not None:
-            raise self._error
+        # Checked through a local: mypy would take self._error for None for the rest of
+        # the method, across the awaits, and mypyc compiles what mypy takes.
+        error = self._error
+        if error is not None:
+            raise error
         if self.complete:
             return
         self._last_data = self._loop.time()

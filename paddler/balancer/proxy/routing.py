@@ -1,6 +1,7 @@
 """Which upstreams a request may go to, and which endpoints take a slot."""
 
 import zlib
+from typing import ClassVar
 
 from paddler.slots import SlotTable, UpstreamRow, UpstreamState
 from paddler.slots.policy import Policy, model_names
@@ -51,7 +52,7 @@ class ModelLines:
     while the table's structure stays: reading every row and matching the name against
     each upstream's model on every request cost more than the rest of choosing."""
 
-    BOUND = 1024  # names clients invent: a bound, not a policy
+    BOUND: ClassVar[int] = 1024  # names clients invent: a bound, not a policy
 
     def __init__(self, table: SlotTable) -> None:
         self.table = table

@@ -181,22 +181,22 @@ async def _ask(
     while True:
         try:
             connection = (None if fresh else pool.idle(address)) or await pool.connect(address)
-        except ConnectFailedError as error:
-            raise RetryableError(f"cannot connect: {error}") from None
+        except ConnectFailedError as failed:
+            raise RetryableError(f"cannot connect: {failed}") from None
         answer = connection.send(request, bodiless)
         try:
             await answer.head(read_timeout)
-        except DroppedError as error:
+        except DroppedError as dropped:
             connection.finished(answer)
-            if error.reused and not fresh:
+            if dropped.reused and not fresh:
                 fresh = True
                 continue
             raise ConnectionDroppedError(
-                f"the connection closed before an answer: {error}"
+                f"the connection closed before an answer: {dropped}"
             ) from None
-        except (SilentError, BrokenAnswerError) as error:
+        except (SilentError, BrokenAnswerError) as broken:
             connection.finished(answer)
-            raise UpstreamFailedError(f"no answer: {error}") from None
+            raise UpstreamFailedError(f"no answer: {broken}") from None
         return connection, answer
 
 
