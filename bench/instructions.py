@@ -122,6 +122,12 @@ def main() -> int:
     parser.add_argument("--workload", choices=[*sorted(BODIES), "both"], default="both")
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="keep the callgrind profiles here (callgrind_annotate --inclusive=yes reads "
+        "them; the compiled hot path's functions carry their module's and their own names)",
+    )
     args = parser.parse_args()
     arms = args.arms.split(",")
     unknown = set(arms) - set(ARMS)
@@ -137,6 +143,10 @@ def main() -> int:
             for name in arms:
                 results[name] = per_request(name, upstreams, work, workload, args.seconds)
                 print(f"{workload} {name}: {results[name]:,.0f} instructions", file=sys.stderr)
+                if args.keep is not None:
+                    args.keep.mkdir(parents=True, exist_ok=True)
+                    for profile in work.glob(f"{name}-{workload}-*.callgrind"):
+                        shutil.copy2(profile, args.keep / profile.name)
             base = results.get("bare")
             print(
                 f"{workload}: instructions per request: "

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
-from typing import NamedTuple, cast
+from typing import cast
 
 from paddler.slots.layout import (
     CACHE_EPOCH_OFFSET,
@@ -75,9 +75,11 @@ class UpstreamReport:
     interval: float
 
 
-@dataclass(slots=True)
+@dataclass
 class UpstreamRow:
-    """What the table says of one upstream at one moment."""
+    """What the table says of one upstream at one moment. (Not slots=True: compiled,
+    such a dataclass stays a Python class, whose __init__ is Python code; without it,
+    a native class, made for every request at a fraction of the cost.)"""
 
     index: int
     generation: int
@@ -134,11 +136,27 @@ class Applied(enum.Enum):
     IGNORED = "ignored"  # a duplicate, or older than a report already applied
 
 
-class Reservation(NamedTuple):
-    """One slot held by this process (a tuple: made and dropped on every request)."""
+class Reservation:
+    """One slot held by this process. (A plain class, not a NamedTuple: one is made for
+    every request, and compiled (docs/architecture.md) a native class costs a fraction
+    of a tuple subclass, whose constructor is Python code.)"""
 
-    row: int
-    generation: int
+    __slots__ = ("generation", "row")
+
+    def __init__(self, row: int, generation: int) -> None:
+        self.row = row
+        self.generation = generation
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Reservation):
+            return NotImplemented
+        return self.row == other.row and self.generation == other.generation
+
+    def __hash__(self) -> int:
+        return hash((self.row, self.generation))
+
+    def __repr__(self) -> str:
+        return f"Reservation(row={self.row}, generation={self.generation})"
 
 
 class _Flock:

@@ -90,7 +90,7 @@ async def exchange(
     try:
         for method, responder in requests:
             try:
-                outcome = await forward(
+                status = await forward(
                     pool,
                     f"127.0.0.1:{port}",
                     method,
@@ -100,7 +100,7 @@ async def exchange(
                     responder,
                     read_timeout,
                 )
-                outcomes.append(outcome.status)
+                outcomes.append(status)
             except (RetryableError, UpstreamFailedError) as error:
                 outcomes.append(error)
             await asyncio.sleep(pause)

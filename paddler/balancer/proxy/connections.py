@@ -138,6 +138,7 @@ class UpstreamConnection(asyncio.Protocol):
     def finished(self, answer: "Answer") -> None:
         """The answer's reader is done with it: pool the connection or close it."""
         self._answer = None
+        answer.let_go()
         if answer.complete and answer.keep_alive and not answer.bodiless and not self.closed:
             self.pool.put(self)
         else:
@@ -147,6 +148,13 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.closed = True
             self.transport.close()
+
+
+class _Detached:
+    """The callback target of the parser a finished answer keeps: it is never fed."""
+
+
+_DETACHED_PARSER = httptools.HttpResponseParser(_Detached())
 
 
 class Answer:
@@ -227,6 +235,13 @@ class Answer:
                 transport.pause_reading()
                 self._paused = True
         self.wake()
+
+    def let_go(self) -> None:
+        """Done with: drop what refers back to this answer (its parser, whose callback
+        target it is, and a relay's sink), so that it goes as soon as the request lets go
+        of it, instead of leaving a cycle per request to the garbage collector."""
+        self.parser = _DETACHED_PARSER
+        self._sink = None
 
     def fail(self, error: Exception) -> None:
         if self._error is None:  # the first cause; a close that follows it is its echo
@@ -332,9 +347,6 @@ class Answer:
         finally:
             self._silence.cancel()
             self._waiter = None
-            # The sink refers back to this answer: let go of it, or every stream is left
-            # behind as a reference cycle for the garbage collector.
-            self._sink = None
 
     def _check_silence(self, timeout: float) -> None:
         # One timer per answer, pushed back lazily, instead of one per chunk.

@@ -17,7 +17,6 @@ from paddler.balancer.proxy.connections import ConnectionPool
 from paddler.balancer.proxy.http import Exchange, error_payload
 from paddler.balancer.proxy.routing import ModelLines, eligible, fleet_models
 from paddler.balancer.proxy.upstream import (
-    Outcome,
     RetryableError,
     UpstreamFailedError,
     forward,
@@ -299,7 +298,7 @@ class Proxy:
             if affinity.remembers:
                 expected = affinity.expects(plan, row)
                 exchange.cache_expected = "hit" if expected else "miss"
-                exchange.on_first_byte = self._remember_when_answered(plan, row, occupied)
+                exchange.on_first_byte = _RememberWhenAnswered(affinity, plan, row, occupied)
             if affinity.watches_timings:
                 exchange.timings = b""
             try:
@@ -340,21 +339,6 @@ class Proxy:
             f"no slot became free within {self.settings.request_buffer_timeout:g}s",
             "timeout_error",
         )
-
-    def _remember_when_answered(
-        self, plan: Plan, row: UpstreamRow, occupied: list[int]
-    ) -> Callable[[Exchange], None]:
-        """The upstream holds the request's prefixes once its answer begins: a stream's
-        first token comes after the prompt is in the KV cache. Remembered earlier, while
-        the prompt is still being read, a request with the same prefix arriving meanwhile
-        would be sent after a cache that is not there yet, and both would crowd one
-        upstream. ``occupied`` gets the keys that are busy until the request ends."""
-
-        def remember(exchange: Exchange) -> None:
-            if exchange.status < 300:
-                occupied.extend(self.affinity.holds(plan, row, exchange.event_stream))
-
-        return remember
 
     def _policy(
         self, model: str | None, exclude: frozenset[tuple[int, int]], plan: Plan
@@ -421,7 +405,7 @@ class Proxy:
                     (b"x-paddler-cache", exchange.cache_expected.encode())
                 )
         try:
-            outcome: Outcome = await forward(
+            status = await forward(
                 self.pool,
                 row.address,
                 exchange.method,
@@ -442,8 +426,8 @@ class Proxy:
             self._failed(row, str(error), at_once=exchange.response_started)
             await _end_with_error(exchange, f"upstream {row.name} failed: {error}")
             return
-        if outcome.status >= 500:
-            self._failed(row, f"answered {outcome.status}")
+        if status >= 500:
+            self._failed(row, f"answered {status}")
         elif self._failures or row.ejections:  # else nothing to forgive
             self._succeeded(row)
 
@@ -536,6 +520,30 @@ class Proxy:
                 for model in fleet_models(rows)
             ],
         }
+
+
+class _RememberWhenAnswered:
+    """The upstream holds the request's prefixes once its answer begins: a stream's
+    first token comes after the prompt is in the KV cache. Remembered earlier, while
+    the prompt is still being read, a request with the same prefix arriving meanwhile
+    would be sent after a cache that is not there yet, and both would crowd one
+    upstream. ``occupied`` gets the keys that are busy until the request ends. (A class,
+    not a closure: compiled, a closure and its scope refer to each other, a cycle per
+    request for the garbage collector.)"""
+
+    __slots__ = ("affinity", "occupied", "plan", "row")
+
+    def __init__(
+        self, affinity: Affinity, plan: Plan, row: UpstreamRow, occupied: list[int]
+    ) -> None:
+        self.affinity = affinity
+        self.plan = plan
+        self.row = row
+        self.occupied = occupied
+
+    def __call__(self, exchange: Exchange) -> None:
+        if exchange.status < 300:
+            self.occupied.extend(self.affinity.holds(self.plan, self.row, exchange.event_stream))
 
 
 class _Retries:

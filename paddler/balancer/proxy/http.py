@@ -227,6 +227,13 @@ Handler = Callable[[Exchange], Coroutine[Any, Any, None]]
 QuickHandler = Callable[[Exchange], bool]
 
 
+class _Detached:
+    """The callback target of the parser a closed connection keeps: it is never fed."""
+
+
+_DETACHED_PARSER = httptools.HttpRequestParser(_Detached())
+
+
 class ClientConnection(asyncio.Protocol):
     """One client connection: its requests, one at a time, in the order they came."""
 
@@ -325,6 +332,10 @@ class ClientConnection(asyncio.Protocol):
             assert self.exchange is not None
             self.exchange.client_left = True
             self.task.cancel()
+        # It and its parser refer to each other (it is the parser's callback target), and
+        # nothing is parsed after this: parted, a closed connection is freed at once
+        # rather than by the garbage collector.
+        self.parser = _DETACHED_PARSER
 
     def pause_writing(self) -> None:
         self._paused_writing = True

@@ -5,7 +5,7 @@ upstream, what comes back, and what a failure at each point means for a retry.
 """
 
 from collections.abc import Callable, Iterable
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 from paddler.balancer.proxy.connections import (
     HOP_BY_HOP,
@@ -33,10 +33,6 @@ class ConnectionDroppedError(RetryableError):
 
 class UpstreamFailedError(Exception):
     """The upstream failed after answering began, or stayed silent: nothing is retried."""
-
-
-class Outcome(NamedTuple):
-    status: int
 
 
 class Responder(Protocol):
@@ -126,8 +122,8 @@ async def forward(
     body: bytes,
     responder: Responder,
     read_timeout: float,
-) -> Outcome:
-    """Send the request, then pass the answer on chunk by chunk as it arrives.
+) -> int:
+    """Send the request, then pass the answer on chunk by chunk as it arrives; its status.
 
     Raises RetryableError for a failure before any answer that means the upstream did
     no work (cannot connect, llama.cpp's 503 while loading, the connection closed or
@@ -159,7 +155,7 @@ async def forward(
                 await _relay(answer, responder, read_timeout)
             await responder.end()
 
-        return Outcome(answer.status)
+        return answer.status
     finally:
         # An answer not read to its end (the client left, or it broke) closes its
         # connection: that is also what tells llama.cpp to stop generating.
@@ -200,16 +196,27 @@ async def _ask(
         return connection, answer
 
 
+class _PassOn:
+    """What one read of a streamed answer brought, to the client, held back while the
+    client is behind. (A class, not a closure: compiled, a closure and the scope it
+    closes over refer to each other, a cycle per stream for the garbage collector.)"""
+
+    __slots__ = ("answer", "responder")
+
+    def __init__(self, answer: Answer, responder: Responder) -> None:
+        self.answer = answer
+        self.responder = responder
+
+    def __call__(self, chunk: bytes, last: bool) -> None:
+        if not self.responder.send(chunk, last):
+            self.answer.hold()
+            self.responder.when_drained(self.answer.release)
+
+
 async def _relay(answer: Answer, responder: Responder, read_timeout: float) -> None:
     """A stream: each read of the upstream goes to the client from the read's own
-    callback, held back while the client is behind."""
-
-    def pass_on(chunk: bytes, last: bool) -> None:
-        if not responder.send(chunk, last):
-            answer.hold()
-            responder.when_drained(answer.release)
-
-    answer.relay(pass_on)
+    callback."""
+    answer.relay(_PassOn(answer, responder))
     try:
         await answer.relayed(read_timeout)
     except (SilentError, BrokenAnswerError, DroppedError) as error:
