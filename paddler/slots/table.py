@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
-from typing import cast
+from typing import Final, cast
 
 from paddler.slots.layout import (
     CACHE_EPOCH_OFFSET,
@@ -75,11 +75,10 @@ class UpstreamReport:
     interval: float
 
 
-@dataclass
+@dataclass(init=False)
 class UpstreamRow:
-    """What the table says of one upstream at one moment. (Not slots=True: compiled,
-    such a dataclass stays a Python class, whose __init__ is Python code; without it,
-    a native class, made for every request at a fraction of the cost.)"""
+    """What the table says of one upstream at one moment. (Its __init__ written out:
+    compiled, dataclass's generated one is Python code, run for every request.)"""
 
     index: int
     generation: int
@@ -100,10 +99,60 @@ class UpstreamRow:
     first_report: float
     interval: float
     sequence: int
-    ejected_until: float = 0.0
-    ejections: int = 0
-    drained: bool = False
-    cache_epoch: int = 0
+    ejected_until: float
+    ejections: int
+    drained: bool
+    cache_epoch: int
+
+    def __init__(
+        self,
+        index: int,
+        generation: int,
+        state: UpstreamState,
+        agent_id: str,
+        name: str,
+        host: str,
+        port: int,
+        model: str,
+        build: str,
+        error: str,
+        slots_total: int,
+        slots_idle: int,
+        slots_processing: int,
+        reserved_at_report: int,
+        reservations: int,
+        last_report: float,
+        first_report: float,
+        interval: float,
+        sequence: int,
+        ejected_until: float = 0.0,
+        ejections: int = 0,
+        drained: bool = False,
+        cache_epoch: int = 0,
+    ) -> None:
+        self.index = index
+        self.generation = generation
+        self.state = state
+        self.agent_id = agent_id
+        self.name = name
+        self.host = host
+        self.port = port
+        self.model = model
+        self.build = build
+        self.error = error
+        self.slots_total = slots_total
+        self.slots_idle = slots_idle
+        self.slots_processing = slots_processing
+        self.reserved_at_report = reserved_at_report
+        self.reservations = reservations
+        self.last_report = last_report
+        self.first_report = first_report
+        self.interval = interval
+        self.sequence = sequence
+        self.ejected_until = ejected_until
+        self.ejections = ejections
+        self.drained = drained
+        self.cache_epoch = cache_epoch
 
     @property
     def address(self) -> str:
@@ -176,6 +225,7 @@ class _Flock:
 
 
 _STATES = tuple(UpstreamState(value) for value in range(max(UpstreamState) + 1))
+_FREE: Final = int(UpstreamState.FREE)  # a plain int: compared on the hot path
 
 
 def _text(raw: bytes) -> str:
@@ -1040,15 +1090,18 @@ class SlotTable:
             if self._u32[(self._offset(row) + 8) // 4] == generation:
                 self._bump_cache_epoch(row)
 
-    def identity(self, row: int) -> tuple[int, int] | None:
-        """(generation, cache epoch) of a row in use, or None: what a remembered guess
-        about it is checked against, read without decoding the row or taking the lock."""
+    def unchanged_since(self, row: int, generation: int, epoch: int) -> bool:
+        """Whether ``row`` is in use by the same upstream (``generation``) with the same
+        cache (``epoch``) as when a guess about it was remembered; read without decoding
+        the row or taking the lock."""
         if row >= self._u32[ROWS_USED_OFFSET // 4]:
-            return None
+            return False
         offset = HEADER_SIZE + row * self.row_size
-        if self._map[offset + 4] == UpstreamState.FREE:
-            return None
-        return int(self._u32[(offset + 8) // 4]), int(self._u32[(offset + CACHE_EPOCH_OFFSET) // 4])
+        return (
+            self._map[offset + 4] != _FREE
+            and self._u32[(offset + 8) // 4] == generation
+            and self._u32[(offset + CACHE_EPOCH_OFFSET) // 4] == epoch
+        )
 
     def cache_epochs(self) -> list[int]:
         """Every row's cache epoch, in one strided read (row index -> epoch)."""

@@ -408,15 +408,18 @@ def test_a_report_measured_before_a_release_does_not_hide_the_freed_slot(
     table.release(second)
 
 
-def test_a_row_s_identity_is_its_generation_and_cache_epoch_while_in_use(
+def test_a_row_is_unchanged_while_its_generation_and_cache_epoch_are(
     table: SlotTable,
 ) -> None:
     table.apply_report(REPORT, now=1.0)
     (row,) = table.rows()
-    assert table.identity(row.index) == (row.generation, row.cache_epoch)
+    assert table.unchanged_since(row.index, row.generation, row.cache_epoch)
+    assert not table.unchanged_since(row.index, row.generation + 1, row.cache_epoch)
     table.forget_cache(row.index, row.generation)
-    assert table.identity(row.index) == (row.generation, table.rows()[0].cache_epoch)
-    assert table.identity(row.index) != (row.generation, row.cache_epoch)
-    assert table.identity(row.index + 1) is None  # never used
+    epoch = table.rows()[0].cache_epoch
+    assert epoch != row.cache_epoch
+    assert table.unchanged_since(row.index, row.generation, epoch)
+    assert not table.unchanged_since(row.index, row.generation, row.cache_epoch)
+    assert not table.unchanged_since(row.index + 1, 0, 0)  # never used
     table.remove_agent(REPORT.agent_id)
-    assert table.identity(row.index) is None  # freed
+    assert not table.unchanged_since(row.index, row.generation, epoch)  # freed

@@ -117,7 +117,7 @@ class Affinity:
         ranks: list[int] = []
         expected: list[Holder] = []
         for holder in holders:
-            if table.identity(holder.row) == (holder.generation, holder.epoch):
+            if table.unchanged_since(holder.row, holder.generation, holder.epoch):
                 rows.append(holder.row)
                 ranks.append(holder.rank)
                 if holder.rank == ranks[0]:

@@ -4,6 +4,7 @@ import asyncio
 import hmac
 import itertools
 import json
+import json.scanner
 import logging
 import os
 import time
@@ -208,7 +209,7 @@ class Proxy:
             try:
                 # JSON between systems is UTF-8 (RFC 8259 8.1); decoding first spares
                 # json its guess at the encoding.
-                payload = json.loads(body.decode())
+                payload = parse_json(body.decode())
             except (json.JSONDecodeError, UnicodeDecodeError) as error:
                 await _fail(
                     exchange,
@@ -520,6 +521,32 @@ class Proxy:
                 for model in fleet_models(rows)
             ],
         }
+
+
+# typeshed takes _json.make_scanner's class for its argument; it is the decoder.
+_SCAN_JSON: Callable[[str, int], tuple[Any, int]] = json.scanner.make_scanner(
+    json.JSONDecoder()  # type: ignore[arg-type]
+)
+_JSON_WHITESPACE = " \t\n\r"
+
+
+def parse_json(text: str) -> Any:
+    """json.loads(text): the same values and the same errors, without the three Python
+    frames json.loads runs around its C scanner (compiled, they were a tenth of what
+    choosing an upstream for a request cost)."""
+    if text.startswith("\ufeff"):
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+    start = len(text) - len(text.lstrip(_JSON_WHITESPACE))
+    try:
+        value, end = _SCAN_JSON(text, start)
+    except StopIteration as stop:
+        raise json.JSONDecodeError("Expecting value", text, stop.value) from None
+    if end != len(text):
+        tail = text[end:]
+        extra = end + len(tail) - len(tail.lstrip(_JSON_WHITESPACE))
+        if extra != len(text):
+            raise json.JSONDecodeError("Extra data", text, extra)
+    return value
 
 
 class _RememberWhenAnswered:

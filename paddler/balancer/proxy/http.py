@@ -116,7 +116,7 @@ class Exchange:
         """Compose the status line and headers; they go out with the first body bytes."""
         self.response_started = True
         self.status = status
-        lines = [b"HTTP/1.1 %d %s" % (status, REASONS.get(status, b"Unknown"))]
+        lines = [_status_line(status)]
         has_length = False
         for name, value in headers:
             if name == b"content-length":
@@ -225,6 +225,21 @@ Handler = Callable[[Exchange], Coroutine[Any, Any, None]]
 # Answers a request on the spot if it can (True), with no task of its own: for requests
 # that need no waiting, such as agents' reports, a thousand a second in a big fleet.
 QuickHandler = Callable[[Exchange], bool]
+
+
+# Each status's line, made once: formatting bytes costs more than the rest of a head.
+# (Statuses come from upstreams, which could send any of 100-999: a bound of its own.)
+_STATUS_LINES: dict[int, bytes] = {}
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        line = _STATUS_LINES[status] = b"HTTP/1.1 %d %s" % (
+            status,
+            REASONS.get(status, b"Unknown"),
+        )
+    return line
 
 
 class _Detached:
