@@ -23,6 +23,13 @@ LIMITS = ClientLimits(
 )
 
 
+TIMED_EVENTS = (
+    b'data: {"n": 1}\n\n' * 1000,
+    b'data: {"n": 2}\n\n' * 1000
+    + b'data: {"choices": [], "timings": {"cache_n": 7, "prompt_n": 9}}\n\ndata: [DONE]\n\n',
+)
+
+
 class Echo:
     """Answers with what it got; can stream, stall, fail, or note being stopped."""
 
@@ -46,6 +53,14 @@ class Echo:
             await exchange.start(200, [(b"content-type", b"text/event-stream")])
             for n in range(3):
                 await exchange.write(b"data: %d\n\n" % n)
+            await exchange.end()
+            return
+        if exchange.path == "/timed":
+            # As cache-aware routing watches a llama.cpp stream: its timings end it.
+            exchange.timings = b""
+            exchange.begin(200, [(b"content-type", b"text/event-stream")])
+            exchange.send(TIMED_EVENTS[0])
+            exchange.send(TIMED_EVENTS[1], last=True)
             await exchange.end()
             return
         if exchange.path == "/big":
@@ -244,6 +259,23 @@ def test_streams_are_chunked_and_head_answers_have_no_body() -> None:
         assert stream.endswith(b"9\r\ndata: 2\n\n\r\n0\r\n\r\n")
         assert b"content-length: " in head
         assert head.endswith(b"\r\n\r\n")  # the length describes a body that is not sent
+
+    run(test)
+
+
+def test_a_stream_s_timings_are_found_at_its_end_and_its_chunks_framed_whole() -> None:
+    async def test(port: int, echo: Echo, _: Listener) -> None:
+        raw = await exchange_raw(port, b"GET /timed HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, _gap, body = raw.partition(b"\r\n\r\n")
+        assert b"transfer-encoding: chunked" in head
+        chunks = []
+        while body:
+            size, _line_end, rest = body.partition(b"\r\n")
+            chunks.append(rest[: int(size, 16)])
+            assert rest[int(size, 16) : int(size, 16) + 2] == b"\r\n"
+            body = rest[int(size, 16) + 2 :]
+        assert chunks == [*TIMED_EVENTS, b""]  # each write one chunk, then the end
+        assert echo.seen[-1].timings == b'"cache_n": 7, "prompt_n": 9}}\n\ndata: [DONE]\n\n'
 
     run(test)
 

@@ -154,15 +154,26 @@ class Exchange:
             self.first_byte_at = time.monotonic()
             if self.on_first_byte is not None:
                 self.on_first_byte(self)
-        if self.timings is not None and b'"cache_n"' in chunk:
-            self.timings = chunk
+        if self.timings is not None:
+            # llama.cpp's timings end its answer (a stream's last event, before at most
+            # "data: [DONE]"): only the end of what a read brought is searched, not every
+            # byte of every read (a stream's whole text, often in one read).
+            at = chunk.find(b'"cache_n"', len(chunk) - TIMINGS_WITHIN)
+            if at >= 0:
+                self.timings = chunk[at:]
+        head, self._head = self._head, None
         if self._chunked:
-            chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunk else b""
+            # The head, the chunk's frame and the answer's end in one piece: the chunk
+            # (a stream's whole text, often) is copied once.
+            end = b"0\r\n\r\n" if last else b""
             if last:
-                chunk += b"0\r\n\r\n"
                 self._chunked = False  # ended: end() adds nothing
-        if self._head is not None:
-            chunk, self._head = self._head + chunk, None
+            if chunk:
+                chunk = b"".join((head or b"", b"%x\r\n" % len(chunk), chunk, b"\r\n", end))
+            else:
+                chunk = head + end if head is not None else end
+        elif head is not None:
+            chunk = head + chunk
         return self.connection.send(chunk) if chunk else True
 
     def when_drained(self, callback: Callable[[], None]) -> None:
@@ -226,6 +237,10 @@ Handler = Callable[[Exchange], Coroutine[Any, Any, None]]
 # that need no waiting, such as agents' reports, a thousand a second in a big fleet.
 QuickHandler = Callable[[Exchange], bool]
 
+
+# How far from the end of a read llama.cpp's timings can start: its last event carries
+# them near its end, followed by at most "data: [DONE]".
+TIMINGS_WITHIN = 4096
 
 # Each status's line, made once: formatting bytes costs more than the rest of a head.
 # (Statuses come from upstreams, which could send any of 100-999: a bound of its own.)
