@@ -26,16 +26,17 @@ import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Final
 
-MAGIC = b"PDLRCNTR"
-VERSION = 1
-HEADER = struct.Struct("<8sII")
-ENTRY = struct.Struct("<II")
-VALUE = struct.Struct("<d")
-INITIAL_SIZE = 64 * 1024
-ARCHIVE = "archive.counters"
-SUFFIX = ".counters"
-LOCK = ".lock"
+MAGIC: Final = b"PDLRCNTR"
+VERSION: Final = 1
+HEADER: Final = struct.Struct("<8sII")
+ENTRY: Final = struct.Struct("<II")
+VALUE: Final = struct.Struct("<d")
+INITIAL_SIZE: Final = 64 * 1024
+ARCHIVE: Final = "archive.counters"
+SUFFIX: Final = ".counters"
+LOCK: Final = ".lock"
 
 
 class CounterFile:

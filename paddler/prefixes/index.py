@@ -32,17 +32,18 @@ import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Final
 
-MAGIC = b"PDLRPRFX"
-VERSION = 2
-HEADER = struct.Struct("<8sII")
-HEADER_SIZE = 64
-WAYS = 4
-ENTRY = struct.Struct("<QHHIII")
-SET = struct.Struct("<" + "QHHIII" * WAYS)
-FIELDS = 6  # per entry, as SET unpacks them
-BUSY_HORIZON = 600  # seconds: longer than llama.cpp answers run
-DEFAULT_SETS = 16384  # 65,536 prefixes, 1.5 MB
+MAGIC: Final = b"PDLRPRFX"
+VERSION: Final = 2
+HEADER: Final = struct.Struct("<8sII")
+HEADER_SIZE: Final = 64
+WAYS: Final = 4
+ENTRY: Final = struct.Struct("<QHHIII")
+SET: Final = struct.Struct("<" + "QHHIII" * WAYS)
+FIELDS: Final = 6  # per entry, as SET unpacks them
+BUSY_HORIZON: Final = 600  # seconds: longer than llama.cpp answers run
+DEFAULT_SETS: Final = 16384  # 65,536 prefixes, 1.5 MB
 
 
 class PrefixIndexError(Exception):

@@ -68,40 +68,41 @@ shows readers the tear meanwhile), reservations by reclaiming dead owners' count
 
 import enum
 import struct
+from typing import Final
 
-MAGIC = b"PDLRSLOT"
-LAYOUT_VERSION = 6
-HEADER_SIZE = 4096
-HEADER = struct.Struct("<8sIIIIdIIQII")
-NEXT_TICKET_OFFSET = 40
-WAITING_OFFSET = 48
-ROWS_USED_OFFSET = 52
-STRUCTURE_OFFSET = 56
-OWNERS_OFFSET = 64
-OWNER = struct.Struct("<IIQ")
-ROW_META = struct.Struct("<IBxxxIHHHHHxxddQd32s64s128s128s64s160s")
+MAGIC: Final = b"PDLRSLOT"
+LAYOUT_VERSION: Final = 6
+HEADER_SIZE: Final = 4096
+HEADER: Final = struct.Struct("<8sIIIIdIIQII")
+NEXT_TICKET_OFFSET: Final = 40
+WAITING_OFFSET: Final = 48
+ROWS_USED_OFFSET: Final = 52
+STRUCTURE_OFFSET: Final = 56
+OWNERS_OFFSET: Final = 64
+OWNER: Final = struct.Struct("<IIQ")
+ROW_META: Final = struct.Struct("<IBxxxIHHHHHxxddQd32s64s128s128s64s160s")
 # The same row in two parts: numbers read on every request, texts once per report.
-ROW_NUMBERS = struct.Struct("<IBxxxIHHHHHxxddQd")
-ROW_TEXTS = struct.Struct("<32s64s128s128s64s160s")
-EJECTION = struct.Struct("<dI4x")  # read whole; written without the counters after it
-EJECTION_FIELDS = struct.Struct("<dI")
-EJECTION_OFFSET = 632
-FREE_OFFSET = 644
-RESERVED_OFFSET = 646
-DRAINED_OFFSET = 648
-RELEASED_OFFSET = 650
-CACHE_EPOCH_OFFSET = 652
-RESERVATIONS_OFFSET = 656
-WAITER = struct.Struct("<QHxxId8x")
-DEFAULT_MAX_WAITERS = 1024
-DEFAULT_MAX_OWNERS = 64
-DEFAULT_MAX_UPSTREAMS = 256
+ROW_NUMBERS: Final = struct.Struct("<IBxxxIHHHHHxxddQd")
+ROW_TEXTS: Final = struct.Struct("<32s64s128s128s64s160s")
+EJECTION: Final = struct.Struct("<dI4x")  # read whole; written without the counters after it
+EJECTION_FIELDS: Final = struct.Struct("<dI")
+EJECTION_OFFSET: Final = 632
+FREE_OFFSET: Final = 644
+RESERVED_OFFSET: Final = 646
+DRAINED_OFFSET: Final = 648
+RELEASED_OFFSET: Final = 650
+CACHE_EPOCH_OFFSET: Final = 652
+RESERVATIONS_OFFSET: Final = 656
+WAITER: Final = struct.Struct("<QHxxId8x")
+DEFAULT_MAX_WAITERS: Final = 1024
+DEFAULT_MAX_OWNERS: Final = 64
+DEFAULT_MAX_UPSTREAMS: Final = 256
 
 assert ROW_META.size == EJECTION_OFFSET == ROW_NUMBERS.size + ROW_TEXTS.size
 assert EJECTION_OFFSET + EJECTION.size == DRAINED_OFFSET
 assert WAITER.size == 32
 # The owners table fills the rest of the header page.
-MAX_OWNERS = (HEADER_SIZE - OWNERS_OFFSET) // OWNER.size
+MAX_OWNERS: Final = (HEADER_SIZE - OWNERS_OFFSET) // OWNER.size
 
 
 def row_size(max_owners: int) -> int:

@@ -7,7 +7,7 @@ gone stale, an ejection) is checked on the upstream about to be chosen.
 """
 
 from pathlib import PurePath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from paddler.slots.layout import UpstreamState
 
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 # States whose upstreams can serve, best first: ready ones; without /slots only our own
 # reservations are known, which is still better than nothing; asleep ones cost a wake-up.
-SERVING = {UpstreamState.READY: 2, UpstreamState.SLOTS_DISABLED: 1, UpstreamState.ASLEEP: 0}
+SERVING: Final = {UpstreamState.READY: 2, UpstreamState.SLOTS_DISABLED: 1, UpstreamState.ASLEEP: 0}
 
 
 def model_names(model: str) -> set[str]:

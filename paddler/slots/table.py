@@ -224,7 +224,7 @@ class _Flock:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 
-_STATES = tuple(UpstreamState(value) for value in range(max(UpstreamState) + 1))
+_STATES: Final = tuple(UpstreamState(value) for value in range(max(UpstreamState) + 1))
 _FREE: Final = int(UpstreamState.FREE)  # a plain int: compared on the hot path
 
 
@@ -835,7 +835,7 @@ class SlotTable:
             if policy.prefer:
                 chosen = self._choose(policy, model_key, ticket)
             else:
-                chosen = self._least_busy(policy, model_key, ticket)
+                chosen = self._least_busy(policy, model_key, ticket, self._groups_for(policy))
             if chosen is None:
                 return None
             self._count_reservation(chosen, owner, 1)
@@ -848,16 +848,20 @@ class SlotTable:
 
     def _choose(self, policy: Policy, model_key: int, ticket: int | None) -> int | None:
         """The least busy row, or one of the policy's preferred rows instead."""
-        best = self._least_busy(policy, model_key, ticket)
+        groups = self._groups_for(policy)
+        best = self._least_busy(policy, model_key, ticket, groups)
         if best is None or not policy.prefer:
             return best
         start = (HEADER_SIZE + FREE_OFFSET) // 2
         step = self.row_size // 2
         used = self._rows_used()
         best_free = self._i16[start + best * step]
-        groups = self._groups_for(policy)
         chosen: tuple[int, int, int] | None = None  # (rank, -free, row): least wins
-        for row, rank in zip(policy.prefer, policy.ranks, strict=True):
+        prefer, ranks = policy.prefer, policy.ranks
+        # By position, not zip(..., strict=True): compiled, a call with a keyword
+        # argument costs more than the rest of the loop.
+        for position in range(len(prefer)):
+            row, rank = prefer[position], ranks[position]
             if chosen is not None and rank > chosen[0]:
                 break  # a holder of a longer prefix was found: shorter ones do not count
             if row >= used:
@@ -877,8 +881,13 @@ class SlotTable:
             chosen = candidate if chosen is None else min(chosen, candidate)
         return best if chosen is None else chosen[2]
 
-    def _least_busy(self, policy: Policy, model_key: int, ticket: int | None) -> int | None:
-        groups = self._groups_for(policy)
+    def _least_busy(
+        self,
+        policy: Policy,
+        model_key: int,
+        ticket: int | None,
+        groups: list[list[int]],
+    ) -> int | None:
         used = int(self._u32[ROWS_USED_OFFSET // 4])
         if not used:
             return None
@@ -895,7 +904,7 @@ class SlotTable:
             same = len(indices) == used and not self._unfit
             values = frees if same else self._free_of(indices, frees)
             while best is None:
-                most = max(values, default=0)
+                most = max(values) if values else 0  # (no keyword argument: see _choose)
                 if most <= 0:
                     break
                 if policy.spread:

@@ -28,7 +28,7 @@ not see, a cache too small for the traffic): everything remembered for it is for
 import itertools
 import re
 import time
-from typing import Any
+from typing import Any, Final
 
 from paddler.config import BalancerSettings
 from paddler.metrics.recorder import Recorder
@@ -36,11 +36,11 @@ from paddler.prefixes.index import Holder, PrefixIndex
 from paddler.prefixes.keys import prefix_keys, session_key
 from paddler.slots import SlotTable, UpstreamRow
 
-MISSES_TO_FORGET = 3
+MISSES_TO_FORGET: Final = 3
 # The policies that send a request where its prefix or session went: they need the index.
-REMEMBERING = ("cache_aware", "session")
-ANY_IMBALANCE = 1 << 15
-_CACHE_N = re.compile(rb'"cache_n"\s*:\s*(\d+)')
+REMEMBERING: Final = ("cache_aware", "session")
+ANY_IMBALANCE: Final = 1 << 15
+_CACHE_N: Final = re.compile(rb'"cache_n"\s*:\s*(\d+)')
 
 
 class Plan:
@@ -69,7 +69,7 @@ class Plan:
         self.spread = spread  # ties among the least busy taken in turn
 
 
-_NO_PLAN = Plan()  # least_busy's, for every request
+_NO_PLAN: Final = Plan()  # least_busy's, for every request
 
 
 class Affinity:

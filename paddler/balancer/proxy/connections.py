@@ -16,12 +16,12 @@ HTTP threads each, and the upstream closes them itself a little later.
 import asyncio
 import socket
 from collections.abc import Callable, Iterable
-from typing import cast
+from typing import Final, cast
 
 import httptools
 
 # Hop-by-hop headers (RFC 9110 7.6.1): they concern one connection, and are not passed on.
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -36,7 +36,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Buffered answer bytes past which the upstream is paused until the client takes them.
-HIGH_WATER = 256 * 1024
+HIGH_WATER: Final = 256 * 1024
 
 
 class ConnectFailedError(Exception):
@@ -154,7 +154,7 @@ class _Detached:
     """The callback target of the parser a finished answer keeps: it is never fed."""
 
 
-_DETACHED_PARSER = httptools.HttpResponseParser(_Detached())
+_DETACHED_PARSER: Final = httptools.HttpResponseParser(_Detached())
 
 
 class Answer:

@@ -10,7 +10,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from paddler.balancer.fleet import Fleet
 from paddler.balancer.proxy.affinity import REMEMBERING, Affinity, Plan
@@ -38,10 +38,10 @@ from paddler.tracing.otlp import Exporter, Span, new_span_id, trace_context, tra
 
 log = logging.getLogger("paddler.balancer")
 
-HIDDEN_ENDPOINTS = ("/slots", "/metrics")
+HIDDEN_ENDPOINTS: Final = ("/slots", "/metrics")
 # Routes the metrics name as they are; any other path counts as "other", so that clients
 # cannot grow the metrics without bound by inventing paths.
-KNOWN_ROUTES = frozenset(
+KNOWN_ROUTES: Final = frozenset(
     (
         "/health",
         "/v1/models",
@@ -55,7 +55,7 @@ KNOWN_ROUTES = frozenset(
         "/v1/health",
     )
 )
-CLIENT_LEFT = 499  # nginx's status for a client that closed before its answer ended
+CLIENT_LEFT: Final = 499  # nginx's status for a client that closed before its answer ended
 
 
 class Proxy:
@@ -527,7 +527,7 @@ class Proxy:
 _SCAN_JSON: Callable[[str, int], tuple[Any, int]] = json.scanner.make_scanner(
     json.JSONDecoder()  # type: ignore[arg-type]
 )
-_JSON_WHITESPACE = " \t\n\r"
+_JSON_WHITESPACE: Final = " \t\n\r"
 
 
 def parse_json(text: str) -> Any:

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, cast
+from typing import Any, Final, cast
 from urllib.parse import unquote
 
 import httptools
@@ -28,13 +28,13 @@ import httptools
 log = logging.getLogger("paddler.balancer")
 
 # Request line and headers together; past it, 431. llama.cpp's clients send small heads.
-MAX_HEAD_BYTES = 64 * 1024
-REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
-BODILESS_STATUS = frozenset({204, 304})
+MAX_HEAD_BYTES: Final = 64 * 1024
+REASONS: Final = {status.value: status.phrase.encode() for status in HTTPStatus}
+BODILESS_STATUS: Final = frozenset({204, 304})
 # The request headers that decide how its head and body are read.
-_HEAD_RULES = frozenset((b"host", b"content-length", b"expect", b"transfer-encoding"))
+_HEAD_RULES: Final = frozenset((b"host", b"content-length", b"expect", b"transfer-encoding"))
 # Seconds a refused client's remaining bytes are read and dropped before the close.
-LINGER_SECONDS = 2.0
+LINGER_SECONDS: Final = 2.0
 
 
 @dataclass(frozen=True)
@@ -240,7 +240,7 @@ QuickHandler = Callable[[Exchange], bool]
 
 # How far from the end of a read llama.cpp's timings can start: its last event carries
 # them near its end, followed by at most "data: [DONE]".
-TIMINGS_WITHIN = 4096
+TIMINGS_WITHIN: Final = 4096
 
 # Each status's line, made once: formatting bytes costs more than the rest of a head.
 # (Statuses come from upstreams, which could send any of 100-999: a bound of its own.)
@@ -261,7 +261,7 @@ class _Detached:
     """The callback target of the parser a closed connection keeps: it is never fed."""
 
 
-_DETACHED_PARSER = httptools.HttpRequestParser(_Detached())
+_DETACHED_PARSER: Final = httptools.HttpRequestParser(_Detached())
 
 
 class ClientConnection(asyncio.Protocol):

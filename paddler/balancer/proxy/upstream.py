@@ -5,7 +5,7 @@ upstream, what comes back, and what a failure at each point means for a retry.
 """
 
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import Final, Protocol
 
 from paddler.balancer.proxy.connections import (
     HOP_BY_HOP,
@@ -19,7 +19,7 @@ from paddler.balancer.proxy.connections import (
     request_bytes,
 )
 
-NOT_FORWARDED = HOP_BY_HOP | {b"content-length", b"expect"}
+NOT_FORWARDED: Final = HOP_BY_HOP | {b"content-length", b"expect"}
 
 
 class RetryableError(Exception):
@@ -61,8 +61,8 @@ class Responder(Protocol):
         ...
 
 
-CLIENT_CREDENTIALS = frozenset({b"authorization", b"x-api-key"})
-_DROPPED_ALWAYS = NOT_FORWARDED | {b"x-request-id"}
+CLIENT_CREDENTIALS: Final = frozenset({b"authorization", b"x-api-key"})
+_DROPPED_ALWAYS: Final = NOT_FORWARDED | {b"x-request-id"}
 
 
 def _connection_tokens(raw: Iterable[tuple[bytes, bytes]]) -> set[bytes]:

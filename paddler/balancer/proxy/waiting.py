@@ -12,13 +12,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Final
 
 from paddler.slots import Reservation, SlotTable, UpstreamRow
 from paddler.slots.policy import Policy
 
 log = logging.getLogger("paddler.balancer")
 
-POLL_INTERVAL = 0.005
+POLL_INTERVAL: Final = 0.005
 
 Eligible = Policy
 Granted = tuple[Reservation, UpstreamRow]
