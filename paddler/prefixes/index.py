@@ -30,7 +30,6 @@ import fcntl
 import mmap
 import os
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
@@ -42,6 +41,7 @@ WAYS: Final = 4
 ENTRY: Final = struct.Struct("<QHHIII")
 SET: Final = struct.Struct("<" + "QHHIII" * WAYS)
 FIELDS: Final = 6  # per entry, as SET unpacks them
+COUNT: Final = struct.Struct("<H")  # an entry's requests in flight, written alone
 BUSY_HORIZON: Final = 600  # seconds: longer than llama.cpp answers run
 DEFAULT_SETS: Final = 16384  # 65,536 prefixes, 1.5 MB
 
@@ -165,58 +165,62 @@ class PrefixIndex:
     ) -> None:
         """The upstream in ``row`` takes these prefixes now; ``occupy``: and a request
         with them is in flight there until vacate()."""
-        used = int(now)
-        for key, offset, fields, held in self._entries(keys, row):
-            in_flight = 0
-            # Its own way, else a free one, else the one used longest ago.
-            way = held
-            if way is None:
-                way = min(
-                    range(WAYS),
-                    key=lambda w: (fields[FIELDS * w] != 0, fields[FIELDS * w + 5]),
-                )
-            elif fields[FIELDS * way + 3] == generation and fields[FIELDS * way + 4] == epoch:
-                in_flight = fields[FIELDS * way + 2]
-                if used - fields[FIELDS * way + 5] >= BUSY_HORIZON:
-                    in_flight = 0  # left by a worker that died mid-request
-            if occupy:
-                in_flight = min(0xFFFF, in_flight + 1)
-            ENTRY.pack_into(
-                self._map,
-                offset + way * ENTRY.size,
-                key,
-                row,
-                in_flight,
-                generation,
-                epoch,
-                used,
-            )
-
-    def vacate(self, keys: list[int], row: int, generation: int) -> None:
-        """A request that occupied these prefixes on ``row`` ended."""
-        for _, offset, fields, way in self._entries(keys, row):
-            if way is None or fields[FIELDS * way + 3] != generation:
-                continue  # forgotten meanwhile, or the row went to another upstream
-            in_flight = fields[FIELDS * way + 2]
-            if in_flight:
-                # The count alone: its u16 sits right after the row's.
-                struct.pack_into("<H", self._map, offset + way * ENTRY.size + 10, in_flight - 1)
-
-    def _entries(
-        self, keys: list[int], row: int
-    ) -> Iterator[tuple[int, int, tuple[int, ...], int | None]]:
-        """(key, its set's offset, the set's fields, the way holding it for ``row`` or
-        None) of each key, under the index's lock: what a writer of these keys reads."""
         if not keys:
             return
+        used = int(now)
+        # The lock taken by hand and each key's set read by _set(): this runs for every
+        # streamed request twice (here and in vacate), and a generator or a call with a
+        # keyword argument costs more, compiled, than the rest of the work.
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
             for key in keys:
-                offset = HEADER_SIZE + (key % self.sets) * SET.size
-                fields = SET.unpack_from(self._map, offset)
-                yield key, offset, fields, self._way(fields, key, row)
+                offset, fields = self._set(key)
+                in_flight = 0
+                # Its own way, else a free one, else the one used longest ago.
+                way = self._way(fields, key, row)
+                if way is None:
+                    way = _oldest_way(fields)
+                elif fields[FIELDS * way + 3] == generation and fields[FIELDS * way + 4] == epoch:
+                    in_flight = fields[FIELDS * way + 2]
+                    if used - fields[FIELDS * way + 5] >= BUSY_HORIZON:
+                        in_flight = 0  # left by a worker that died mid-request
+                if occupy:
+                    in_flight = min(0xFFFF, in_flight + 1)
+                ENTRY.pack_into(
+                    self._map,
+                    offset + way * ENTRY.size,
+                    key,
+                    row,
+                    in_flight,
+                    generation,
+                    epoch,
+                    used,
+                )
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def vacate(self, keys: list[int], row: int, generation: int) -> None:
+        """A request that occupied these prefixes on ``row`` ended."""
+        if not keys:
+            return
+        fcntl.flock(self._fd, fcntl.LOCK_EX)  # as in remember()
+        try:
+            for key in keys:
+                offset, fields = self._set(key)
+                way = self._way(fields, key, row)
+                if way is None or fields[FIELDS * way + 3] != generation:
+                    continue  # forgotten meanwhile, or the row went to another upstream
+                in_flight = fields[FIELDS * way + 2]
+                if in_flight:
+                    # The count alone: its u16 sits right after the row's.
+                    COUNT.pack_into(self._map, offset + way * ENTRY.size + 10, in_flight - 1)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _set(self, key: int) -> tuple[int, tuple[int, ...]]:
+        """The offset of ``key``'s set, and the set's fields."""
+        offset = HEADER_SIZE + (key % self.sets) * SET.size
+        return offset, SET.unpack_from(self._map, offset)
 
     @staticmethod
     def _way(fields: tuple[int, ...], key: int, row: int) -> int | None:
@@ -224,3 +228,15 @@ class PrefixIndex:
             if fields[FIELDS * way] == key and fields[FIELDS * way + 1] == row:
                 return way
         return None
+
+
+def _oldest_way(fields: tuple[int, ...]) -> int:
+    """The way a new entry takes in a set: a free one, else the one used longest ago."""
+    chosen = 0
+    for way in range(1, WAYS):
+        if (fields[FIELDS * way] != 0, fields[FIELDS * way + 5]) < (
+            fields[FIELDS * chosen] != 0,
+            fields[FIELDS * chosen + 5],
+        ):
+            chosen = way
+    return chosen
