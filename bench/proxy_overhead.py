@@ -305,6 +305,8 @@ def measure(
     url = f"http://{addresses[0]}/v1/chat/completions"
     cells: dict[str, Any] = {}
     for workload, body in BODIES.items():
+        if name == "paddler":
+            settle(port)
         wrk(url, body, 4, 1.0, work)  # warm the connections and caches
         latency = wrk(url, body, 1, seconds, work)
         before = cpu_seconds(pids)
@@ -344,6 +346,31 @@ def measure(
         )
     cells["rss_mb"] = rss_mb(pids)
     return cells
+
+
+def settle(port: int | None, limit: float = 90.0) -> None:
+    """Wait until Paddler holds no request: nothing queued, no slot taken.
+
+    The ramp before a workload's cells drives the arm past its knee on purpose. nginx
+    and HAProxy pass the overload on to the fake upstreams; Paddler holds it in its
+    queue, bounded by request_buffer_timeout (30 s) and by slots that free only as the
+    overloaded fake upstreams answer. Without this wait the next workload's cells ran
+    on top of that backlog: its queue timeouts (504) and its CPU counted against them.
+    """
+    deadline = time.monotonic() + limit
+    started = time.monotonic()
+    while time.monotonic() < deadline:
+        try:
+            health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
+        except (httpx.HTTPError, ValueError):
+            health = None
+        if health is not None and not health["queued"] and not health["slots"]["processing"]:
+            waited = time.monotonic() - started
+            if waited > 1:
+                print(f"paddler settled after {waited:.0f} s", file=sys.stderr)
+            return
+        time.sleep(0.5)
+    print(f"paddler still busy after {limit:g} s; measuring anyway", file=sys.stderr)
 
 
 def register(management: int, upstream: int, name: str) -> None:
