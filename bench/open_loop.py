@@ -19,6 +19,7 @@ import json
 import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import uvloop
@@ -89,6 +90,12 @@ async def run(
     results = (await asyncio.gather(*tasks, return_exceptions=True))[counted:]
     lateness = lateness[counted:]
     pool.close()
+    # What went wrong, by kind: a cell whose every request failed says why in the results.
+    failures = Counter(
+        repr(result)[:160] if not isinstance(result, tuple) else "answered, not 200"
+        for result in results
+        if not isinstance(result, tuple) or not result[2]
+    )
     first = [r[0] * 1000 for r in results if isinstance(r, tuple) and r[2]]
     whole = [r[1] * 1000 for r in results if isinstance(r, tuple) and r[2]]
     return {
@@ -96,6 +103,7 @@ async def run(
         "seconds": seconds,
         "count": len(results),
         "errors": len(results) - len(whole),
+        "failures": dict(failures.most_common(5)),
         "first_byte_ms": {
             "p50": percentile(first, 0.50),
             "p99": percentile(first, 0.99),

@@ -323,6 +323,9 @@ def measure(
         for rate in FIXED_RATES[workload]:
             cell[f"open_{rate}"] = open_loop(addresses, body, rate, seconds)
             cell["errors"] += cell[f"open_{rate}"]["errors"]
+            failures = cell[f"open_{rate}"]["failures"]
+            if failures:
+                print(f"{name} {workload} at {rate}/s failed: {failures}", file=sys.stderr)
         held = 0.0
         missed = 0
         for rate in RAMP[workload]:
