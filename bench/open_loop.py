@@ -38,8 +38,8 @@ def percentile(values: list[float], share: float) -> float:
 
 async def one(
     pool: ConnectionPool, address: str, request: bytes, due: float, timeout: float
-) -> tuple[float, float, bool]:
-    """Latency to the first body byte and to the end, from ``due``; and success."""
+) -> tuple[float, float, int]:
+    """Latency to the first body byte and to the end, from ``due``; and the status."""
     connection = pool.idle(address) or await pool.connect(address)
     answer = connection.send(request, False)
     first = 0.0
@@ -49,7 +49,7 @@ async def one(
             if not first and chunk:
                 first = time.perf_counter()
         end = time.perf_counter()
-        return (first or end) - due, end - due, answer.status == 200
+        return (first or end) - due, end - due, answer.status
     finally:
         connection.finished(answer)
 
@@ -68,7 +68,7 @@ async def run(
         )
         for address in addresses
     }
-    tasks: list[asyncio.Task[tuple[float, float, bool]]] = []
+    tasks: list[asyncio.Task[tuple[float, float, int]]] = []
     lateness: list[float] = []
     # The first second warms the connections up and is not counted.
     warm = time.perf_counter() + 0.05
@@ -92,12 +92,12 @@ async def run(
     pool.close()
     # What went wrong, by kind: a cell whose every request failed says why in the results.
     failures = Counter(
-        repr(result)[:160] if not isinstance(result, tuple) else "answered, not 200"
+        repr(result)[:160] if not isinstance(result, tuple) else f"answered {result[2]}"
         for result in results
-        if not isinstance(result, tuple) or not result[2]
+        if not isinstance(result, tuple) or result[2] != 200
     )
-    first = [r[0] * 1000 for r in results if isinstance(r, tuple) and r[2]]
-    whole = [r[1] * 1000 for r in results if isinstance(r, tuple) and r[2]]
+    first = [r[0] * 1000 for r in results if isinstance(r, tuple) and r[2] == 200]
+    whole = [r[1] * 1000 for r in results if isinstance(r, tuple) and r[2] == 200]
     return {
         "rate": rate,
         "seconds": seconds,
