@@ -357,8 +357,9 @@ def settle(port: int | None, limit: float = 90.0) -> None:
     The ramp before a workload's cells drives the arm past its knee on purpose. nginx
     and HAProxy pass the overload on to the fake upstreams; Paddler holds it in its
     queue, bounded by request_buffer_timeout (30 s) and by slots that free only as the
-    overloaded fake upstreams answer. Without this wait the next workload's cells ran
-    on top of that backlog: its queue timeouts (504) and its CPU counted against them.
+    overloaded fake upstreams answer; the next workload's cells start after it. (This
+    wait did not stop the SSE cell at 200/s from failing after the ramps: see
+    docs/performance.md, "Not yet explained".)
     """
     deadline = time.monotonic() + limit
     started = time.monotonic()
