@@ -306,7 +306,7 @@ def measure(
     cells: dict[str, Any] = {}
     for workload, body in BODIES.items():
         if name == "paddler":
-            settle(port)
+            settle(port, len(upstreams))
         wrk(url, body, 4, 1.0, work)  # warm the connections and caches
         latency = wrk(url, body, 1, seconds, work)
         before = cpu_seconds(pids)
@@ -351,15 +351,14 @@ def measure(
     return cells
 
 
-def settle(port: int | None, limit: float = 90.0) -> None:
-    """Wait until Paddler holds no request: nothing queued, no slot taken.
+def settle(port: int | None, upstreams: int, limit: float = 90.0) -> None:
+    """Wait until Paddler holds no request: nothing queued, no slot taken; and check that
+    its fleet still has every upstream, ready.
 
     The ramp before a workload's cells drives the arm past its knee on purpose. nginx
     and HAProxy pass the overload on to the fake upstreams; Paddler holds it in its
     queue, bounded by request_buffer_timeout (30 s) and by slots that free only as the
-    overloaded fake upstreams answer; the next workload's cells start after it. (This
-    wait did not stop the SSE cell at 200/s from failing after the ramps: see
-    docs/performance.md, "Not yet explained".)
+    overloaded fake upstreams answer; the next workload's cells start after it.
     """
     deadline = time.monotonic() + limit
     started = time.monotonic()
@@ -368,6 +367,9 @@ def settle(port: int | None, limit: float = 90.0) -> None:
             health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
         except (httpx.HTTPError, ValueError):
             health = None
+        if health is not None and health["upstreams"] != {"ready": upstreams}:
+            # A fleet that lost an upstream measures something else: say so, loudly.
+            raise RuntimeError(f"paddler's fleet is not {upstreams} ready upstreams: {health}")
         if health is not None and not health["queued"] and not health["slots"]["processing"]:
             waited = time.monotonic() - started
             if waited > 1:

@@ -67,14 +67,16 @@ class Fleet:
         while True:
             await asyncio.sleep(MAINTENANCE_INTERVAL)
             try:
-                for row in self.table.expire(time.monotonic(), self.settings.forget_after):
+                settings = self.settings
+                now = time.monotonic()
+                for row in self.table.expire(now, settings.forget_after, settings.missed_reports):
                     log.info(
                         "forgot upstream %s (%s): %s",
                         row.name,
                         row.address,
                         "its agent stopped"
                         if row.state is UpstreamState.REMOVED
-                        else f"no report for {self.settings.forget_after:g}s",
+                        else f"no report for {row.age(now):.0f}s",
                     )
                 reclaimed = self.table.reclaim_dead_owners()
                 if reclaimed:

@@ -237,7 +237,8 @@ class BalancerSettings:
         minimum=1,
     )
     forget_after: float = setting(
-        "Seconds of silence after which an upstream is removed from the table.",
+        "Seconds of silence after which an upstream is removed from the table; never "
+        "before it is stale (silent for missed_reports of its agent's report intervals).",
         60.0,
         minimum=1.0,
     )

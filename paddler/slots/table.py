@@ -692,23 +692,39 @@ class SlotTable:
                 self._free(row)
             return row
 
-    def expire(self, now: float, forget_after: float) -> list[UpstreamRow]:
-        """Forget upstreams silent for ``forget_after`` seconds, and drained removed ones."""
+    def expire(self, now: float, forget_after: float, missed_reports: int = 1) -> list[UpstreamRow]:
+        """Forget drained removed upstreams, and those silent for ``forget_after`` seconds.
+
+        Never one that is not stale yet (silent for ``missed_reports`` of the intervals
+        its agent declared): an agent that reports every two minutes is not forgotten
+        between two reports because ``forget_after`` is one minute. Its row would come
+        back with the next report, but the requests sent meanwhile would find a fleet
+        without it, and wait, or be refused.
+        """
         # Every worker runs this twice a second: with a thousand upstreams, reading each
         # whole row under the lock cost more than the agents' reports. Candidates are
-        # picked from two strided reads, and only they are read whole, under the lock.
+        # picked from strided reads, and only they are read whole, under the lock.
         used = self._rows_used()
         end = HEADER_SIZE + used * self.row_size
+        step = self.row_size // 8
         states = self._map[HEADER_SIZE + 4 : end : self.row_size]
+        # typeshed says list[int]: a memoryview of doubles gives floats.
         reported = cast(
-            "list[float]",  # typeshed says list[int]: a memoryview of doubles gives floats
-            self._f64[(HEADER_SIZE + 24) // 8 : end // 8 : self.row_size // 8].tolist(),
+            "list[float]", self._f64[(HEADER_SIZE + 24) // 8 : end // 8 : step].tolist()
+        )
+        intervals = cast(
+            "list[float]", self._f64[(HEADER_SIZE + 32) // 8 : end // 8 : step].tolist()
         )
         candidates = [
             index
-            for index, (state, last) in enumerate(zip(states, reported, strict=True))
+            for index, (state, last, interval) in enumerate(
+                zip(states, reported, intervals, strict=True)
+            )
             if state != UpstreamState.FREE
-            and (state == UpstreamState.REMOVED or now - last > forget_after)
+            and (
+                state == UpstreamState.REMOVED
+                or now - last > max(forget_after, missed_reports * interval)
+            )
         ]
         forgotten: list[UpstreamRow] = []
         if not candidates:
@@ -719,7 +735,8 @@ class SlotTable:
                     continue
                 row = self._row(index)
                 drained = row.state is UpstreamState.REMOVED and row.reservations == 0
-                if row.state is not UpstreamState.FREE and (drained or row.age(now) > forget_after):
+                silent = row.age(now) > forget_after and row.is_stale(now, missed_reports)
+                if row.state is not UpstreamState.FREE and (drained or silent):
                     self._free(row)
                     forgotten.append(row)
         return forgotten

@@ -129,6 +129,24 @@ def test_clean_agent_stop_removes_at_once_or_after_draining(table: SlotTable) ->
     assert table.remove_agent("nobody") is None
 
 
+def test_an_upstream_is_not_forgotten_before_its_agent_missed_its_reports(
+    table: SlotTable,
+) -> None:
+    # An agent that reports every 120 s outlives forget_after = 60 s between reports;
+    # it is forgotten only once stale, after 3 missed intervals.
+    table.apply_report(replace(REPORT, interval=120.0), now=0.0)
+    table.apply_report(replace(REPORT, agent_id="fast", host="10.0.0.9"), now=0.0)
+    assert [r.agent_id for r in table.expire(now=100.0, forget_after=60, missed_reports=3)] == [
+        "fast"
+    ]
+    assert [r.agent_id for r in table.rows()] == ["a1"]
+    assert table.expire(now=359.0, forget_after=60, missed_reports=3) == []
+    assert [r.agent_id for r in table.expire(now=361.0, forget_after=60, missed_reports=3)] == [
+        "a1"
+    ]
+    assert table.rows() == []
+
+
 def test_silent_upstreams_are_forgotten_and_late_releases_ignored(table: SlotTable) -> None:
     table.join()
     table.apply_report(REPORT, now=1.0)
