@@ -91,7 +91,10 @@ class Sizes:
     think: float = 1.0  # seconds between a reply and the next turn
     turn_words: int = 40
     session_system_words: int = 150  # W1's system prompt, the same for every session
-    requests: int = 24  # W2, W3
+    # W2: 72, so that its groups' first requests, which no policy can serve from a cache,
+    # are fewer than a tenth (with 24, 3 of them set the p90 of every arm).
+    requests: int = 72
+    unique_requests: int = 24  # W3
     rate: float = 1.2  # per second, W2
     unique_rate: float = 0.4  # per second, W3: every prompt is new, so each costs more
     groups: int = 3
@@ -109,6 +112,7 @@ SMOKE = Sizes(
     turns=2,
     session_system_words=50,
     requests=6,
+    unique_requests=6,
     rate=3.0,
     unique_rate=3.0,
     system_words=150,
@@ -248,7 +252,7 @@ async def w2_shared_prefixes(
 ) -> list[Outcome]:
     systems = [words(rng, sizes.system_words) for _ in range(sizes.groups)]
     return await _system_and_question(
-        client, target, sizes, rng, start, sizes.rate, lambda: rng.choice(systems)
+        client, target, sizes, rng, start, sizes.rate, sizes.requests, lambda: rng.choice(systems)
     )
 
 
@@ -256,7 +260,14 @@ async def w3_unique(
     client: httpx.AsyncClient, target: Target, sizes: Sizes, rng: random.Random, start: float
 ) -> list[Outcome]:
     return await _system_and_question(
-        client, target, sizes, rng, start, sizes.unique_rate, lambda: words(rng, sizes.system_words)
+        client,
+        target,
+        sizes,
+        rng,
+        start,
+        sizes.unique_rate,
+        sizes.unique_requests,
+        lambda: words(rng, sizes.system_words),
     )
 
 
@@ -267,12 +278,13 @@ async def _system_and_question(
     rng: random.Random,
     start: float,
     rate: float,
+    requests: int,
     system: Callable[[], str],
 ) -> list[Outcome]:
-    """Requests of a system prompt (from ``system``) and a short question of their own,
-    ``rate`` per second."""
+    """``requests`` requests of a system prompt (from ``system``) and a short question of
+    their own, ``rate`` per second."""
     jobs = []
-    for due in poisson(rng, start, rate, sizes.requests):
+    for due in poisson(rng, start, rate, requests):
         messages = [
             {"role": "system", "content": system()},
             {"role": "user", "content": words(rng, sizes.question_words)},

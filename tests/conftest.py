@@ -21,6 +21,12 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_model(tmp_path_factory.mktemp("models") / "tiny.gguf", "tiny", seed=1)
 
 
+@pytest.fixture(scope="session")
+def bench_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The benchmarks' ~28M-parameter model: prefill costs like a small real model's."""
+    return write_model(tmp_path_factory.mktemp("models") / "bench.gguf", "bench", seed=1)
+
+
 @pytest.fixture
 def paddlerd(tmp_path: Path) -> Iterator[PaddlerdRunner]:
     runner = PaddlerdRunner(tmp_path)

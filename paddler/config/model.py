@@ -231,6 +231,14 @@ class BalancerSettings:
         2,
         minimum=0,
     )
+    cache_max_wait: float = setting(
+        "cache_aware: seconds at most that a request waits for an upstream whose copy of its "
+        "prompt prefix is in use by another request, before it goes where it must process "
+        "the prompt again. It waits no longer than that processing is expected to take "
+        "(learned from llama.cpp's timings); 0: never waits.",
+        2.0,
+        minimum=0.0,
+    )
     missed_reports: int = setting(
         "Report intervals an agent may stay silent before its upstream gets no new requests.",
         3,

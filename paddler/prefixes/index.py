@@ -21,6 +21,8 @@ File layout, little-endian:
     offset 0   8s   magic b"PDLRPRFX"
     offset 8   u32  layout version
     offset 12  u32  sets
+    offset 16  f64  seconds of prefill per prompt character, as llama.cpp's timings
+                    measure it (0: not measured yet); cache_aware's waits are bounded by it
     then sets x WAYS entries of 24 bytes:
                u64 key (0: free), u16 row, u16 requests in flight, u32 row generation,
                u32 cache epoch, u32 last used (CLOCK_MONOTONIC seconds)
@@ -42,6 +44,8 @@ ENTRY: Final = struct.Struct("<QHHIII")
 SET: Final = struct.Struct("<" + "QHHIII" * WAYS)
 FIELDS: Final = 6  # per entry, as SET unpacks them
 COUNT: Final = struct.Struct("<H")  # an entry's requests in flight, written alone
+PREFILL: Final = struct.Struct("<d")
+PREFILL_OFFSET: Final = 16
 BUSY_HORIZON: Final = 600  # seconds: longer than llama.cpp answers run
 DEFAULT_SETS: Final = 16384  # 65,536 prefixes, 1.5 MB
 
@@ -109,6 +113,18 @@ class PrefixIndex:
         self._map.close()
         os.close(self._fd)
 
+    @property
+    def prefill_rate(self) -> float:
+        """Seconds of prefill per prompt character, learned by every worker together.
+        (Written without the lock: an aligned 8-byte store is whole on the platforms we
+        build for, and two workers' updates crossing lose one measurement at worst.)"""
+        rate: float = PREFILL.unpack_from(self._map, PREFILL_OFFSET)[0]
+        return rate
+
+    @prefill_rate.setter
+    def prefill_rate(self, rate: float) -> None:
+        PREFILL.pack_into(self._map, PREFILL_OFFSET, rate)
+
     def _set_offset(self, key: int) -> int:
         return HEADER_SIZE + (key % self.sets) * SET.size
 
@@ -126,29 +142,43 @@ class PrefixIndex:
         return 0 if way is None else int(fields[FIELDS * way + 2])
 
     def holders(
-        self, keys: list[tuple[int, int]], most: int = 4, now: float | None = None
+        self,
+        keys: list[tuple[int, int]],
+        most: int = 4,
+        now: float | None = None,
+        busy: list[Holder] | None = None,
     ) -> list[Holder]:
         """The upstreams holding these prefixes (keys shortest first, as prefix_keys
         gives them): those of the longest prefix found first (rank 0), then those of
         shorter ones, at most ``most`` different rows. Given ``now``, an upstream whose
-        copy of a prefix is busy does not hold it (it may hold a shorter one idle)."""
+        copy of a prefix is busy does not hold it (it may hold a shorter one idle); given
+        ``busy`` too, such holders of prefixes longer than any idle one are added to it."""
         found: list[Holder] = []
         rows: set[int] = set()
         rank = 0
         for key, length in reversed(keys):
             fields = SET.unpack_from(self._map, HEADER_SIZE + (key % self.sets) * SET.size)
             hit = False
+            reported = 0 if busy is None else len(busy)
             for way in range(0, FIELDS * WAYS, FIELDS):
                 if fields[way] != key or fields[way + 1] in rows:
                     continue
                 if now is not None and fields[way + 2] and now - fields[way + 5] < BUSY_HORIZON:
-                    continue  # busy: a request with this prefix is in flight there
+                    # Busy: a request with this prefix is in flight there. (Only the
+                    # holders of the longest busy prefix are of use to the caller.)
+                    if busy is not None and not found and (not busy or busy[0].length == length):
+                        busy.append(
+                            Holder(fields[way + 1], fields[way + 3], fields[way + 4], length)
+                        )
+                    continue
                 rows.add(fields[way + 1])
                 found.append(
                     Holder(fields[way + 1], fields[way + 3], fields[way + 4], length, rank)
                 )
                 hit = True
             if hit:
+                if busy is not None:
+                    del busy[reported:]  # an idle copy of the same prefix: none needed
                 rank += 1
                 if len(found) >= most:
                     break

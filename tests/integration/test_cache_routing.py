@@ -233,6 +233,73 @@ def test_a_prefix_counts_as_held_only_once_its_answer_begins(
     assert turn(fleet, third)[1] == "hit"
 
 
+def test_a_request_waits_for_a_busy_holder_when_that_beats_processing_its_prompt(
+    paddlerd: PaddlerdRunner, llama_server_binary: Path, bench_model: Path
+) -> None:
+    """With a model whose prefill takes time, a request whose prompt prefix is cached
+    only in a slot in use waits for that slot (cache_max_wait, bounded by the prefill
+    learned from llama.cpp's timings) and finds its prefix there, where the test below,
+    on a model that processes a prompt in milliseconds, goes elsewhere at once."""
+    fleet = start_fleet(
+        paddlerd,
+        llama_server_binary,
+        {"a": bench_model, "b": bench_model},
+        balancer='routing_policy = "cache_aware"\ncache_max_wait = 10.0\n',
+    )
+    assert fleet.wait_idle(4, timeout=60)
+    system = " ".join(f"river{number} carries boats to the sea." for number in range(120))
+    home, expected, timings = turn(
+        fleet, [{"role": "system", "content": system}, {"role": "user", "content": "Hello."}]
+    )
+    assert expected == "miss"
+    # The premise: processing the system prompt takes several times what the request
+    # in the way below takes to answer its 4 tokens.
+    assert timings["prompt_ms"] > 300, timings
+
+    began = threading.Event()
+    ended: list[float] = []
+
+    def in_the_way() -> None:
+        question = [{"role": "system", "content": system}, {"role": "user", "content": "Why?"}]
+        body = {"messages": question, "max_tokens": 4, "stream": True}
+        with httpx.stream("POST", fleet.url("/v1/chat/completions"), json=body, timeout=60) as s:
+            assert (s.headers["x-paddler-upstream"], s.headers["x-paddler-cache"]) == (
+                home,
+                "hit",
+            )
+            for _ in s.iter_lines():
+                began.set()  # its answer began: home's copy of the prompt is in use
+        ended.append(time.monotonic())
+
+    first = threading.Thread(target=in_the_way)
+    first.start()
+    assert began.wait(timeout=30)
+    sent = time.monotonic()
+    answer = httpx.post(
+        fleet.url("/v1/chat/completions"),
+        json={
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": "Where?"},
+            ],
+            "max_tokens": 4,
+        },
+        timeout=60,
+    )
+    first.join(timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert (answer.headers["x-paddler-upstream"], answer.headers["x-paddler-cache"]) == (
+        home,
+        "hit",
+    )
+    assert answer.json()["timings"]["cache_n"] > 0  # llama.cpp agrees
+    # The first was still running when it was sent; it waited for it to end (a slot
+    # taken at once queues for a fraction of a millisecond), and says so.
+    assert ended
+    assert ended[0] > sent
+    assert float(answer.headers["x-paddler-queue-ms"]) >= 10
+
+
 def test_a_holder_whose_copy_is_busy_is_passed_over_until_it_is_free(
     paddlerd: PaddlerdRunner, llama_server_binary: Path, tiny_model: Path
 ) -> None:
@@ -241,6 +308,8 @@ def test_a_holder_whose_copy_is_busy_is_passed_over_until_it_is_free(
     same server (measured in bench W2: a group's second request, sent to the holder of
     its system prompt, found nothing cached there and halved the first one's speed)."""
     fleet = cache_fleet(paddlerd, llama_server_binary, tiny_model, imbalance=2)
+    # (cache_max_wait is on, as by default: the tiny model processes a prompt in far less
+    # time than the stream below runs, so waiting for its slot is not worth it.)
     messages = conversation("Tell me about the Rhone.")
     home, _, _ = turn(fleet, messages)
     away = "b" if home == "a" else "a"

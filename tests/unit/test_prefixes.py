@@ -1,9 +1,17 @@
 """Cache-aware routing's parts: prefix keys, the shared prefix index, preferred rows."""
 
+import asyncio
+import time
 from dataclasses import replace
 from pathlib import Path
 
-from paddler.prefixes.index import BUSY_HORIZON, WAYS, PrefixIndex
+import pytest
+
+from paddler.balancer.proxy.affinity import LEARNING_RATE, Affinity, Plan
+from paddler.config import BalancerSettings
+from paddler.metrics.counters import CounterFile
+from paddler.metrics.recorder import Recorder
+from paddler.prefixes.index import BUSY_HORIZON, WAYS, Holder, PrefixIndex
 from paddler.prefixes.keys import BLOCK, LIMIT, MAX_KEYS, prefix_keys, session_key
 from paddler.slots import SlotTable, UpstreamState
 from paddler.slots.policy import Policy
@@ -205,3 +213,159 @@ def test_cache_aware_takes_equally_free_upstreams_in_turn(tmp_path: Path) -> Non
         first.append(taken[1].name)
         table.release(taken[0])
     assert len(set(first)) == 1
+
+
+def test_busy_holders_of_a_longer_prefix_than_any_idle_one_are_reported(tmp_path: Path) -> None:
+    index = PrefixIndex.create(tmp_path / "prefixes", sets=64)
+    first = prefix_keys(chat("be brief", "hello"))
+    second = prefix_keys(chat("be brief", "goodbye"))  # the same system prompt
+    index.remember([key for key, _ in first], row=3, generation=7, epoch=1, now=10.0, occupy=True)
+    busy: list[Holder] = []
+    assert index.holders(second, now=11.0, busy=busy) == []
+    assert [(h.row, h.generation, h.epoch, h.length) for h in busy] == [(3, 7, 1, second[0][1])]
+    # An idle copy of the same prefix elsewhere: found, and the busy one not reported.
+    index.remember([second[0][0]], row=5, generation=2, epoch=0, now=12.0)
+    busy.clear()
+    assert [h.row for h in index.holders(second, now=13.0, busy=busy)] == [5]
+    assert busy == []
+    # A busy copy of the longer prefix, an idle one of the shorter: both said.
+    busy.clear()
+    held = index.holders(first, now=14.0, busy=busy)
+    assert [(h.row, h.length) for h in held] == [(5, first[0][1])]
+    assert [(h.row, h.length) for h in busy] == [(3, first[1][1])]
+
+
+def affinity_for(tmp_path: Path, max_wait: float) -> tuple[Affinity, SlotTable, PrefixIndex]:
+    table = SlotTable.create(tmp_path / "slots", max_upstreams=4, max_owners=4)
+    table.apply_report(REPORT, now=100.0)
+    table.join()
+    index = PrefixIndex.create(tmp_path / "prefixes", sets=64)
+    settings = BalancerSettings(routing_policy="cache_aware", cache_max_wait=max_wait)
+    recorder = Recorder(CounterFile.create(tmp_path / "1.counters"))
+    return Affinity(settings, table, index, recorder), table, index
+
+
+def test_the_prefill_rate_learned_is_shared_by_every_process(tmp_path: Path) -> None:
+    one, table, _ = affinity_for(tmp_path, max_wait=2.0)
+    other = Affinity(
+        BalancerSettings(routing_policy="cache_aware"),
+        table,
+        PrefixIndex.open(tmp_path / "prefixes"),
+        Recorder(CounterFile.create(tmp_path / "2.counters")),
+    )
+    one.learn(False, table.rows()[0], timings(0, 100, 50.0), 400)
+    assert other.seconds_per_char == pytest.approx(0.05 / 400)
+    other.learn(False, table.rows()[0], timings(0, 100, 150.0), 400)
+    # A moving average: the second measurement weighs LEARNING_RATE.
+    assert one.seconds_per_char == pytest.approx((0.05 + LEARNING_RATE * 0.1) / 400)
+
+
+def timings(cache_n: int, prompt_n: int, prompt_ms: float) -> bytes:
+    return (
+        f'"cache_n":{cache_n},"prompt_n":{prompt_n},"prompt_ms":{prompt_ms},'
+        '"prompt_per_token_ms":1.0}}'
+    ).encode()
+
+
+def test_a_request_waits_for_its_busy_holder_no_longer_than_its_prefill(tmp_path: Path) -> None:
+    affinity, table, index = affinity_for(tmp_path, max_wait=2.0)
+    row = table.rows()[0]
+    system = "be brief " * 200  # 1,800 characters
+    first = chat(system, "hello")
+    plan = affinity.plan(None, first)
+    assert plan.waits == ()
+    assert affinity.wait_budget(plan) == 0.0
+    # llama.cpp said: 300 tokens processed in 600 ms, 100 more from cache.
+    affinity.learn(False, row, timings(100, 300, 600.0), plan.chars)
+    assert affinity.seconds_per_char == pytest.approx(0.6 / 300 * 400 / plan.chars)
+    # Too few tokens to time, no timings of the kind, or nonsense: nothing learned.
+    affinity.learn(False, row, timings(0, 3, 900.0), plan.chars)
+    affinity.learn(False, row, b'"cache_n":0}', plan.chars)
+    affinity.learn(False, row, b'"cache_n":0,"prompt_n":400,"prompt_ms":nan}', plan.chars)
+    affinity.learn(False, row, b'"cache_n":0,"prompt_n":400,"prompt_ms":1e300}', plan.chars)
+    assert affinity.seconds_per_char == pytest.approx(0.6 / 300 * 400 / plan.chars)
+
+    keys = [key for key, _ in plan.keys]
+    index.remember(keys, row.index, row.generation, row.cache_epoch, time.monotonic(), occupy=True)
+    second = affinity.plan(None, chat(system, "goodbye"))
+    assert [holder.row for holder in second.waits] == [row.index]
+    assert second.prefer == ()
+    assert second.saves == second.keys[0][1]  # the system message, all of it uncached
+    assert second.saves > len(system)
+    budget = affinity.wait_budget(second)
+    assert budget == pytest.approx(affinity.seconds_per_char * second.saves)
+    assert 0 < budget < 2.0
+
+    # The holder stays busy: the request gives up after its budget, with no holder.
+    started = time.monotonic()
+    after = asyncio.run(affinity.wait_for_holder(second))
+    assert budget <= time.monotonic() - started < budget + 0.5
+    assert after.waits == () or after.prefer == ()
+    assert after.prefer == ()
+
+    # The holder's request ends while the next one waits: it is taken at once.
+    async def end_soon() -> Plan:
+        waiting = asyncio.ensure_future(affinity.wait_for_holder(second))
+        await asyncio.sleep(0.02)
+        index.vacate(keys, row.index, row.generation)
+        return await waiting
+
+    started = time.monotonic()
+    freed = asyncio.run(end_soon())
+    assert time.monotonic() - started < budget
+    assert freed.waits == ()
+    assert freed.prefer == (row.index,)
+    assert affinity.expects(freed, row)
+
+
+def test_nothing_waits_with_a_zero_max_wait_or_for_a_session(tmp_path: Path) -> None:
+    affinity, table, index = affinity_for(tmp_path, max_wait=0.0)
+    row = table.rows()[0]
+    system = "be brief " * 200
+    plan = affinity.plan(None, chat(system, "hello"))
+    affinity.learn(False, row, timings(0, 400, 800.0), plan.chars)
+    keys = [key for key, _ in plan.keys]
+    index.remember(keys, row.index, row.generation, row.cache_epoch, time.monotonic(), occupy=True)
+    assert affinity.plan(None, chat(system, "goodbye")).waits == ()
+
+    affinity, table, index = affinity_for(tmp_path / "session", max_wait=2.0)
+    row = table.rows()[0]
+    plan = affinity.plan(b"alice", chat("hi"))
+    affinity.learn(False, row, timings(0, 400, 800.0), plan.chars)
+    index.remember(
+        [key for key, _ in plan.keys],
+        row.index,
+        row.generation,
+        row.cache_epoch,
+        time.monotonic(),
+        occupy=True,
+    )
+    # Alice's next request, while her first runs: it does not wait for the first.
+    assert affinity.plan(b"alice", chat("hi")).waits == ()
+
+
+def test_a_client_that_leaves_while_waiting_for_a_holder_leaves_nothing_behind(
+    tmp_path: Path,
+) -> None:
+    affinity, table, index = affinity_for(tmp_path, max_wait=2.0)
+    row = table.rows()[0]
+    system = "be brief " * 200
+    plan = affinity.plan(None, chat(system, "hello"))
+    affinity.learn(False, row, timings(0, 400, 800.0), plan.chars)
+    keys = [key for key, _ in plan.keys]
+    index.remember(keys, row.index, row.generation, row.cache_epoch, time.monotonic(), occupy=True)
+    waiting = affinity.plan(None, chat(system, "goodbye"))
+    assert waiting.waits
+
+    async def leave_while_waiting() -> None:
+        task = asyncio.ensure_future(affinity.wait_for_holder(waiting))
+        await asyncio.sleep(0.03)
+        task.cancel()  # what the proxy does when the client's connection drops
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(leave_while_waiting())
+    # Nothing taken or queued for it; the holder's count is its own request's alone.
+    assert table.rows()[0].reservations == 0
+    assert table.waiting() == 0
+    assert index.in_flight(keys[0], row.index) == 1

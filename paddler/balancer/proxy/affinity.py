@@ -19,12 +19,21 @@ popular prompt ends up cached on as many servers as its traffic needs. Among equ
 free upstreams, cache_aware takes them in turn, so that new prompts spread over the
 fleet's caches instead of all filling the first server's.
 
+When the only holders of a request's longest prefix are busy, cache_aware may wait for
+one of them instead (cache_max_wait): at most as long as processing the prompt's uncached
+part elsewhere is expected to take, learned from llama.cpp's timings (seconds of prefill
+per prompt character, a moving average per worker). Taking an idle slot elsewhere costs
+that whole prefill for sure, and slows whatever else runs on that server; the busy
+holder's answer may end in a moment.
+
 Feedback: llama.cpp's timings in each answer say how many prompt tokens came from its
 cache (cache_n). A guess that found none counts as a miss; MISSES_TO_FORGET misses in a
 row on one upstream mean its cache is not what the index thinks (a restart the agent did
 not see, a cache too small for the traffic): everything remembered for it is forgotten.
 """
 
+import asyncio
+import contextlib
 import itertools
 import re
 import time
@@ -41,6 +50,13 @@ MISSES_TO_FORGET: Final = 3
 REMEMBERING: Final = ("cache_aware", "session")
 ANY_IMBALANCE: Final = 1 << 15
 _CACHE_N: Final = re.compile(rb'"cache_n"\s*:\s*(\d+)')
+# llama.cpp's timings: "cache_n", then "prompt_n" (tokens processed) and "prompt_ms".
+_PROMPT: Final = re.compile(rb'"prompt_n"\s*:\s*(\d+)\s*,\s*"prompt_ms"\s*:\s*([0-9.eE+-]+)')
+SESSION_LENGTH: Final = 1 << 30  # a session key's "length": longer than any prefix
+# Prefill timed over fewer tokens says little about the rate.
+TOKENS_TO_LEARN: Final = 32
+LEARNING_RATE: Final = 0.1  # weight of each new measurement of the prefill rate
+HOLDER_POLL: Final = 0.01  # seconds between looks at a busy holder
 
 
 class Plan:
@@ -48,7 +64,17 @@ class Plan:
     and compiled a native class costs a fraction of a NamedTuple.) Never changed once
     made: least_busy's requests all share one."""
 
-    __slots__ = ("expected", "imbalance", "keys", "prefer", "ranks", "spread")
+    __slots__ = (
+        "chars",
+        "expected",
+        "imbalance",
+        "keys",
+        "prefer",
+        "ranks",
+        "saves",
+        "spread",
+        "waits",
+    )
 
     def __init__(
         self,
@@ -58,6 +84,8 @@ class Plan:
         ranks: tuple[int, ...] = (),
         expected: tuple[Holder, ...] = (),
         spread: bool = False,
+        waits: tuple[Holder, ...] = (),
+        saves: int = 0,
     ) -> None:
         self.keys: list[tuple[int, int]] = [] if keys is None else keys
         self.prefer = prefer
@@ -67,6 +95,16 @@ class Plan:
         # to several upstreams, each of which may still hold it).
         self.expected = expected
         self.spread = spread  # ties among the least busy taken in turn
+        # Busy holders of a longer prefix than any idle one, and how many characters
+        # more of the prompt they hold: what waiting for one of them would save.
+        self.waits = waits
+        self.saves = saves
+        # The prompt's length as its prefix keys count it (a session key does not).
+        self.chars = 0
+        for _, length in reversed(self.keys):
+            if length < SESSION_LENGTH:
+                self.chars = length
+                break
 
 
 _NO_PLAN: Final = Plan()  # least_busy's, for every request
@@ -85,6 +123,7 @@ class Affinity:
         self.remembers = self.policy in REMEMBERING
         self.watches_timings = self.policy == "cache_aware"
         self.session_header = settings.session_header.lower().encode()
+        self.max_wait = settings.cache_max_wait
         self.imbalance = settings.cache_max_imbalance + 1
         self.table = table
         self.index = index
@@ -104,13 +143,17 @@ class Affinity:
         if session is None and isinstance(payload, dict) and isinstance(payload.get("user"), str):
             session = payload["user"]
         if session:
-            keys.append((session_key(session), 1 << 30))  # the longest "prefix" of all
-        spread = self.policy == "cache_aware"
+            keys.append((session_key(session), SESSION_LENGTH))  # the longest "prefix"
+        return self._planned(keys, self.policy == "cache_aware")
+
+    def _planned(self, keys: list[tuple[int, int]], spread: bool) -> Plan:
         if not keys or self.index is None:
             return Plan(keys, spread=spread)
         # Only cache_aware leaves busy holders out: a session sticks to its upstream.
-        holders = self.index.holders(keys, now=time.monotonic() if spread else None)
-        if not holders:
+        busy: list[Holder] | None = [] if spread and self.max_wait > 0 else None
+        # (Positional arguments: compiled, a call with keywords costs more.)
+        holders = self.index.holders(keys, 4, time.monotonic() if spread else None, busy)
+        if not holders and not busy:
             return Plan(keys, spread=spread)
         table = self.table
         rows: list[int] = []
@@ -122,7 +165,47 @@ class Affinity:
                 ranks.append(holder.rank)
                 if holder.rank == ranks[0]:
                     expected.append(holder)
-        return Plan(keys, tuple(rows), self.imbalance, tuple(ranks), tuple(expected), spread)
+        waits: tuple[Holder, ...] = ()
+        saves = 0
+        if busy and busy[0].length < SESSION_LENGTH and self.seconds_per_char > 0:
+            # (Not for a session's key: a client's concurrent requests of one session
+            # would wait for each other. Nor before any prefill was measured.)
+            idle = expected[0].length if expected else 0
+            if busy[0].length > idle:
+                waits = tuple(
+                    holder
+                    for holder in busy
+                    if table.unchanged_since(holder.row, holder.generation, holder.epoch)
+                )
+                saves = busy[0].length - idle if waits else 0
+        return Plan(
+            keys, tuple(rows), self.imbalance, tuple(ranks), tuple(expected), spread, waits, saves
+        )
+
+    @property
+    def seconds_per_char(self) -> float:
+        """Seconds of prefill per prompt character, as llama.cpp's timings measure it
+        (kept in the prefix index, for every worker); 0 until measured, and no request
+        waits for a busy holder until then."""
+        return 0.0 if self.index is None else self.index.prefill_rate
+
+    def wait_budget(self, plan: Plan) -> float:
+        """How long ``plan``'s request may wait for a busy holder of its prefix."""
+        if not plan.waits:
+            return 0.0
+        return min(self.max_wait, self.seconds_per_char * plan.saves)
+
+    async def wait_for_holder(self, plan: Plan) -> Plan:
+        """Wait, within wait_budget(), until a busy holder of the request's prefix is
+        free again; the plan as it stands then."""
+        deadline = time.monotonic() + self.wait_budget(plan)
+        while plan.waits:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            await asyncio.sleep(min(HOLDER_POLL, left))
+            plan = self._planned(plan.keys, plan.spread)
+        return plan
 
     def _round_robin(self) -> Plan:
         rows = sorted(row.index for row in self.table.rows())
@@ -168,14 +251,28 @@ class Affinity:
         if keys and self.index is not None:
             self.index.vacate(keys, row.index, row.generation)
 
-    def learn(self, expected: bool, row: UpstreamRow, timings: bytes | None) -> None:
-        """What llama.cpp's timings say of the guess."""
+    def learn(self, expected: bool, row: UpstreamRow, timings: bytes | None, chars: int) -> None:
+        """What llama.cpp's timings say of the guess, and of how long prefill takes
+        (``chars``: the prompt's length, as its plan counts it)."""
         if not timings:
             return
         match = _CACHE_N.search(timings)
         if match is None:
             return
-        hit = int(match.group(1)) > 0
+        cached = int(match.group(1))
+        hit = cached > 0
+        prompt = _PROMPT.search(timings)
+        if prompt is not None and chars > 0 and self.index is not None:
+            processed = int(prompt.group(1))
+            if processed >= TOKENS_TO_LEARN:
+                with contextlib.suppress(ValueError):
+                    # Seconds per token processed, times tokens per character of prompt.
+                    rate = float(prompt.group(2)) / 1000 / processed * (processed + cached) / chars
+                    known = self.index.prefill_rate
+                    if 0.0 < rate < 1.0:  # (not NaN, nor a second a character)
+                        self.index.prefill_rate = (
+                            rate if not known else known + LEARNING_RATE * (rate - known)
+                        )
         self.recorder.cache_guess("none" if not expected else "hit" if hit else "miss")
         if not expected:
             return

@@ -265,10 +265,12 @@ class Proxy:
         session = exchange.header(affinity.session_header) if affinity.remembers else None
         plan = affinity.plan(session, payload)
         deadline = time.monotonic() + settings.request_buffer_timeout
+        queued = 0.0
+        if plan.waits:  # cache_aware: its prefix is cached only where a slot is in use
+            plan, queued = await self._wait_for_holder(plan)
         tried: set[tuple[int, int]] = set()
         last_error = ""
         retries = _Retries(settings.max_retries)
-        queued = 0.0
         queued_counted = False  # a request's first wait is its queue wait; retries wait too
         while retries.left():
             choose = self._policy(model, frozenset(tried), plan)
@@ -297,15 +299,11 @@ class Proxy:
             expected = False
             occupied: list[int] = []
             if affinity.remembers:
-                expected = affinity.expects(plan, row)
-                exchange.cache_expected = "hit" if expected else "miss"
-                exchange.on_first_byte = _RememberWhenAnswered(affinity, plan, row, occupied)
-            if affinity.watches_timings:
-                exchange.timings = b""
+                expected = self._remember_when_answered(exchange, plan, row, occupied)
             try:
                 await self._forward(exchange, row, body, queued)
                 if exchange.timings:
-                    affinity.learn(expected, row, exchange.timings)
+                    affinity.learn(expected, row, exchange.timings, plan.chars)
                 return
             except RetryableError as error:
                 last_error = self._note_failure(exchange, row, error, tried)
@@ -320,6 +318,25 @@ class Proxy:
             f"no upstream could take the request; last: {last_error}",
             "upstream_error",
         )
+
+    async def _wait_for_holder(self, plan: Plan) -> tuple[Plan, float]:
+        """The plan after waiting for a busy holder of its prefix; the seconds waited."""
+        asked = time.monotonic()
+        plan = await self.affinity.wait_for_holder(plan)
+        return plan, time.monotonic() - asked
+
+    def _remember_when_answered(
+        self, exchange: Exchange, plan: Plan, row: UpstreamRow, occupied: list[int]
+    ) -> bool:
+        """Have the request's prefixes remembered on ``row`` once its answer begins (and
+        cache_aware watch llama.cpp's timings); whether a cache hit is expected there."""
+        affinity = self.affinity
+        expected = affinity.expects(plan, row)
+        exchange.cache_expected = "hit" if expected else "miss"
+        exchange.on_first_byte = _RememberWhenAnswered(affinity, plan, row, occupied)
+        if affinity.watches_timings:
+            exchange.timings = b""
+        return expected
 
     async def _queue_full(self, exchange: Exchange) -> None:
         self.recorder.queue_rejected()
