@@ -369,3 +369,32 @@ def test_a_client_that_leaves_while_waiting_for_a_holder_leaves_nothing_behind(
     assert table.rows()[0].reservations == 0
     assert table.waiting() == 0
     assert index.in_flight(keys[0], row.index) == 1
+
+
+def test_a_stream_sent_to_its_prefix_holds_that_copy_from_the_start(tmp_path: Path) -> None:
+    affinity, table, index = affinity_for(tmp_path, max_wait=2.0)
+    row = table.rows()[0]
+    system = "be brief " * 200
+    first = affinity.plan(None, chat(system, "hello"))
+    affinity.learn(False, row, timings(0, 400, 800.0), first.chars)
+    index.remember([first.keys[0][0]], row.index, row.generation, row.cache_epoch, 1.0)
+    # A stream of the same system prompt takes its slot on the holder: the copy is in
+    # use from now, while its own question is read, not only from its first token.
+    plan = affinity.plan(None, chat(system, "goodbye"))
+    assert affinity.expects(plan, row)
+    occupied: list[int] = []
+    early = affinity.occupy_held(plan, row, occupied)
+    assert early == plan.keys[0][1]
+    assert occupied == [plan.keys[0][0]]
+    assert affinity.plan(None, chat(system, "and you?")).waits  # a third waits for it
+    # Its first token: only the prefixes it did not hold yet are added.
+    occupied.extend(affinity.holds(plan, row, True, early))
+    assert occupied == [key for key, _ in plan.keys]
+    assert [index.in_flight(key, row.index) for key in occupied] == [1, 1]
+    affinity.vacate(occupied, row)
+    assert [index.in_flight(key, row.index) for key in occupied] == [0, 0]
+    assert affinity.plan(None, chat(system, "and you?")).waits == ()
+    # A row that does not hold it: nothing occupied before the first token.
+    other: list[int] = []
+    assert affinity.occupy_held(first, row, other) == 0
+    assert other == []

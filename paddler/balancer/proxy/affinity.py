@@ -222,18 +222,41 @@ class Affinity:
                 return True
         return False
 
-    def holds(self, plan: Plan, row: UpstreamRow, streaming: bool) -> list[int]:
+    def occupy_held(self, plan: Plan, row: UpstreamRow, occupied: list[int]) -> int:
+        """cache_aware, a stream sent to ``row`` because it holds the request's prefix:
+        that copy is in use from now, while the prompt's rest is read, not only from
+        the first token on. (Counted from the first token, a second request with the
+        same prefix arriving meanwhile went to the same server, found its one copy in
+        use and processed the whole prompt on the other slot: bench W2.) The keys go
+        to ``occupied``, until vacate(); the length of prefix they cover is returned."""
+        if self.index is None:
+            return 0
+        held = 0
+        for holder in plan.expected:
+            if holder.row == row.index:
+                held = holder.length
+                break
+        keys = [key for key, length in plan.keys if length <= held]
+        if keys:
+            now = time.monotonic()
+            self.index.remember(keys, row.index, row.generation, row.cache_epoch, now, True)
+            occupied.extend(keys)
+        return held
+
+    def holds(self, plan: Plan, row: UpstreamRow, streaming: bool, early: int) -> list[int]:
         """``row`` has the request's prompt in its cache now: remember its prefixes.
         cache_aware, for a stream: they are busy there until vacate() gets the keys
-        returned. (An answer that is not a stream is whole when its first byte comes:
-        its slot is free again at once, and counting it would cost two writes under the
-        index's lock for nothing.)"""
+        returned (those up to ``early`` characters are already, by occupy_held()). (An
+        answer that is not a stream is whole when its first byte comes: its slot is
+        free again at once, and counting it would cost two writes under the index's
+        lock for nothing.)"""
         if not plan.keys or self.index is None:
             return []
         now = time.monotonic()
         if plan.spread and streaming:  # cache_aware: every prefix counts the request
-            keys = [key for key, _ in plan.keys]
-            self.index.remember(keys, row.index, row.generation, row.cache_epoch, now, occupy=True)
+            keys = [key for key, length in plan.keys if length > early]
+            if keys:
+                self.index.remember(keys, row.index, row.generation, row.cache_epoch, now, True)
             return keys
         # Prefixes it already took need no new write; the rest do.
         known = 0

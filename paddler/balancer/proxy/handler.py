@@ -299,7 +299,7 @@ class Proxy:
             expected = False
             occupied: list[int] = []
             if affinity.remembers:
-                expected = self._remember_when_answered(exchange, plan, row, occupied)
+                expected = self._remember_when_answered(exchange, plan, row, occupied, payload)
             try:
                 await self._forward(exchange, row, body, queued)
                 if exchange.timings:
@@ -326,16 +326,24 @@ class Proxy:
         return plan, time.monotonic() - asked
 
     def _remember_when_answered(
-        self, exchange: Exchange, plan: Plan, row: UpstreamRow, occupied: list[int]
+        self,
+        exchange: Exchange,
+        plan: Plan,
+        row: UpstreamRow,
+        occupied: list[int],
+        payload: Any,
     ) -> bool:
         """Have the request's prefixes remembered on ``row`` once its answer begins (and
         cache_aware watch llama.cpp's timings); whether a cache hit is expected there."""
         affinity = self.affinity
         expected = affinity.expects(plan, row)
         exchange.cache_expected = "hit" if expected else "miss"
-        exchange.on_first_byte = _RememberWhenAnswered(affinity, plan, row, occupied)
+        early = 0
         if affinity.watches_timings:
             exchange.timings = b""
+            if expected and isinstance(payload, dict) and payload.get("stream") is True:
+                early = affinity.occupy_held(plan, row, occupied)
+        exchange.on_first_byte = _RememberWhenAnswered(affinity, plan, row, occupied, early)
         return expected
 
     async def _queue_full(self, exchange: Exchange) -> None:
@@ -575,19 +583,22 @@ class _RememberWhenAnswered:
     not a closure: compiled, a closure and its scope refer to each other, a cycle per
     request for the garbage collector.)"""
 
-    __slots__ = ("affinity", "occupied", "plan", "row")
+    __slots__ = ("affinity", "early", "occupied", "plan", "row")
 
     def __init__(
-        self, affinity: Affinity, plan: Plan, row: UpstreamRow, occupied: list[int]
+        self, affinity: Affinity, plan: Plan, row: UpstreamRow, occupied: list[int], early: int
     ) -> None:
         self.affinity = affinity
         self.plan = plan
         self.row = row
         self.occupied = occupied
+        self.early = early  # the prefix's length occupied already, as the request took the slot
 
     def __call__(self, exchange: Exchange) -> None:
         if exchange.status < 300:
-            self.occupied.extend(self.affinity.holds(self.plan, self.row, exchange.event_stream))
+            self.occupied.extend(
+                self.affinity.holds(self.plan, self.row, exchange.event_stream, self.early)
+            )
 
 
 class _Retries:
