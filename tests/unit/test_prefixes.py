@@ -318,28 +318,25 @@ def test_a_request_waits_for_its_busy_holder_no_longer_than_its_prefill(tmp_path
     assert affinity.expects(freed, row)
 
 
-def test_nothing_waits_with_a_zero_max_wait_or_for_a_session(tmp_path: Path) -> None:
-    affinity, table, index = affinity_for(tmp_path, max_wait=0.0)
+def in_flight(
+    tmp_path: Path, max_wait: float, header: bytes | None, payload: dict[str, object]
+) -> tuple[Affinity, SlotTable, PrefixIndex, list[int]]:
+    """An affinity that has measured prefill, and a request of ``payload`` in flight on
+    the table's one row, occupying its prefixes there (their keys)."""
+    affinity, table, index = affinity_for(tmp_path, max_wait)
     row = table.rows()[0]
-    system = "be brief " * 200
-    plan = affinity.plan(None, chat(system, "hello"))
+    plan = affinity.plan(header, payload)
     affinity.learn(False, row, timings(0, 400, 800.0), plan.chars)
     keys = [key for key, _ in plan.keys]
     index.remember(keys, row.index, row.generation, row.cache_epoch, time.monotonic(), occupy=True)
-    assert affinity.plan(None, chat(system, "goodbye")).waits == ()
+    return affinity, table, index, keys
 
-    affinity, table, index = affinity_for(tmp_path / "session", max_wait=2.0)
-    row = table.rows()[0]
-    plan = affinity.plan(b"alice", chat("hi"))
-    affinity.learn(False, row, timings(0, 400, 800.0), plan.chars)
-    index.remember(
-        [key for key, _ in plan.keys],
-        row.index,
-        row.generation,
-        row.cache_epoch,
-        time.monotonic(),
-        occupy=True,
-    )
+
+def test_nothing_waits_with_a_zero_max_wait_or_for_a_session(tmp_path: Path) -> None:
+    system = "be brief " * 200
+    affinity, *_ = in_flight(tmp_path, 0.0, None, chat(system, "hello"))
+    assert affinity.plan(None, chat(system, "goodbye")).waits == ()
+    affinity, *_ = in_flight(tmp_path / "session", 2.0, b"alice", chat("hi"))
     # Alice's next request, while her first runs: it does not wait for the first.
     assert affinity.plan(b"alice", chat("hi")).waits == ()
 
@@ -347,13 +344,9 @@ def test_nothing_waits_with_a_zero_max_wait_or_for_a_session(tmp_path: Path) -> 
 def test_a_client_that_leaves_while_waiting_for_a_holder_leaves_nothing_behind(
     tmp_path: Path,
 ) -> None:
-    affinity, table, index = affinity_for(tmp_path, max_wait=2.0)
-    row = table.rows()[0]
     system = "be brief " * 200
-    plan = affinity.plan(None, chat(system, "hello"))
-    affinity.learn(False, row, timings(0, 400, 800.0), plan.chars)
-    keys = [key for key, _ in plan.keys]
-    index.remember(keys, row.index, row.generation, row.cache_epoch, time.monotonic(), occupy=True)
+    affinity, table, index, keys = in_flight(tmp_path, 2.0, None, chat(system, "hello"))
+    row = table.rows()[0]
     waiting = affinity.plan(None, chat(system, "goodbye"))
     assert waiting.waits
 
