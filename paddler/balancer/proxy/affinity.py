@@ -22,9 +22,9 @@ fleet's caches instead of all filling the first server's.
 When the only holders of a request's longest prefix are busy, cache_aware may wait for
 one of them instead (cache_max_wait): at most as long as processing the prompt's uncached
 part elsewhere is expected to take, learned from llama.cpp's timings (seconds of prefill
-per prompt character, a moving average per worker). Taking an idle slot elsewhere costs
-that whole prefill for sure, and slows whatever else runs on that server; the busy
-holder's answer may end in a moment.
+per prompt character, a moving average kept in the prefix index, shared by every worker).
+Taking an idle slot elsewhere costs that whole prefill for sure, and slows whatever else
+runs on that server; the busy holder's answer may end in a moment.
 
 Feedback: llama.cpp's timings in each answer say how many prompt tokens came from its
 cache (cache_n). A guess that found none counts as a miss; MISSES_TO_FORGET misses in a
