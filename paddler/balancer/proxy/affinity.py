@@ -217,10 +217,7 @@ class Affinity:
     def expects(self, plan: Plan, row: UpstreamRow) -> bool:
         """Whether ``row``, which the request got a slot on, is where a cache hit was
         expected."""
-        for holder in plan.expected:  # noqa: SIM110 - a loop: no generator per request
-            if holder.row == row.index:
-                return True
-        return False
+        return _held_on(plan, row) > 0
 
     def occupy_held(self, plan: Plan, row: UpstreamRow, occupied: list[int]) -> int:
         """cache_aware, a stream sent to ``row`` because it holds the request's prefix:
@@ -231,11 +228,7 @@ class Affinity:
         to ``occupied``, until vacate(); the length of prefix they cover is returned."""
         if self.index is None:
             return 0
-        held = 0
-        for holder in plan.expected:
-            if holder.row == row.index:
-                held = holder.length
-                break
+        held = _held_on(plan, row)
         keys = [key for key, length in plan.keys if length <= held]
         if keys:
             now = time.monotonic()
@@ -259,11 +252,7 @@ class Affinity:
                 self.index.remember(keys, row.index, row.generation, row.cache_epoch, now, True)
             return keys
         # Prefixes it already took need no new write; the rest do.
-        known = 0
-        for holder in plan.expected:
-            if holder.row == row.index:
-                known = holder.length
-                break
+        known = _held_on(plan, row)
         if plan.keys[-1][1] > known:
             fresh = [key for key, length in plan.keys if length > known]
             self.index.remember(fresh, row.index, row.generation, row.cache_epoch, now)
@@ -311,3 +300,11 @@ class Affinity:
             if len(self._misses) > 4096:
                 self._misses.clear()  # long-gone upstreams: a bound, not a reset rule
             self._misses[key] = misses
+
+
+def _held_on(plan: Plan, row: UpstreamRow) -> int:
+    """How long a prefix of the request ``row`` was expected to hold (0: none)."""
+    for holder in plan.expected:  # a loop: no generator per request
+        if holder.row == row.index:
+            return holder.length
+    return 0
