@@ -1,7 +1,7 @@
 """The slot table's binary layout.
 
 One file in a tmpfs (``/run/paddler``), mapped by every balancer process. All
-integers little-endian. Version 6:
+integers little-endian. Version 7:
 
 Header page (4096 bytes)
     offset 0   8s   magic b"PDLRSLOT"
@@ -51,7 +51,9 @@ Rows, from offset 4096, max_upstreams x row size, each
     offset 652  u32  cache epoch: moves whenever the upstream may have lost its KV cache
                      (it reported a state other than ready, or the balancer found its
                      cache guesses missing); prefixes remembered in another epoch are void
-    offset 656  reservations: max_owners x u16, one counter per owner process
+    offset 656  f64  last chosen (CLOCK_MONOTONIC): when a request last took a slot here;
+                     policies that spread break ties for the least busy by it, oldest first
+    offset 664  reservations: max_owners x u16, one counter per owner process
 
 The waiting queue, after the rows, max_waiters x 32 bytes, each
     offset 0   u64  ticket (0: a free entry); lower tickets were queued earlier
@@ -71,7 +73,7 @@ import struct
 from typing import Final
 
 MAGIC: Final = b"PDLRSLOT"
-LAYOUT_VERSION: Final = 6
+LAYOUT_VERSION: Final = 7
 HEADER_SIZE: Final = 4096
 HEADER: Final = struct.Struct("<8sIIIIdIIQII")
 NEXT_TICKET_OFFSET: Final = 40
@@ -92,7 +94,8 @@ RESERVED_OFFSET: Final = 646
 DRAINED_OFFSET: Final = 648
 RELEASED_OFFSET: Final = 650
 CACHE_EPOCH_OFFSET: Final = 652
-RESERVATIONS_OFFSET: Final = 656
+CHOSEN_OFFSET: Final = 656
+RESERVATIONS_OFFSET: Final = 664
 WAITER: Final = struct.Struct("<QHxxId8x")
 DEFAULT_MAX_WAITERS: Final = 1024
 DEFAULT_MAX_OWNERS: Final = 64
@@ -100,6 +103,8 @@ DEFAULT_MAX_UPSTREAMS: Final = 256
 
 assert ROW_META.size == EJECTION_OFFSET == ROW_NUMBERS.size + ROW_TEXTS.size
 assert EJECTION_OFFSET + EJECTION.size == DRAINED_OFFSET
+assert CHOSEN_OFFSET % 8 == 0
+assert CHOSEN_OFFSET + 8 == RESERVATIONS_OFFSET
 assert WAITER.size == 32
 # The owners table fills the rest of the header page.
 MAX_OWNERS: Final = (HEADER_SIZE - OWNERS_OFFSET) // OWNER.size

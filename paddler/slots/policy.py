@@ -69,10 +69,11 @@ class Policy:
         self.prefer = prefer
         self.imbalance = imbalance
         self.ranks = ranks or tuple(range(len(prefer)))
-        # Ties for the most free slots taken in turn rather than the first row always:
-        # cache-aware routing spreads new prompts over the fleet's caches. (least_busy
-        # keeps the first: at low load one server takes most requests, and its cache
-        # serves repeats by luck.)
+        # Ties for the most free slots go to the row that took a request longest ago
+        # rather than the first row always: cache-aware routing spreads new prompts over
+        # the fleet's caches, and a new prefill over the servers least likely to be in
+        # one. (least_busy keeps the first: at low load one server takes most requests,
+        # and its cache serves repeats by luck.)
         self.spread = spread
         # What the structural part of the match depends on.
         self.key = (model, exclude)

@@ -19,6 +19,7 @@ from typing import Final, cast
 
 from paddler.slots.layout import (
     CACHE_EPOCH_OFFSET,
+    CHOSEN_OFFSET,
     DEFAULT_MAX_OWNERS,
     DEFAULT_MAX_UPSTREAMS,
     DEFAULT_MAX_WAITERS,
@@ -293,7 +294,6 @@ class SlotTable:
         # A report's texts as stored, packed once: they rarely change between reports.
         self._packed_texts: dict[tuple[str, ...], bytes] = {}
         self._owner: int | None = None
-        self._turn = 0  # whose turn among tied rows, for policies that spread
         self._lock = _Flock(fd)
 
     # -- opening ---------------------------------------------------------------------------
@@ -578,6 +578,7 @@ class SlotTable:
         self._set_ejection(row.index, 0.0, 0)
         self._map[self._offset(row.index) + DRAINED_OFFSET] = 0
         self._u16[(self._offset(row.index) + RELEASED_OFFSET) // 2] = 0
+        self._f64[(self._offset(row.index) + CHOSEN_OFFSET) // 8] = 0.0
         start = (self._offset(row.index) + RESERVATIONS_OFFSET) // 2
         for owner in range(self.max_owners):
             self._u16[start + owner] = 0
@@ -856,6 +857,7 @@ class SlotTable:
             if chosen is None:
                 return None
             self._count_reservation(chosen, owner, 1)
+            self._f64[(HEADER_SIZE + chosen * self.row_size + CHOSEN_OFFSET) // 8] = policy.now
             if ticket is not None:
                 self._remove_waiter(ticket)
             row = self._row(chosen)
@@ -873,8 +875,11 @@ class SlotTable:
         step = self.row_size // 2
         used = self._rows_used()
         best_free = self._i16[start + best * step]
-        chosen: tuple[int, int, int] | None = None  # (rank, -free, row): least wins
+        # (rank, -free, last chosen, row): the least wins.
+        chosen: tuple[int, int, float, int] | None = None
         prefer, ranks = policy.prefer, policy.ranks
+        chosen_at = (HEADER_SIZE + CHOSEN_OFFSET) // 8
+        chosen_step = self.row_size // 8
         # By position, not zip(..., strict=True): compiled, a call with a keyword
         # argument costs more than the rest of the loop.
         for position in range(len(prefer)):
@@ -894,9 +899,9 @@ class SlotTable:
                     continue  # not one the policy allows
                 if not self._fresh(row, policy):
                     continue
-            candidate = (rank, -free, row)
+            candidate = (rank, -free, self._f64[chosen_at + row * chosen_step], row)
             chosen = candidate if chosen is None else min(chosen, candidate)
-        return best if chosen is None else chosen[2]
+        return best if chosen is None else chosen[3]
 
     def _least_busy(
         self,
@@ -925,9 +930,7 @@ class SlotTable:
                 if most <= 0:
                     break
                 if policy.spread:
-                    ties = [at for at, value in enumerate(values) if value == most]
-                    position = ties[self._turn % len(ties)]
-                    self._turn += 1
+                    position = self._least_recently_chosen(indices, values, most)
                 else:
                     position = values.index(most)
                 if self._fresh(indices[position], policy):
@@ -946,6 +949,25 @@ class SlotTable:
         if best is None or (waiting and available <= self._ahead(model_key, ticket)):
             return None
         return best
+
+    def _least_recently_chosen(self, indices: list[int], values: list[int], most: int) -> int:
+        """Among the rows with ``most`` free slots, the position of the one that took a
+        request longest ago, in any process. Its requests are the furthest along: past
+        their prefill, more likely, which a new prompt's prefill would share the
+        server's compute with. (Taking tied rows in turn per process, as before, put two
+        prefills on one server about as often as not: bench W3.)"""
+        start = (HEADER_SIZE + CHOSEN_OFFSET) // 8
+        step = self.row_size // 8
+        f64 = self._f64
+        position = -1
+        oldest = 0.0
+        for at in range(len(values)):
+            if values[at] == most:
+                chosen_at = f64[start + indices[at] * step]
+                if position < 0 or chosen_at < oldest:
+                    position = at
+                    oldest = chosen_at
+        return position
 
     def _groups_for(self, policy: Policy) -> list[list[int]]:
         structure = self._u32[STRUCTURE_OFFSET // 4]

@@ -129,6 +129,13 @@ def test_among_holders_of_the_same_prefix_the_least_busy_is_taken(tmp_path: Path
     taken = table.acquire(0, both)
     assert taken is not None
     assert taken[1].name == "gpu2"
+    # Both holders now as busy: the one given a request longest ago (gpu1, at 100.5).
+    later = Policy(
+        101.0, 3, prefer=(rows["gpu2"], rows["gpu1"], rows["gpu0"]), imbalance=5, ranks=(0, 0, 1)
+    )
+    tied = table.acquire(0, later)
+    assert tied is not None
+    assert tied[1].name == "gpu1"
 
 
 def test_an_upstream_that_may_have_lost_its_cache_moves_to_a_new_epoch(tmp_path: Path) -> None:
@@ -192,19 +199,35 @@ def test_a_count_left_by_a_dead_worker_stops_counting_after_the_horizon(tmp_path
     assert index.in_flight(keys[1][0], 3) == 1
 
 
-def test_cache_aware_takes_equally_free_upstreams_in_turn(tmp_path: Path) -> None:
+def test_cache_aware_takes_the_equally_free_upstream_chosen_longest_ago(tmp_path: Path) -> None:
     table = SlotTable.create(tmp_path / "slots", max_upstreams=4, max_owners=4)
     for number in range(2):
         report = replace(REPORT, agent_id=f"a{number}", name=f"gpu{number}", port=8081 + number)
         table.apply_report(report, now=100.0)
     table.join()
+    # Another worker's handle on the same table: what one chose, the other sees.
+    other = SlotTable.open(table.path)
+    other.join()
     spreading = []
-    for _ in range(4):
-        taken = table.acquire(0, Policy(100.5, 3, spread=True))
+    for step, handle in enumerate([table, other, table]):
+        taken = handle.acquire(0, Policy(100.1 + step / 10, 3, spread=True))
         assert taken is not None
         spreading.append(taken[1].name)
-        table.release(taken[0])
-    assert sorted(spreading) == ["gpu0", "gpu0", "gpu1", "gpu1"]
+        handle.release(taken[0])
+    assert spreading == ["gpu0", "gpu1", "gpu0"]
+    # One request on each: the next goes where its own started longest ago, likely past
+    # its prefill, whichever worker sent it and whichever row comes first.
+    on_gpu1 = other.acquire(0, Policy(101.0, 3, spread=True))
+    on_gpu0 = table.acquire(0, Policy(101.1, 3, spread=True))
+    assert on_gpu1 is not None
+    assert on_gpu1[1].name == "gpu1"
+    assert on_gpu0 is not None
+    assert on_gpu0[1].name == "gpu0"
+    third = table.acquire(0, Policy(101.2, 3, spread=True))
+    assert third is not None
+    assert third[1].name == "gpu1"
+    for reservation in (on_gpu1[0], on_gpu0[0], third[0]):
+        table.release(reservation)
     # least_busy keeps the first of equals.
     first = []
     for _ in range(2):

@@ -16,8 +16,8 @@ it, so while a request runs there, another with the same prefix would process it
 on another slot of the same server, sharing its compute. Such a holder is left out, and
 the request goes to the least busy upstream, which then holds the prefix as well: a
 popular prompt ends up cached on as many servers as its traffic needs. Among equally
-free upstreams, cache_aware takes them in turn, so that new prompts spread over the
-fleet's caches instead of all filling the first server's.
+free upstreams, cache_aware takes the one given a request longest ago, so that new
+prompts spread over the fleet's caches instead of all filling the first server's.
 
 When the only holders of a request's longest prefix are busy, cache_aware may wait for
 one of them instead (cache_max_wait): at most as long as processing the prompt's uncached
@@ -94,7 +94,7 @@ class Plan:
         # The holders of the longest known prefix, still valid (several: the prefix went
         # to several upstreams, each of which may still hold it).
         self.expected = expected
-        self.spread = spread  # ties among the least busy taken in turn
+        self.spread = spread  # ties: the least recently chosen, not the first
         # Busy holders of a longer prefix than any idle one, and how many characters
         # more of the prompt they hold: what waiting for one of them would save.
         self.waits = waits
