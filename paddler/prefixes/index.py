@@ -17,15 +17,37 @@ first. Such a holder is busy, and not offered as one. A count left behind by a w
 that was killed mid-request stops counting BUSY_HORIZON seconds after its entry was
 last used, so that it cannot keep an upstream's prefix out of use for good.
 
+Unless the upstream holds more than one copy. llama.cpp gives a request the free slot
+whose prompt shares the most with it, and before it overwrites more than half of that
+prompt, it saves the prompt to its host-memory prompt cache (--cache-ram, on by
+default), from which any free slot can load it again. So a prompt that branches off a
+prefix where a prompt more than twice as long went on from it (a new conversation after
+a shared system prompt, where an older conversation ran) leaves a copy of the prefix
+in the host cache; one that branches off a prompt mostly its own length (a group's
+short question after its long system prompt) reuses the slot in place, one copy. An
+entry counts such copies, and how long the prompts that went on from it were (its
+reach). Whether the copies are still there when needed depends on the size of the host
+cache, which the balancer cannot see: it learns it (the copy trust in the header, from
+llama.cpp's timings of the requests that relied on one), and counts them only while
+they keep being found.
+
 File layout, little-endian:
     offset 0   8s   magic b"PDLRPRFX"
     offset 8   u32  layout version
     offset 12  u32  sets
     offset 16  f64  seconds of prefill per prompt character, as llama.cpp's timings
                     measure it (0: not measured yet); cache_aware's waits are bounded by it
-    then sets x WAYS entries of 24 bytes:
+    offset 24  f64  copy trust: a moving average of whether requests sent to a copy
+                    beyond an upstream's first found it cached (1 at start)
+    offset 32  f64  when a spare copy was last offered while the trust was too low
+                    (CLOCK_MONOTONIC seconds): a probe, one every PROBE_EVERY seconds
+    then sets x WAYS entries of 32 bytes:
                u64 key (0: free), u16 row, u16 requests in flight, u32 row generation,
-               u32 cache epoch, u32 last used (CLOCK_MONOTONIC seconds)
+               u32 cache epoch, u32 last used (CLOCK_MONOTONIC seconds), u16 copies
+               (of the prefix on the row: in slots, or in llama.cpp's host cache), u8
+               flags (1: a prompt ended here, its next turn is a continuation, not a
+               branch), 1 spare, u32 reach (the longest prompt that went on from the
+               prefix on the row, in characters)
 """
 
 import fcntl
@@ -36,18 +58,27 @@ from pathlib import Path
 from typing import Final
 
 MAGIC: Final = b"PDLRPRFX"
-VERSION: Final = 2
+VERSION: Final = 3
 HEADER: Final = struct.Struct("<8sII")
 HEADER_SIZE: Final = 64
 WAYS: Final = 4
-ENTRY: Final = struct.Struct("<QHHIII")
-SET: Final = struct.Struct("<" + "QHHIII" * WAYS)
-FIELDS: Final = 6  # per entry, as SET unpacks them
+ENTRY: Final = struct.Struct("<QHHIIIHBxI")
+SET: Final = struct.Struct("<" + "QHHIIIHBxI" * WAYS)
+FIELDS: Final = 9  # per entry, as SET unpacks them
+TAIL_FIELDS: Final = struct.Struct("<HBxI")  # copies, flags, reach: written together
+TAIL_OFFSET: Final = 24
+TAIL: Final = 1  # flags: a prompt on the row ended with this prefix
 COUNT: Final = struct.Struct("<H")  # an entry's requests in flight, written alone
 PREFILL: Final = struct.Struct("<d")
 PREFILL_OFFSET: Final = 16
+TRUST_OFFSET: Final = 24
+PROBE_OFFSET: Final = 32
+# Below this copy trust, an upstream's copies beyond the first do not count, but for
+# one request every PROBE_EVERY seconds: without one, nothing could raise it again.
+TRUSTED: Final = 0.5
+PROBE_EVERY: Final = 60.0
 BUSY_HORIZON: Final = 600  # seconds: longer than llama.cpp answers run
-DEFAULT_SETS: Final = 16384  # 65,536 prefixes, 1.5 MB
+DEFAULT_SETS: Final = 16384  # 65,536 prefixes, 2 MB
 
 
 class PrefixIndexError(Exception):
@@ -60,14 +91,24 @@ class Holder:
     plain class: several are made for every request, and compiled a native class costs
     a fraction of a NamedTuple, whose constructor is Python code.)"""
 
-    __slots__ = ("epoch", "generation", "length", "rank", "row")
+    __slots__ = ("epoch", "generation", "length", "rank", "row", "spare")
 
-    def __init__(self, row: int, generation: int, epoch: int, length: int, rank: int = 0) -> None:
+    def __init__(
+        self,
+        row: int,
+        generation: int,
+        epoch: int,
+        length: int,
+        rank: int = 0,
+        spare: bool = False,
+    ) -> None:
         self.row = row
         self.generation = generation
         self.epoch = epoch
         self.length = length
         self.rank = rank
+        # Free only by a copy beyond the first: one copy is in use by a request.
+        self.spare = spare
 
 
 class PrefixIndex:
@@ -85,6 +126,7 @@ class PrefixIndex:
         try:
             os.ftruncate(fd, size)
             os.pwrite(fd, HEADER.pack(MAGIC, VERSION, sets), 0)
+            os.pwrite(fd, PREFILL.pack(1.0), TRUST_OFFSET)
         finally:
             os.close(fd)
         partial.replace(path)  # a reader finds a whole file or none
@@ -125,6 +167,24 @@ class PrefixIndex:
     def prefill_rate(self, rate: float) -> None:
         PREFILL.pack_into(self._map, PREFILL_OFFSET, rate)
 
+    @property
+    def copy_trust(self) -> float:
+        """How often a request sent to a copy of a prefix beyond its upstream's first
+        found it cached: a moving average, shared by every worker, 1 at start. (Written
+        without the lock, as prefill_rate.)"""
+        trust: float = PREFILL.unpack_from(self._map, TRUST_OFFSET)[0]
+        return trust
+
+    @copy_trust.setter
+    def copy_trust(self, trust: float) -> None:
+        PREFILL.pack_into(self._map, TRUST_OFFSET, trust)
+
+    def copies(self, key: int, row: int) -> int:
+        """Prompts on ``row`` known to begin with this prefix (0: not held there)."""
+        fields = SET.unpack_from(self._map, self._set_offset(key))
+        way = self._way(fields, key, row)
+        return 0 if way is None else int(fields[FIELDS * way + 6])
+
     def _set_offset(self, key: int) -> int:
         return HEADER_SIZE + (key % self.sets) * SET.size
 
@@ -151,11 +211,17 @@ class PrefixIndex:
         """The upstreams holding these prefixes (keys shortest first, as prefix_keys
         gives them): those of the longest prefix found first (rank 0), then those of
         shorter ones, at most ``most`` different rows. Given ``now``, an upstream whose
-        copy of a prefix is busy does not hold it (it may hold a shorter one idle); given
-        ``busy`` too, such holders of prefixes longer than any idle one are added to it."""
+        copies of a prefix are all busy does not hold it (it may hold a shorter one idle);
+        given ``busy`` too, such holders of prefixes longer than any idle one are added
+        to it. Copies beyond an upstream's first count while the copy trust is high
+        enough, and for one request every PROBE_EVERY seconds while it is not."""
         found: list[Holder] = []
         rows: set[int] = set()
         rank = 0
+        trusted = now is not None and self.copy_trust >= TRUSTED
+        probe = False
+        if now is not None and not trusted:
+            probe = now - PREFILL.unpack_from(self._map, PROBE_OFFSET)[0] >= PROBE_EVERY
         for key, length in reversed(keys):
             fields = SET.unpack_from(self._map, HEADER_SIZE + (key % self.sets) * SET.size)
             hit = False
@@ -163,17 +229,25 @@ class PrefixIndex:
             for way in range(0, FIELDS * WAYS, FIELDS):
                 if fields[way] != key or fields[way + 1] in rows:
                     continue
+                spare = False
                 if now is not None and fields[way + 2] and now - fields[way + 5] < BUSY_HORIZON:
-                    # Busy: a request with this prefix is in flight there. (Only the
-                    # holders of the longest busy prefix are of use to the caller.)
-                    if busy is not None and not found and (not busy or busy[0].length == length):
-                        busy.append(
-                            Holder(fields[way + 1], fields[way + 3], fields[way + 4], length)
-                        )
-                    continue
+                    if (trusted or probe) and fields[way + 2] < fields[way + 6]:
+                        spare = True  # one copy is in use, another is not
+                        if probe and now is not None:
+                            probe = False  # this one; the next in PROBE_EVERY seconds
+                            PREFILL.pack_into(self._map, PROBE_OFFSET, now)
+                    else:
+                        # Busy: requests with this prefix are in flight there, on every
+                        # copy. (Only the holders of the longest busy prefix are of use
+                        # to the caller.)
+                        first = not busy or busy[0].length == length
+                        if busy is not None and not found and first:
+                            row = fields[way + 1]
+                            busy.append(Holder(row, fields[way + 3], fields[way + 4], length))
+                        continue
                 rows.add(fields[way + 1])
                 found.append(
-                    Holder(fields[way + 1], fields[way + 3], fields[way + 4], length, rank)
+                    Holder(fields[way + 1], fields[way + 3], fields[way + 4], length, rank, spare)
                 )
                 hit = True
             if hit:
@@ -192,10 +266,18 @@ class PrefixIndex:
         epoch: int,
         now: float,
         occupy: bool = False,
+        tail: int = 0,
+        held: list[int] | None = None,
+        known: int = 0,
+        chars: int = 0,
     ) -> None:
         """The upstream in ``row`` takes these prefixes now; ``occupy``: and a request
-        with them is in flight there until vacate()."""
-        if not keys:
+        with them is in flight there until vacate(). ``tail``: the key a next turn of
+        the request's prompt would share with it (its last message's; a plain prompt's
+        last whole block). ``held``: the prefixes it found there (shortest first),
+        ``known`` characters long, which it goes on from: a continuation of the prompt
+        that ended there, or a branch. ``chars``: the prompt's length."""
+        if not keys and not held:
             return
         used = int(now)
         # The lock taken by hand and each key's set read by _set(): this runs for every
@@ -203,9 +285,14 @@ class PrefixIndex:
         # keyword argument costs more, compiled, than the rest of the work.
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
+            if held:
+                self._branch(held, row, generation, epoch, known, chars, tail)
             for key in keys:
                 offset, fields = self._set(key)
                 in_flight = 0
+                copies = 1
+                flags = 0
+                reach = chars
                 # Its own way, else a free one, else the one used longest ago.
                 way = self._way(fields, key, row)
                 if way is None:
@@ -214,8 +301,13 @@ class PrefixIndex:
                     in_flight = fields[FIELDS * way + 2]
                     if used - fields[FIELDS * way + 5] >= BUSY_HORIZON:
                         in_flight = 0  # left by a worker that died mid-request
+                    copies = max(1, fields[FIELDS * way + 6])
+                    flags = fields[FIELDS * way + 7]
+                    reach = max(reach, fields[FIELDS * way + 8])
                 if occupy:
                     in_flight = min(0xFFFF, in_flight + 1)
+                if key == tail:
+                    flags |= TAIL
                 ENTRY.pack_into(
                     self._map,
                     offset + way * ENTRY.size,
@@ -225,6 +317,9 @@ class PrefixIndex:
                     generation,
                     epoch,
                     used,
+                    copies,
+                    flags,
+                    min(0xFFFFFFFF, reach),
                 )
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -246,6 +341,56 @@ class PrefixIndex:
                     COUNT.pack_into(self._map, offset + way * ENTRY.size + 10, in_flight - 1)
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _branch(
+        self,
+        held: list[int],
+        row: int,
+        generation: int,
+        epoch: int,
+        known: int,
+        chars: int,
+        tail: int,
+    ) -> None:
+        """A prompt ``chars`` long that begins with the prefixes ``held`` (shortest
+        first, ``known`` characters), which ``row`` holds, goes on past them there. Past
+        where another prompt ended (a conversation's next turn), it continues that one,
+        in its slot. Past a prefix that longer prompts went on from, more than twice its
+        length, it branches off: llama.cpp saves the prompt in the slot it takes to its
+        host cache first, one more copy of each of ``held``. Either way those prefixes
+        now reach at least as far as this prompt. (Under the lock.)"""
+        offset, fields = self._set(held[-1])
+        way = self._way(fields, held[-1], row)
+        if (
+            way is None
+            or fields[FIELDS * way + 3] != generation
+            or fields[FIELDS * way + 4] != epoch
+        ):
+            return
+        continues = bool(fields[FIELDS * way + 7] & TAIL)
+        copy = not continues and 2 * known < fields[FIELDS * way + 8]
+        for key in held:
+            offset, fields = self._set(key)
+            way = self._way(fields, key, row)
+            if (
+                way is None
+                or fields[FIELDS * way + 3] != generation
+                or fields[FIELDS * way + 4] != epoch
+            ):
+                continue
+            copies = max(1, fields[FIELDS * way + 6])
+            flags = fields[FIELDS * way + 7]
+            if key == held[-1]:
+                # Continued: the prompt that ended here ends here no more (unless this
+                # one does too: a plain prompt's last whole block).
+                flags = flags | TAIL if key == tail else flags & ~TAIL
+            TAIL_FIELDS.pack_into(
+                self._map,
+                offset + way * ENTRY.size + TAIL_OFFSET,
+                min(0xFFFF, copies + 1) if copy else copies,
+                flags,
+                min(0xFFFFFFFF, max(chars, fields[FIELDS * way + 8])),
+            )
 
     def _set(self, key: int) -> tuple[int, tuple[int, ...]]:
         """The offset of ``key``'s set, and the set's fields."""

@@ -239,7 +239,9 @@ def test_a_request_waits_for_a_busy_holder_when_that_beats_processing_its_prompt
     """With a model whose prefill takes time, a request whose prompt prefix is cached
     only in a slot in use waits for that slot (cache_max_wait, bounded by the prefill
     learned from llama.cpp's timings) and finds its prefix there, where the test below,
-    on a model that processes a prompt in milliseconds, goes elsewhere at once."""
+    on a model that processes a prompt in milliseconds, goes elsewhere at once. (The
+    request in the way continues the first conversation, in its slot: the upstream has
+    one copy of the system prompt, not two, as in the test after this one.)"""
     fleet = start_fleet(
         paddlerd,
         llama_server_binary,
@@ -248,9 +250,8 @@ def test_a_request_waits_for_a_busy_holder_when_that_beats_processing_its_prompt
     )
     assert fleet.wait_idle(4, timeout=60)
     system = " ".join(f"river{number} carries boats to the sea." for number in range(120))
-    home, expected, timings = turn(
-        fleet, [{"role": "system", "content": system}, {"role": "user", "content": "Hello."}]
-    )
+    opening = [{"role": "system", "content": system}, {"role": "user", "content": "Hello."}]
+    home, expected, timings = turn(fleet, opening)
     assert expected == "miss"
     # The premise: processing the system prompt takes several times what the request
     # in the way below takes to answer its 4 tokens.
@@ -260,7 +261,7 @@ def test_a_request_waits_for_a_busy_holder_when_that_beats_processing_its_prompt
     ended: list[float] = []
 
     def in_the_way() -> None:
-        question = [{"role": "system", "content": system}, {"role": "user", "content": "Why?"}]
+        question = [*opening, {"role": "user", "content": "Why?"}]
         body = {"messages": question, "max_tokens": 4, "stream": True}
         with httpx.stream("POST", fleet.url("/v1/chat/completions"), json=body, timeout=60) as s:
             assert (s.headers["x-paddler-upstream"], s.headers["x-paddler-cache"]) == (
@@ -298,6 +299,74 @@ def test_a_request_waits_for_a_busy_holder_when_that_beats_processing_its_prompt
     assert ended
     assert ended[0] > sent
     assert float(answer.headers["x-paddler-queue-ms"]) >= 10
+
+
+def test_a_new_conversation_takes_a_free_copy_of_a_shared_system_prompt_at_once(
+    paddlerd: PaddlerdRunner, llama_server_binary: Path, bench_model: Path
+) -> None:
+    """A second conversation went on from a system prompt where a first, more than
+    twice its length, had: llama.cpp gives it the first one's slot and saves that
+    conversation to its host-memory cache first, so the upstream holds the system
+    prompt twice. While a request uses one copy, a third conversation is sent there at
+    once, without waiting, and llama.cpp loads the system prompt from its cache (bench
+    W1: waiting instead sent a new conversation to the other server's slots, over a
+    conversation still going)."""
+    fleet = start_fleet(
+        paddlerd,
+        llama_server_binary,
+        {"a": bench_model, "b": bench_model},
+        balancer='routing_policy = "cache_aware"\ncache_max_wait = 10.0\n',
+    )
+    assert fleet.wait_idle(4, timeout=60)
+    system = " ".join(f"lake{number} feeds a river." for number in range(60))
+    story = " ".join(f"tell me of town{number} by the water" for number in range(100))
+
+    def opening(question: str) -> list[dict[str, str]]:
+        return [{"role": "system", "content": system}, {"role": "user", "content": question}]
+
+    home, expected, first = turn(fleet, opening(story))
+    assert expected == "miss"
+    assert first["prompt_ms"] > 300, first  # as above: processing it takes a while
+    second = opening("Why?")
+    assert turn(fleet, second)[:2] == (home, "hit")
+
+    began = threading.Event()
+    ended: list[float] = []
+
+    def in_the_way() -> None:
+        body = {
+            "messages": [*second, {"role": "user", "content": "Go on."}],
+            "max_tokens": 64,  # still running when the next one is planned
+            "stream": True,
+        }
+        with httpx.stream("POST", fleet.url("/v1/chat/completions"), json=body, timeout=60) as s:
+            assert s.headers["x-paddler-upstream"] == home
+            for _ in s.iter_lines():
+                began.set()
+        ended.append(time.monotonic())
+
+    going_on = threading.Thread(target=in_the_way)
+    going_on.start()
+    assert began.wait(timeout=30)
+    sent = time.monotonic()
+    answer = httpx.post(
+        fleet.url("/v1/chat/completions"),
+        json={"messages": opening("Where?"), "max_tokens": 4},
+        timeout=60,
+    )
+    going_on.join(timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert (answer.headers["x-paddler-upstream"], answer.headers["x-paddler-cache"]) == (
+        home,
+        "hit",
+    )
+    # Not waited for: sent while the other copy was in use.
+    assert float(answer.headers["x-paddler-queue-ms"]) < 10
+    assert ended
+    assert ended[0] > sent
+    # And llama.cpp had it: most of the prompt came from its cache.
+    timings = answer.json()["timings"]
+    assert timings["cache_n"] > 10 * timings["prompt_n"], timings
 
 
 def test_a_holder_whose_copy_is_busy_is_passed_over_until_it_is_free(

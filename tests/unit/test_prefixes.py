@@ -11,7 +11,14 @@ from paddler.balancer.proxy.affinity import LEARNING_RATE, Affinity, Plan
 from paddler.config import BalancerSettings
 from paddler.metrics.counters import CounterFile
 from paddler.metrics.recorder import Recorder
-from paddler.prefixes.index import BUSY_HORIZON, WAYS, Holder, PrefixIndex
+from paddler.prefixes.index import (
+    BUSY_HORIZON,
+    PROBE_EVERY,
+    TRUSTED,
+    WAYS,
+    Holder,
+    PrefixIndex,
+)
 from paddler.prefixes.keys import BLOCK, LIMIT, MAX_KEYS, prefix_keys, session_key
 from paddler.slots import SlotTable, UpstreamState
 from paddler.slots.policy import Policy
@@ -258,6 +265,89 @@ def test_busy_holders_of_a_longer_prefix_than_any_idle_one_are_reported(tmp_path
     assert [(h.row, h.length) for h in busy] == [(3, first[1][1])]
 
 
+def test_a_prefix_that_prompts_branched_off_on_a_row_has_a_copy_for_each(
+    tmp_path: Path,
+) -> None:
+    index = PrefixIndex.create(tmp_path / "prefixes", sets=64)
+
+    def send(keys: list[tuple[int, int]], row: int, known: int = 0) -> None:
+        """A prompt of ``keys`` sent to ``row``, which held it up to ``known``."""
+        held = [key for key, length in keys if length <= known] or None
+        fresh = [key for key, length in keys if length > known]
+        index.remember(fresh, row, 7, 1, 10.0, False, keys[-1][0], held, known, keys[-1][1])
+
+    alice = prefix_keys(chat("be brief", "tell me a long story " * 20))
+    send(alice, 3)
+    assert [index.copies(key, 3) for key, _ in alice] == [1, 1]
+    # Alice's next turn continues her prompt, in its slot: no copy of anything more.
+    again = prefix_keys(chat("be brief", "tell me a long story " * 20, "Once...", "Go on."))
+    assert again[:2] == alice
+    send(again, 3, alice[1][1])
+    assert [index.copies(key, 3) for key, _ in again] == [1, 1, 1, 1]
+    # Bob's conversation begins with the same system prompt, where Alice's, far longer,
+    # went on: llama.cpp saves hers to its host cache before reusing her slot, so row 3
+    # has the system prompt twice.
+    bob = prefix_keys(chat("be brief", "good day"))
+    send(bob, 3, bob[0][1])
+    assert index.copies(bob[0][0], 3) == 2
+    assert index.copies(again[1][0], 3) == 1
+    # A group's second question after a long system prompt keeps most of the first's
+    # slot: reused in place, no copy saved.
+    rules = "answer as a pirate would " * 40
+    first = prefix_keys(chat(rules, "why is the sea salty?"))
+    send(first, 4)
+    send(prefix_keys(chat(rules, "how deep is it?")), 4, first[0][1])
+    assert index.copies(first[0][0], 4) == 1
+    # Not for another upstream in the row, nor after its cache epoch moved.
+    index.remember([], 3, 8, 1, 11.6, False, 0, [bob[0][0]], bob[0][1], 10_000)
+    index.remember([], 3, 7, 2, 11.6, False, 0, [bob[0][0]], bob[0][1], 10_000)
+    assert index.copies(bob[0][0], 3) == 2
+    # One request in flight with it uses one copy: the other is offered, as spare, to
+    # the next conversation.
+    carol = prefix_keys(chat("be brief", "hi there"))
+    index.remember([bob[0][0]], 3, 7, 1, 12.0, True)
+    (spare,) = index.holders(carol, now=12.5)
+    assert (spare.row, spare.spare) == (3, True)
+    # Both in use: busy.
+    index.remember([bob[0][0]], 3, 7, 1, 12.0, True)
+    busy: list[Holder] = []
+    assert index.holders(carol, now=12.5, busy=busy) == []
+    assert [holder.row for holder in busy] == [3]
+    index.vacate([bob[0][0]], 3, 7)
+    # Copies beyond the first count only while they are trusted to be found.
+    index.copy_trust = TRUSTED / 2
+    assert index.holders(carol, now=12.5) == []
+    # But for one request every PROBE_EVERY seconds: the trust can only rise again by
+    # requests sent to such copies.
+    assert index.holders(carol, now=100.0)[0].spare
+    assert index.holders(carol, now=100.0 + PROBE_EVERY / 2) == []
+    assert index.holders(carol, now=100.0 + PROBE_EVERY)[0].spare
+    index.copy_trust = 1.0
+    assert index.holders(carol, now=12.5)[0].spare
+
+
+def test_a_plain_prompt_continued_past_its_last_whole_block_is_no_branch(
+    tmp_path: Path,
+) -> None:
+    affinity, table, index = affinity_for(tmp_path, max_wait=2.0)
+    row = table.rows()[0]
+    first: dict[str, object] = {"prompt": "x" * 1300}  # keyed at 512, 1024 and 1300
+
+    def send(payload: dict[str, object]) -> list[tuple[int, int]]:
+        plan = affinity.plan(None, payload)
+        affinity.holds(plan, row, False, 0)
+        return plan.keys
+
+    keys = send(first)
+    # Its next turn shares 512 and 1024 with it (not 1300): a continuation.
+    longer = send({"prompt": "x" * 1300 + "y" * 700})
+    assert longer[:2] == keys[:2]
+    assert [index.copies(key, row.index) for key, _ in longer] == [1, 1, 1, 1]
+    # Another prompt after the same first 512 characters, of 2,000 there, branches off.
+    send({"prompt": "x" * 512 + "z" * 300})
+    assert [index.copies(key, row.index) for key, _ in longer] == [2, 1, 1, 1]
+
+
 def affinity_for(tmp_path: Path, max_wait: float) -> tuple[Affinity, SlotTable, PrefixIndex]:
     table = SlotTable.create(tmp_path / "slots", max_upstreams=4, max_owners=4)
     table.apply_report(REPORT, now=100.0)
@@ -276,9 +366,9 @@ def test_the_prefill_rate_learned_is_shared_by_every_process(tmp_path: Path) -> 
         PrefixIndex.open(tmp_path / "prefixes"),
         Recorder(CounterFile.create(tmp_path / "2.counters")),
     )
-    one.learn(False, table.rows()[0], timings(0, 100, 50.0), 400)
+    one.learn(Plan([(1, 400)]), False, table.rows()[0], timings(0, 100, 50.0))
     assert other.seconds_per_char == pytest.approx(0.05 / 400)
-    other.learn(False, table.rows()[0], timings(0, 100, 150.0), 400)
+    other.learn(Plan([(1, 400)]), False, table.rows()[0], timings(0, 100, 150.0))
     # A moving average: the second measurement weighs LEARNING_RATE.
     assert one.seconds_per_char == pytest.approx((0.05 + LEARNING_RATE * 0.1) / 400)
 
@@ -299,13 +389,13 @@ def test_a_request_waits_for_its_busy_holder_no_longer_than_its_prefill(tmp_path
     assert plan.waits == ()
     assert affinity.wait_budget(plan) == 0.0
     # llama.cpp said: 300 tokens processed in 600 ms, 100 more from cache.
-    affinity.learn(False, row, timings(100, 300, 600.0), plan.chars)
+    affinity.learn(plan, False, row, timings(100, 300, 600.0))
     assert affinity.seconds_per_char == pytest.approx(0.6 / 300 * 400 / plan.chars)
     # Too few tokens to time, no timings of the kind, or nonsense: nothing learned.
-    affinity.learn(False, row, timings(0, 3, 900.0), plan.chars)
-    affinity.learn(False, row, b'"cache_n":0}', plan.chars)
-    affinity.learn(False, row, b'"cache_n":0,"prompt_n":400,"prompt_ms":nan}', plan.chars)
-    affinity.learn(False, row, b'"cache_n":0,"prompt_n":400,"prompt_ms":1e300}', plan.chars)
+    affinity.learn(plan, False, row, timings(0, 3, 900.0))
+    affinity.learn(plan, False, row, b'"cache_n":0}')
+    affinity.learn(plan, False, row, b'"cache_n":0,"prompt_n":400,"prompt_ms":nan}')
+    affinity.learn(plan, False, row, b'"cache_n":0,"prompt_n":400,"prompt_ms":1e300}')
     assert affinity.seconds_per_char == pytest.approx(0.6 / 300 * 400 / plan.chars)
 
     keys = [key for key, _ in plan.keys]
@@ -349,7 +439,7 @@ def in_flight(
     affinity, table, index = affinity_for(tmp_path, max_wait)
     row = table.rows()[0]
     plan = affinity.plan(header, payload)
-    affinity.learn(False, row, timings(0, 400, 800.0), plan.chars)
+    affinity.learn(plan, False, row, timings(0, 400, 800.0))
     keys = [key for key, _ in plan.keys]
     index.remember(keys, row.index, row.generation, row.cache_epoch, time.monotonic(), occupy=True)
     return affinity, table, index, keys
@@ -392,7 +482,7 @@ def test_a_stream_sent_to_its_prefix_holds_that_copy_from_the_start(tmp_path: Pa
     row = table.rows()[0]
     system = "be brief " * 200
     first = affinity.plan(None, chat(system, "hello"))
-    affinity.learn(False, row, timings(0, 400, 800.0), first.chars)
+    affinity.learn(first, False, row, timings(0, 400, 800.0))
     index.remember([first.keys[0][0]], row.index, row.generation, row.cache_epoch, 1.0)
     # A stream of the same system prompt takes its slot on the holder: the copy is in
     # use from now, while its own question is read, not only from its first token.
@@ -414,3 +504,47 @@ def test_a_stream_sent_to_its_prefix_holds_that_copy_from_the_start(tmp_path: Pa
     other: list[int] = []
     assert affinity.occupy_held(first, row, other) == 0
     assert other == []
+
+
+def test_spare_copies_count_while_requests_sent_to_them_find_them_cached(tmp_path: Path) -> None:
+    affinity, table, index = affinity_for(tmp_path, max_wait=2.0)
+    row = table.rows()[0]
+    epoch = row.cache_epoch
+    system = "be brief " * 200
+    # Two conversations went on from one system prompt on the row, the first far longer
+    # than it: two copies (the first's saved to llama.cpp's host cache).
+    for question in ("hello " * 400, "good day"):
+        plan = affinity.plan(None, chat(system, question))
+        affinity.learn(plan, False, row, timings(0, 400, 800.0))  # (prefill measured)
+        affinity.holds(plan, row, False, 0)
+    assert index.copies(plan.keys[0][0], row.index) == 2
+    # Two guesses on the row that missed: one more would mean its cache is gone.
+    for _ in range(2):
+        affinity.learn(plan, True, row, timings(0, 400, 800.0))
+    # A stream with it in flight uses one; the next request is sent to the other at
+    # once instead of waiting for the first.
+    running = affinity.plan(None, chat(system, "one"))
+    occupied: list[int] = []
+    affinity.occupy_held(running, row, occupied)
+    third = affinity.plan(None, chat(system, "two"))
+    assert third.waits == ()
+    assert third.prefer == (row.index,)
+    assert third.expected[0].spare
+    # llama.cpp served the system prompt from its cache: trusted as before (and the
+    # row's cache is there: the misses before count no more).
+    affinity.learn(third, True, row, timings(380, 20, 40.0))
+    assert index.copy_trust == 1.0
+    # It did not, three times: the host cache is too small for such copies to last.
+    for _ in range(3):
+        affinity.learn(third, True, row, timings(0, 400, 800.0))
+    assert index.copy_trust < TRUSTED
+    # One more request is sent to the spare copy, a probe; the next waits for its holder.
+    assert affinity.plan(None, chat(system, "two")).waits == ()
+    assert affinity.plan(None, chat(system, "two")).waits
+    # Which is not the upstream losing its cache: everything else it holds still counts
+    # (two misses of its own more, since the hit, are not the three that say so).
+    for _ in range(2):
+        affinity.learn(plan, True, row, timings(0, 400, 800.0))
+    assert table.rows()[0].cache_epoch == epoch
+    affinity.vacate(occupied, row)
+    assert affinity.expects(affinity.plan(None, chat(system, "two")), row)

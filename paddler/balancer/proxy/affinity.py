@@ -15,7 +15,11 @@ prefix index): llama.cpp keeps a prompt in the KV cache of the one slot that pro
 it, so while a request runs there, another with the same prefix would process it again
 on another slot of the same server, sharing its compute. Such a holder is left out, and
 the request goes to the least busy upstream, which then holds the prefix as well: a
-popular prompt ends up cached on as many servers as its traffic needs. Among equally
+popular prompt ends up cached on as many servers as its traffic needs. Unless the
+holder has another copy: a new conversation that branched off a shared system prompt
+where a much longer one ran had llama.cpp save that one to its host-memory cache
+first (paddler/prefixes/index.py). Those count while requests sent to them keep
+finding them cached (the copy trust). Among equally
 free upstreams, cache_aware takes the one given a request longest ago, so that new
 prompts spread over the fleet's caches instead of all filling the first server's.
 
@@ -42,10 +46,11 @@ from typing import Any, Final
 from paddler.config import BalancerSettings
 from paddler.metrics.recorder import Recorder
 from paddler.prefixes.index import Holder, PrefixIndex
-from paddler.prefixes.keys import prefix_keys, session_key
+from paddler.prefixes.keys import BLOCK, LIMIT, prefix_keys, session_key
 from paddler.slots import SlotTable, UpstreamRow
 
 MISSES_TO_FORGET: Final = 3
+TRUST_RATE: Final = 0.25  # weight of each request sent to a spare copy, in the copy trust
 # The policies that send a request where its prefix or session went: they need the index.
 REMEMBERING: Final = ("cache_aware", "session")
 ANY_IMBALANCE: Final = 1 << 15
@@ -66,6 +71,7 @@ class Plan:
 
     __slots__ = (
         "chars",
+        "end",
         "expected",
         "imbalance",
         "keys",
@@ -86,6 +92,7 @@ class Plan:
         spread: bool = False,
         waits: tuple[Holder, ...] = (),
         saves: int = 0,
+        end: int = 0,
     ) -> None:
         self.keys: list[tuple[int, int]] = [] if keys is None else keys
         self.prefer = prefer
@@ -99,6 +106,8 @@ class Plan:
         # more of the prompt they hold: what waiting for one of them would save.
         self.waits = waits
         self.saves = saves
+        # The key a next turn of the prompt would share with it (continued_at()).
+        self.end = end
         # The prompt's length as its prefix keys count it (a session key does not).
         self.chars = 0
         for _, length in reversed(self.keys):
@@ -137,24 +146,26 @@ class Affinity:
         if self.policy == "round_robin":
             return self._round_robin()
         keys: list[tuple[int, int]] = []
+        end = 0
         if self.policy == "cache_aware" and isinstance(payload, dict):
             keys = prefix_keys(payload)
+            end = continued_at(keys, isinstance(payload.get("messages"), list))
         session = header.decode("latin-1") if header else None
         if session is None and isinstance(payload, dict) and isinstance(payload.get("user"), str):
             session = payload["user"]
         if session:
             keys.append((session_key(session), SESSION_LENGTH))  # the longest "prefix"
-        return self._planned(keys, self.policy == "cache_aware")
+        return self._planned(keys, self.policy == "cache_aware", end)
 
-    def _planned(self, keys: list[tuple[int, int]], spread: bool) -> Plan:
+    def _planned(self, keys: list[tuple[int, int]], spread: bool, end: int) -> Plan:
         if not keys or self.index is None:
-            return Plan(keys, spread=spread)
+            return Plan(keys, (), 0, (), (), spread, (), 0, end)
         # Only cache_aware leaves busy holders out: a session sticks to its upstream.
         busy: list[Holder] | None = [] if spread and self.max_wait > 0 else None
         # (Positional arguments: compiled, a call with keywords costs more.)
         holders = self.index.holders(keys, 4, time.monotonic() if spread else None, busy)
         if not holders and not busy:
-            return Plan(keys, spread=spread)
+            return Plan(keys, (), 0, (), (), spread, (), 0, end)
         table = self.table
         rows: list[int] = []
         ranks: list[int] = []
@@ -179,7 +190,15 @@ class Affinity:
                 )
                 saves = busy[0].length - idle if waits else 0
         return Plan(
-            keys, tuple(rows), self.imbalance, tuple(ranks), tuple(expected), spread, waits, saves
+            keys,
+            tuple(rows),
+            self.imbalance,
+            tuple(ranks),
+            tuple(expected),
+            spread,
+            waits,
+            saves,
+            end,
         )
 
     @property
@@ -204,7 +223,7 @@ class Affinity:
             if left <= 0:
                 break
             await asyncio.sleep(min(HOLDER_POLL, left))
-            plan = self._planned(plan.keys, plan.spread)
+            plan = self._planned(plan.keys, plan.spread, plan.end)
         return plan
 
     def _round_robin(self) -> Plan:
@@ -246,16 +265,43 @@ class Affinity:
         if not plan.keys or self.index is None:
             return []
         now = time.monotonic()
+        known = _held_on(plan, row)
+        held: list[int] | None = None
+        if plan.spread and 0 < known < SESSION_LENGTH and plan.chars > known:
+            # cache_aware: the prompt goes on past what the row holds, continuing the
+            # prompt that ended there or branching off (a copy more of what it held).
+            held = [key for key, length in plan.keys if length <= known]
         if plan.spread and streaming:  # cache_aware: every prefix counts the request
             keys = [key for key, length in plan.keys if length > early]
             if keys:
-                self.index.remember(keys, row.index, row.generation, row.cache_epoch, now, True)
+                self.index.remember(
+                    keys,
+                    row.index,
+                    row.generation,
+                    row.cache_epoch,
+                    now,
+                    True,
+                    plan.end,
+                    held,
+                    known,
+                    plan.chars,
+                )
             return keys
         # Prefixes it already took need no new write; the rest do.
-        known = _held_on(plan, row)
         if plan.keys[-1][1] > known:
             fresh = [key for key, length in plan.keys if length > known]
-            self.index.remember(fresh, row.index, row.generation, row.cache_epoch, now)
+            self.index.remember(
+                fresh,
+                row.index,
+                row.generation,
+                row.cache_epoch,
+                now,
+                False,
+                plan.end,
+                held,
+                known,
+                plan.chars,
+            )
         return []
 
     def vacate(self, keys: list[int], row: UpstreamRow) -> None:
@@ -263,9 +309,8 @@ class Affinity:
         if keys and self.index is not None:
             self.index.vacate(keys, row.index, row.generation)
 
-    def learn(self, expected: bool, row: UpstreamRow, timings: bytes | None, chars: int) -> None:
-        """What llama.cpp's timings say of the guess, and of how long prefill takes
-        (``chars``: the prompt's length, as its plan counts it)."""
+    def learn(self, plan: Plan, expected: bool, row: UpstreamRow, timings: bytes | None) -> None:
+        """What llama.cpp's timings say of the guess, and of how long prefill takes."""
         if not timings:
             return
         match = _CACHE_N.search(timings)
@@ -273,9 +318,20 @@ class Affinity:
             return
         cached = int(match.group(1))
         hit = cached > 0
+        chars = plan.chars
         prompt = _PROMPT.search(timings)
+        holder = _holder_on(plan, row)
+        spare = holder is not None and holder.spare
         if prompt is not None and chars > 0 and self.index is not None:
             processed = int(prompt.group(1))
+            if spare and holder is not None and chars < LIMIT:
+                # (Not past LIMIT: the tokens count the whole prompt, chars only LIMIT.)
+                # Sent to a copy beyond the first: found if most of the prefix expected
+                # there came from cache (in tokens: the prompt's, per character).
+                wanted = holder.length * (processed + cached) / chars
+                found = 1.0 if 2 * cached >= wanted else 0.0
+                trust = self.index.copy_trust
+                self.index.copy_trust = trust + TRUST_RATE * (found - trust)
             if processed >= TOKENS_TO_LEARN:
                 with contextlib.suppress(ValueError):
                     # Seconds per token processed, times tokens per character of prompt.
@@ -292,6 +348,10 @@ class Affinity:
         if hit:
             self._misses.pop(key, None)
             return
+        if spare:
+            # A spare copy missing says the host cache is small, which the copy trust
+            # learns; not that the upstream lost its cache.
+            return
         misses = self._misses.get(key, 0) + 1
         if misses >= MISSES_TO_FORGET:
             self._misses.pop(key, None)
@@ -302,9 +362,25 @@ class Affinity:
             self._misses[key] = misses
 
 
-def _held_on(plan: Plan, row: UpstreamRow) -> int:
-    """How long a prefix of the request ``row`` was expected to hold (0: none)."""
+def continued_at(keys: list[tuple[int, int]], chat: bool) -> int:
+    """The key a next turn of this prompt would share with it: a chat's last message's;
+    a plain prompt's last whole block (its last, partial one is keyed at a length that
+    no longer prompt is keyed at). 0: none."""
+    for key, length in reversed(keys):
+        if chat or length % BLOCK == 0:
+            return key
+    return 0
+
+
+def _holder_on(plan: Plan, row: UpstreamRow) -> Holder | None:
+    """The holder the request was expected to find its prefix on at ``row``, if any."""
     for holder in plan.expected:  # a loop: no generator per request
         if holder.row == row.index:
-            return holder.length
-    return 0
+            return holder
+    return None
+
+
+def _held_on(plan: Plan, row: UpstreamRow) -> int:
+    """How long a prefix of the request ``row`` was expected to hold (0: none)."""
+    holder = _holder_on(plan, row)
+    return 0 if holder is None else holder.length

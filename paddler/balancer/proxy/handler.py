@@ -303,7 +303,7 @@ class Proxy:
             try:
                 await self._forward(exchange, row, body, queued)
                 if exchange.timings:
-                    affinity.learn(expected, row, exchange.timings, plan.chars)
+                    affinity.learn(plan, expected, row, exchange.timings)
                 return
             except RetryableError as error:
                 last_error = self._note_failure(exchange, row, error, tried)
