@@ -233,6 +233,44 @@ def test_a_prefix_counts_as_held_only_once_its_answer_begins(
     assert turn(fleet, third)[1] == "hit"
 
 
+def slow_prefill_fleet(paddlerd: PaddlerdRunner, binary: Path, model: Path) -> Fleet:
+    """Two upstreams of a model whose prefill takes time, routed cache_aware, with up to
+    10 s of waiting for a busy holder."""
+    fleet = start_fleet(
+        paddlerd,
+        binary,
+        {"a": model, "b": model},
+        balancer='routing_policy = "cache_aware"\ncache_max_wait = 10.0\n',
+    )
+    assert fleet.wait_idle(4, timeout=60)
+    return fleet
+
+
+def in_the_way(
+    fleet: Fleet, messages: list[dict[str, str]], max_tokens: int, home: str
+) -> tuple[threading.Thread, list[float]]:
+    """A stream of ``messages``, a cache hit on ``home``, whose answer has begun when
+    this returns; the time it ended goes to the list."""
+    began = threading.Event()
+    ended: list[float] = []
+
+    def stream() -> None:
+        body = {"messages": messages, "max_tokens": max_tokens, "stream": True}
+        with httpx.stream("POST", fleet.url("/v1/chat/completions"), json=body, timeout=60) as s:
+            assert (s.headers["x-paddler-upstream"], s.headers["x-paddler-cache"]) == (
+                home,
+                "hit",
+            )
+            for _ in s.iter_lines():
+                began.set()  # its answer began: its copy of the prompt is in use
+        ended.append(time.monotonic())
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    assert began.wait(timeout=30)
+    return thread, ended
+
+
 def test_a_request_waits_for_a_busy_holder_when_that_beats_processing_its_prompt(
     paddlerd: PaddlerdRunner, llama_server_binary: Path, bench_model: Path
 ) -> None:
@@ -242,39 +280,18 @@ def test_a_request_waits_for_a_busy_holder_when_that_beats_processing_its_prompt
     on a model that processes a prompt in milliseconds, goes elsewhere at once. (The
     request in the way continues the first conversation, in its slot: the upstream has
     one copy of the system prompt, not two, as in the test after this one.)"""
-    fleet = start_fleet(
-        paddlerd,
-        llama_server_binary,
-        {"a": bench_model, "b": bench_model},
-        balancer='routing_policy = "cache_aware"\ncache_max_wait = 10.0\n',
-    )
-    assert fleet.wait_idle(4, timeout=60)
+    fleet = slow_prefill_fleet(paddlerd, llama_server_binary, bench_model)
     system = " ".join(f"river{number} carries boats to the sea." for number in range(120))
     opening = [{"role": "system", "content": system}, {"role": "user", "content": "Hello."}]
     home, expected, timings = turn(fleet, opening)
     assert expected == "miss"
     # The premise: processing the system prompt takes several times what the request
-    # in the way below takes to answer its 4 tokens.
+    # in the way below takes to answer its 16 tokens.
     assert timings["prompt_ms"] > 300, timings
 
-    began = threading.Event()
-    ended: list[float] = []
-
-    def in_the_way() -> None:
-        question = [*opening, {"role": "user", "content": "Why?"}]
-        body = {"messages": question, "max_tokens": 4, "stream": True}
-        with httpx.stream("POST", fleet.url("/v1/chat/completions"), json=body, timeout=60) as s:
-            assert (s.headers["x-paddler-upstream"], s.headers["x-paddler-cache"]) == (
-                home,
-                "hit",
-            )
-            for _ in s.iter_lines():
-                began.set()  # its answer began: home's copy of the prompt is in use
-        ended.append(time.monotonic())
-
-    first = threading.Thread(target=in_the_way)
-    first.start()
-    assert began.wait(timeout=30)
+    # (16 tokens: still running when the next one is planned, on a loaded machine too, and
+    # over well within the wait's budget, the system prompt's prefill.)
+    first, ended = in_the_way(fleet, [*opening, {"role": "user", "content": "Why?"}], 16, home)
     sent = time.monotonic()
     answer = httpx.post(
         fleet.url("/v1/chat/completions"),
@@ -311,13 +328,7 @@ def test_a_new_conversation_takes_a_free_copy_of_a_shared_system_prompt_at_once(
     once, without waiting, and llama.cpp loads the system prompt from its cache (bench
     W1: waiting instead sent a new conversation to the other server's slots, over a
     conversation still going)."""
-    fleet = start_fleet(
-        paddlerd,
-        llama_server_binary,
-        {"a": bench_model, "b": bench_model},
-        balancer='routing_policy = "cache_aware"\ncache_max_wait = 10.0\n',
-    )
-    assert fleet.wait_idle(4, timeout=60)
+    fleet = slow_prefill_fleet(paddlerd, llama_server_binary, bench_model)
     system = " ".join(f"lake{number} feeds a river." for number in range(60))
     story = " ".join(f"tell me of town{number} by the water" for number in range(100))
 
@@ -330,24 +341,8 @@ def test_a_new_conversation_takes_a_free_copy_of_a_shared_system_prompt_at_once(
     second = opening("Why?")
     assert turn(fleet, second)[:2] == (home, "hit")
 
-    began = threading.Event()
-    ended: list[float] = []
-
-    def in_the_way() -> None:
-        body = {
-            "messages": [*second, {"role": "user", "content": "Go on."}],
-            "max_tokens": 64,  # still running when the next one is planned
-            "stream": True,
-        }
-        with httpx.stream("POST", fleet.url("/v1/chat/completions"), json=body, timeout=60) as s:
-            assert s.headers["x-paddler-upstream"] == home
-            for _ in s.iter_lines():
-                began.set()
-        ended.append(time.monotonic())
-
-    going_on = threading.Thread(target=in_the_way)
-    going_on.start()
-    assert began.wait(timeout=30)
+    # (64 tokens: still running when the next one is planned.)
+    going_on, ended = in_the_way(fleet, [*second, {"role": "user", "content": "Go on."}], 64, home)
     sent = time.monotonic()
     answer = httpx.post(
         fleet.url("/v1/chat/completions"),
