@@ -19,9 +19,11 @@ popular prompt ends up cached on as many servers as its traffic needs. Unless th
 holder has another copy: a new conversation that branched off a shared system prompt
 where a much longer one ran had llama.cpp save that one to its host-memory cache
 first (paddler/prefixes/index.py). Those count while requests sent to them keep
-finding them cached (the copy trust). Among equally
-free upstreams, cache_aware takes the one given a request longest ago, so that new
-prompts spread over the fleet's caches instead of all filling the first server's.
+finding them cached (the copy trust).
+
+Among equally free upstreams, cache_aware takes the one given a request longest ago,
+so that new prompts spread over the fleet's caches instead of all filling the first
+server's.
 
 When the only holders of a request's longest prefix are busy, cache_aware may wait for
 one of them instead (cache_max_wait): at most as long as processing the prompt's uncached
