@@ -69,7 +69,7 @@ TAIL_FIELDS: Final = struct.Struct("<HBxI")  # copies, flags, reach: written tog
 TAIL_OFFSET: Final = 24
 TAIL: Final = 1  # flags: a prompt on the row ended with this prefix
 COUNT: Final = struct.Struct("<H")  # an entry's requests in flight, written alone
-PREFILL: Final = struct.Struct("<d")
+HEADER_F64: Final = struct.Struct("<d")  # the header's f64 fields: prefill rate, copy trust, probe
 PREFILL_OFFSET: Final = 16
 TRUST_OFFSET: Final = 24
 PROBE_OFFSET: Final = 32
@@ -126,7 +126,7 @@ class PrefixIndex:
         try:
             os.ftruncate(fd, size)
             os.pwrite(fd, HEADER.pack(MAGIC, VERSION, sets), 0)
-            os.pwrite(fd, PREFILL.pack(1.0), TRUST_OFFSET)
+            os.pwrite(fd, HEADER_F64.pack(1.0), TRUST_OFFSET)
         finally:
             os.close(fd)
         partial.replace(path)  # a reader finds a whole file or none
@@ -160,30 +160,28 @@ class PrefixIndex:
         """Seconds of prefill per prompt character, learned by every worker together.
         (Written without the lock: an aligned 8-byte store is whole on the platforms we
         build for, and two workers' updates crossing lose one measurement at worst.)"""
-        rate: float = PREFILL.unpack_from(self._map, PREFILL_OFFSET)[0]
+        rate: float = HEADER_F64.unpack_from(self._map, PREFILL_OFFSET)[0]
         return rate
 
     @prefill_rate.setter
     def prefill_rate(self, rate: float) -> None:
-        PREFILL.pack_into(self._map, PREFILL_OFFSET, rate)
+        HEADER_F64.pack_into(self._map, PREFILL_OFFSET, rate)
 
     @property
     def copy_trust(self) -> float:
         """How often a request sent to a copy of a prefix beyond its upstream's first
         found it cached: a moving average, shared by every worker, 1 at start. (Written
         without the lock, as prefill_rate.)"""
-        trust: float = PREFILL.unpack_from(self._map, TRUST_OFFSET)[0]
+        trust: float = HEADER_F64.unpack_from(self._map, TRUST_OFFSET)[0]
         return trust
 
     @copy_trust.setter
     def copy_trust(self, trust: float) -> None:
-        PREFILL.pack_into(self._map, TRUST_OFFSET, trust)
+        HEADER_F64.pack_into(self._map, TRUST_OFFSET, trust)
 
     def copies(self, key: int, row: int) -> int:
-        """Prompts on ``row`` known to begin with this prefix (0: not held there)."""
-        fields = SET.unpack_from(self._map, self._set_offset(key))
-        way = self._way(fields, key, row)
-        return 0 if way is None else int(fields[FIELDS * way + 6])
+        """Copies of this prefix on ``row`` (0: not held there)."""
+        return self._field(key, row, 6)
 
     def _set_offset(self, key: int) -> int:
         return HEADER_SIZE + (key % self.sets) * SET.size
@@ -197,9 +195,12 @@ class PrefixIndex:
 
     def in_flight(self, key: int, row: int) -> int:
         """Requests with this prefix in flight on ``row``, as counted (0: not held there)."""
+        return self._field(key, row, 2)
+
+    def _field(self, key: int, row: int, field: int) -> int:
         fields = SET.unpack_from(self._map, self._set_offset(key))
         way = self._way(fields, key, row)
-        return 0 if way is None else int(fields[FIELDS * way + 2])
+        return 0 if way is None else int(fields[FIELDS * way + field])
 
     def holders(
         self,
@@ -221,7 +222,7 @@ class PrefixIndex:
         trusted = now is not None and self.copy_trust >= TRUSTED
         probe = False
         if now is not None and not trusted:
-            probe = now - PREFILL.unpack_from(self._map, PROBE_OFFSET)[0] >= PROBE_EVERY
+            probe = now - HEADER_F64.unpack_from(self._map, PROBE_OFFSET)[0] >= PROBE_EVERY
         for key, length in reversed(keys):
             fields = SET.unpack_from(self._map, HEADER_SIZE + (key % self.sets) * SET.size)
             hit = False
@@ -235,7 +236,7 @@ class PrefixIndex:
                         spare = True  # one copy is in use, another is not
                         if probe and now is not None:
                             probe = False  # this one; the next in PROBE_EVERY seconds
-                            PREFILL.pack_into(self._map, PROBE_OFFSET, now)
+                            HEADER_F64.pack_into(self._map, PROBE_OFFSET, now)
                     else:
                         # Busy: requests with this prefix are in flight there, on every
                         # copy. (Only the holders of the longest busy prefix are of use
@@ -360,23 +361,15 @@ class PrefixIndex:
         host cache first, one more copy of each of ``held``. Either way those prefixes
         now reach at least as far as this prompt. (Under the lock.)"""
         offset, fields = self._set(held[-1])
-        way = self._way(fields, held[-1], row)
-        if (
-            way is None
-            or fields[FIELDS * way + 3] != generation
-            or fields[FIELDS * way + 4] != epoch
-        ):
+        way = self._own_way(fields, held[-1], row, generation, epoch)
+        if way is None:
             return
         continues = bool(fields[FIELDS * way + 7] & TAIL)
         copy = not continues and 2 * known < fields[FIELDS * way + 8]
         for key in held:
             offset, fields = self._set(key)
-            way = self._way(fields, key, row)
-            if (
-                way is None
-                or fields[FIELDS * way + 3] != generation
-                or fields[FIELDS * way + 4] != epoch
-            ):
+            way = self._own_way(fields, key, row, generation, epoch)
+            if way is None:
                 continue
             copies = max(1, fields[FIELDS * way + 6])
             flags = fields[FIELDS * way + 7]
@@ -396,6 +389,21 @@ class PrefixIndex:
         """The offset of ``key``'s set, and the set's fields."""
         offset = HEADER_SIZE + (key % self.sets) * SET.size
         return offset, SET.unpack_from(self._map, offset)
+
+    @staticmethod
+    def _own_way(
+        fields: tuple[int, ...], key: int, row: int, generation: int, epoch: int
+    ) -> int | None:
+        """The way of ``key`` on ``row`` in a set, if it is that upstream's, in that
+        cache epoch (else its counts are another's, or void)."""
+        way = PrefixIndex._way(fields, key, row)
+        if (
+            way is None
+            or fields[FIELDS * way + 3] != generation
+            or fields[FIELDS * way + 4] != epoch
+        ):
+            return None
+        return way
 
     @staticmethod
     def _way(fields: tuple[int, ...], key: int, row: int) -> int | None:

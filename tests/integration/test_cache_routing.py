@@ -271,6 +271,21 @@ def in_the_way(
     return thread, ended
 
 
+def asked_meanwhile(
+    fleet: Fleet, messages: list[dict[str, str]], running: threading.Thread
+) -> tuple[httpx.Response, float]:
+    """The answer to ``messages``, sent while ``running`` streams, and when it was sent."""
+    sent = time.monotonic()
+    answer = httpx.post(
+        fleet.url("/v1/chat/completions"),
+        json={"messages": messages, "max_tokens": 4},
+        timeout=60,
+    )
+    running.join(timeout=60)
+    assert answer.status_code == 200, answer.text
+    return answer, sent
+
+
 def test_a_request_waits_for_a_busy_holder_when_that_beats_processing_its_prompt(
     paddlerd: PaddlerdRunner, llama_server_binary: Path, bench_model: Path
 ) -> None:
@@ -292,20 +307,8 @@ def test_a_request_waits_for_a_busy_holder_when_that_beats_processing_its_prompt
     # (16 tokens: still running when the next one is planned, on a loaded machine too, and
     # over well within the wait's budget, the system prompt's prefill.)
     first, ended = in_the_way(fleet, [*opening, {"role": "user", "content": "Why?"}], 16, home)
-    sent = time.monotonic()
-    answer = httpx.post(
-        fleet.url("/v1/chat/completions"),
-        json={
-            "messages": [
-                {"role": "system", "content": system},
-                {"role": "user", "content": "Where?"},
-            ],
-            "max_tokens": 4,
-        },
-        timeout=60,
-    )
-    first.join(timeout=60)
-    assert answer.status_code == 200, answer.text
+    where = [{"role": "system", "content": system}, {"role": "user", "content": "Where?"}]
+    answer, sent = asked_meanwhile(fleet, where, first)
     assert (answer.headers["x-paddler-upstream"], answer.headers["x-paddler-cache"]) == (
         home,
         "hit",
@@ -343,14 +346,7 @@ def test_a_new_conversation_takes_a_free_copy_of_a_shared_system_prompt_at_once(
 
     # (64 tokens: still running when the next one is planned.)
     going_on, ended = in_the_way(fleet, [*second, {"role": "user", "content": "Go on."}], 64, home)
-    sent = time.monotonic()
-    answer = httpx.post(
-        fleet.url("/v1/chat/completions"),
-        json={"messages": opening("Where?"), "max_tokens": 4},
-        timeout=60,
-    )
-    going_on.join(timeout=60)
-    assert answer.status_code == 200, answer.text
+    answer, sent = asked_meanwhile(fleet, opening("Where?"), going_on)
     assert (answer.headers["x-paddler-upstream"], answer.headers["x-paddler-cache"]) == (
         home,
         "hit",
