@@ -134,6 +134,7 @@ class Outcome:
     sent: float = 0.0  # seconds after the cell's start it was due
     upstream: str = ""  # Paddler's X-Paddler-Upstream
     cache_expected: str = ""  # Paddler's X-Paddler-Cache
+    slot: str = ""  # Paddler's X-Paddler-Slot: the llama.cpp slot it named
     label: str = ""  # W1: session and turn
 
 
@@ -181,6 +182,7 @@ async def chat(
             outcome.queued_ms = float(queued) if queued is not None else None
             outcome.upstream = response.headers.get("x-paddler-upstream", "")
             outcome.cache_expected = response.headers.get("x-paddler-cache", "")
+            outcome.slot = response.headers.get("x-paddler-slot", "")
             if response.status_code != 200:
                 await response.aread()
             else:

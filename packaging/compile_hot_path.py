@@ -52,6 +52,7 @@ MODULES = (
     "paddler/balancer/proxy/waiting.py",
     "paddler/prefixes/index.py",
     "paddler/prefixes/keys.py",
+    "paddler/prefixes/slots.py",
     "paddler/metrics/recorder.py",
     "paddler/metrics/counters.py",
 )

@@ -24,10 +24,12 @@ from paddler.config.model import (
     MAX_WORKERS,
     counters_directory,
     prefix_index_path,
+    slot_contents_path,
     slot_table_path,
 )
 from paddler.metrics import counters
 from paddler.prefixes.index import PrefixIndex, PrefixIndexError
+from paddler.prefixes.slots import SlotContents, SlotContentsError
 from paddler.slots import SlotTable, SlotTableError
 from paddler.slots.layout import DEFAULT_MAX_OWNERS, MAX_OWNERS
 from paddler.supervisor.spawn import die_with_parent
@@ -71,6 +73,7 @@ def _on_exit(server: Any) -> None:
     if mine:
         path.unlink(missing_ok=True)
         Path(prefix_index_path(server.app.settings)).unlink(missing_ok=True)
+        Path(slot_contents_path(server.app.settings)).unlink(missing_ok=True)
         shutil.rmtree(counters_directory(server.app.settings), ignore_errors=True)
 
 
@@ -151,6 +154,12 @@ def run(settings: BalancerSettings) -> int:
             PrefixIndex.create(Path(prefix_index_path(settings))).close()
         except (OSError, PrefixIndexError) as error:
             log.error("cannot create %s: %s", prefix_index_path(settings), error)
+            return 78
+    if settings.routing_policy == "cache_aware" and settings.cache_pin_slots:
+        try:
+            SlotContents.create(Path(slot_contents_path(settings)), settings.max_upstreams).close()
+        except (OSError, SlotContentsError) as error:
+            log.error("cannot create %s: %s", slot_contents_path(settings), error)
             return 78
     try:
         counters.prepare(Path(counters_directory(settings)))

@@ -204,7 +204,9 @@ class BalancerSettings:
     )
     debug_headers: bool = setting(
         "Add X-Paddler-Upstream (the upstream's name) and X-Paddler-Queue-Ms (time waited for "
-        "a free slot) to responses.",
+        "a free slot) to responses; under cache_aware, X-Paddler-Cache (hit or miss: whether "
+        "the prompt's prefix was expected cached there) and X-Paddler-Slot (the llama.cpp "
+        "slot the request named) too.",
         False,
     )
     rewrite_host_header: bool = setting(
@@ -238,6 +240,14 @@ class BalancerSettings:
         "(learned from llama.cpp's timings); 0: never waits.",
         2.0,
         minimum=0.0,
+    )
+    cache_pin_slots: bool = setting(
+        "cache_aware: name the llama.cpp slot each completion request takes (its id_slot), "
+        "by llama.cpp's own rule but with ties going to the slot used longest ago, so that a "
+        "new conversation does not overwrite one still going. Only on upstreams whose slots "
+        "are all this balancer's and whose llama.cpp build keeps its prompt cache for named "
+        "slots (b10644 and later); false: llama.cpp chooses.",
+        True,
     )
     missed_reports: int = setting(
         "Report intervals an agent may stay silent before its upstream gets no new requests.",
@@ -278,6 +288,11 @@ def slot_table_path(settings: BalancerSettings) -> str:
 def prefix_index_path(settings: BalancerSettings) -> str:
     """The prefix index of cache-aware routing (paddler/prefixes/index.py)."""
     return slot_table_path(settings) + ".prefixes"
+
+
+def slot_contents_path(settings: BalancerSettings) -> str:
+    """What each upstream's slots hold, for cache_aware (paddler/prefixes/slots.py)."""
+    return slot_table_path(settings) + ".contents"
 
 
 def management_lease_path(settings: BalancerSettings) -> str:

@@ -398,3 +398,58 @@ def test_a_holder_whose_copy_is_busy_is_passed_over_until_it_is_free(
         time.sleep(0.01)
     # Both hold it now, neither busy: a hit wherever it goes.
     assert turn(fleet, conversation("Tell me about the Rhone."))[1] == "hit"
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["slots named", "llama.cpp chooses"])
+def test_a_new_conversation_takes_the_slot_of_one_that_ended_not_of_one_going_on(
+    paddlerd: PaddlerdRunner, llama_server_binary: Path, tiny_model: Path, named: bool
+) -> None:
+    """One upstream, two slots: a conversation that ended in one, a conversation going on
+    in the other, both after the same system prompt. A new conversation after that
+    prompt takes the slot of the one that ended, and the one going on finds its whole
+    prompt cached at its next turn. Left to llama.cpp, the new conversation takes the
+    first of the two by slot number, here the one going on (bench W1: that turn then
+    processed over a thousand tokens again). The second case shows that it does."""
+    fleet = start_fleet(
+        paddlerd,
+        llama_server_binary,
+        {"a": tiny_model},
+        balancer=f'routing_policy = "cache_aware"\ncache_pin_slots = {str(named).lower()}\n',
+    )
+    assert fleet.wait_idle(2, timeout=30)
+    going_on = conversation("Tell me about the Thames, its locks, barges and bridges. " * 8)
+    ended = {**FILLER, "messages": conversation("Tell me about the Loire.")}
+    with (
+        httpx.Client(timeout=120) as client,
+        client.stream("POST", fleet.url("/v1/chat/completions"), json=ended) as stream,
+    ):
+        lines = stream.iter_lines()  # kept: a dropped reader closes its stream
+        next(lines)  # its answer began, in slot 1 (llama.cpp's first choice)
+        turn(fleet, going_on)  # meanwhile in slot 0, the only one free
+    # The one that ended was stopped mid-answer; its slot keeps its prompt.
+    deadline = time.monotonic() + 30
+    while fleet.busy_slots("a") or not fleet.wait_idle(2, timeout=1):
+        assert time.monotonic() < deadline
+    going_on.append({"role": "user", "content": "And the estuary?"})
+    second = turn(fleet, going_on)[2]  # used after the other ended: the newer of the two
+    held = second["prompt_n"] + second["cache_n"]
+
+    answer = httpx.post(
+        fleet.url("/v1/chat/completions"),
+        json={"messages": conversation("Tell me about the Rhine."), "max_tokens": 8},
+        timeout=60,
+    )
+    assert answer.status_code == 200, answer.text
+    if named:
+        assert answer.headers["x-paddler-slot"] == "1"  # the slot of the one that ended
+    else:
+        assert "x-paddler-slot" not in answer.headers
+
+    going_on.append({"role": "user", "content": "And the tides?"})
+    third = turn(fleet, going_on)[2]
+    if named:
+        # Its whole prompt so far was still in its slot.
+        assert third["cache_n"] >= 0.9 * held, (third, held)
+    else:
+        # Only the system prompt was left: the new conversation took its slot.
+        assert third["cache_n"] < 0.5 * held, (third, held)

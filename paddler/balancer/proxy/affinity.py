@@ -32,6 +32,11 @@ per prompt character, a moving average kept in the prefix index, shared by every
 Taking an idle slot elsewhere costs that whole prefill for sure, and slows whatever else
 runs on that server; the busy holder's answer may end in a moment.
 
+cache_aware also names the slot a completion request takes on its upstream (llama.cpp's
+id_slot; paddler/prefixes/slots.py): left to itself, llama.cpp gives a new conversation
+the first of the idle slots that share its system prompt, by slot number, which may be
+that of a conversation still going rather than of one that ended.
+
 Feedback: llama.cpp's timings in each answer say how many prompt tokens came from its
 cache (cache_n). A guess that found none counts as a miss; MISSES_TO_FORGET misses in a
 row on one upstream mean its cache is not what the index thinks (a restart the agent did
@@ -49,6 +54,7 @@ from paddler.config import BalancerSettings
 from paddler.metrics.recorder import Recorder
 from paddler.prefixes.index import Holder, PrefixIndex
 from paddler.prefixes.keys import BLOCK, LIMIT, prefix_keys, session_key
+from paddler.prefixes.slots import SlotContents
 from paddler.slots import SlotTable, UpstreamRow
 
 MISSES_TO_FORGET: Final = 3
@@ -64,6 +70,13 @@ SESSION_LENGTH: Final = 1 << 30  # a session key's "length": longer than any pre
 TOKENS_TO_LEARN: Final = 32
 LEARNING_RATE: Final = 0.1  # weight of each new measurement of the prefill rate
 HOLDER_POLL: Final = 0.01  # seconds between looks at a busy holder
+# llama.cpp puts a request that names its slot (id_slot) through the same prompt-cache
+# logic as one that does not, saving the slot's prompt to its host-memory cache before
+# overwriting most of it, from this build on at the latest (b9670 did not: llama.cpp
+# #24746). On older builds a named slot would lose that, so none is named there. A
+# build that gives no number (b0-unknown: built from a source archive) counts as new.
+PINNING_BUILD: Final = 10644
+_BUILD: Final = re.compile(r"b(\d+)")
 
 
 class Plan:
@@ -128,6 +141,7 @@ class Affinity:
         table: SlotTable,
         index: PrefixIndex | None,
         recorder: Recorder,
+        contents: SlotContents | None = None,
     ) -> None:
         self.policy = settings.routing_policy
         # Whether requests are sent where their prefix or session went before.
@@ -141,6 +155,10 @@ class Affinity:
         self.recorder = recorder
         self._turn = itertools.count()
         self._misses: dict[tuple[int, int], int] = {}
+        # Whether requests name their slot (cache_aware, cache_pin_slots).
+        self.contents = contents
+        self.pins = contents is not None and self.policy == "cache_aware"
+        self._pinning_builds: dict[str, bool] = {}
 
     def plan(self, header: bytes | None, payload: Any) -> Plan:
         if self.policy == "least_busy":
@@ -305,6 +323,44 @@ class Affinity:
                 plan.chars,
             )
         return []
+
+    def pin(self, plan: Plan, row: UpstreamRow) -> tuple[int, bool]:
+        """The slot of ``row`` that the request takes, as the slot record has it
+        (paddler/prefixes/slots.py; -1: none), and whether to name it. None on an
+        upstream that runs requests this balancer did not send (the record cannot know
+        what they did to its slots), nor on a build that would skip its prompt cache for
+        a named slot."""
+        contents = self.contents
+        if contents is None or row.foreign_busy or not self._pinning_build(row.build):
+            return -1, False
+        keys = plan.keys
+        if keys and keys[-1][1] >= SESSION_LENGTH:
+            keys = keys[:-1]  # a session's key is no prefix of the prompt
+        return contents.take(
+            row.index,
+            row.generation,
+            row.cache_epoch,
+            row.slots_total,
+            keys,
+            plan.chars,
+            time.monotonic(),
+        )
+
+    def unpin(self, row: UpstreamRow, slot: int) -> None:
+        """The request that pin() gave ``slot`` of ``row`` (named or not) ended."""
+        if self.contents is not None:
+            self.contents.release(row.index, row.generation, slot, time.monotonic())
+
+    def _pinning_build(self, build: str) -> bool:
+        known = self._pinning_builds.get(build)
+        if known is None:
+            match = _BUILD.match(build)
+            number = int(match.group(1)) if match else 0
+            known = number == 0 or number >= PINNING_BUILD
+            if len(self._pinning_builds) > 64:
+                self._pinning_builds.clear()  # a bound, not a rule
+            self._pinning_builds[build] = known
+        return known
 
     def vacate(self, keys: list[int], row: UpstreamRow) -> None:
         """The request that holds() occupied ``keys`` on ``row`` for has ended."""

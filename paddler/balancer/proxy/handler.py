@@ -29,9 +29,10 @@ from paddler.balancer.proxy.waiting import (
     QueueTimeoutError,
     SlotWaiter,
 )
-from paddler.config.model import prefix_index_path
+from paddler.config.model import prefix_index_path, slot_contents_path
 from paddler.metrics.recorder import Recorder
 from paddler.prefixes.index import PrefixIndex
+from paddler.prefixes.slots import SlotContents
 from paddler.slots import SlotTable, UpstreamRow, UpstreamState
 from paddler.slots.policy import Policy, model_names
 from paddler.tracing.otlp import Exporter, Span, new_span_id, trace_context, traceparent
@@ -53,6 +54,18 @@ KNOWN_ROUTES: Final = frozenset(
         "/slots",
         "/metrics",
         "/v1/health",
+    )
+)
+# Where llama.cpp reads a request's id_slot: its completion routes (the chat ones included).
+# Requests elsewhere let llama.cpp choose.
+SLOT_NAMING_ROUTES: Final = frozenset(
+    (
+        "/completion",
+        "/completions",
+        "/v1/completions",
+        "/chat/completions",
+        "/v1/chat/completions",
+        "/infill",
     )
 )
 CLIENT_LEFT: Final = 499  # nginx's status for a client that closed before its answer ended
@@ -87,7 +100,10 @@ class Proxy:
         index = None
         if self.settings.routing_policy in REMEMBERING:
             index = PrefixIndex.open(Path(prefix_index_path(self.settings)))
-        self.affinity = Affinity(self.settings, self.table, index, recorder)
+        contents = None
+        if self.settings.routing_policy == "cache_aware" and self.settings.cache_pin_slots:
+            contents = SlotContents.open(Path(slot_contents_path(self.settings)))
+        self.affinity = Affinity(self.settings, self.table, index, recorder, contents)
         self.pool = ConnectionPool(
             self.settings.upstream_connect_timeout, self.settings.upstream_keepalive_timeout
         )
@@ -268,6 +284,7 @@ class Proxy:
         queued = 0.0
         if plan.waits:  # cache_aware: its prefix is cached only where a slot is in use
             plan, queued = await self._wait_for_holder(plan)
+        names_slot = affinity.pins and _may_name_slot(exchange, payload)
         tried: set[tuple[int, int]] = set()
         last_error = ""
         retries = _Retries(settings.max_retries)
@@ -300,8 +317,9 @@ class Proxy:
             occupied: list[int] = []
             if affinity.remembers:
                 expected = self._remember_when_answered(exchange, plan, row, occupied, payload)
+            sent = self._naming_slot(exchange, plan, row, body) if names_slot else body
             try:
-                await self._forward(exchange, row, body, queued)
+                await self._forward(exchange, row, sent, queued)
                 if exchange.timings:
                     affinity.learn(plan, expected, row, exchange.timings)
                 return
@@ -310,14 +328,30 @@ class Proxy:
             finally:
                 self.table.release(reservation)
                 self.waiter.released()
-                if occupied:
-                    affinity.vacate(occupied, row)
+                if occupied or exchange.slot >= 0:
+                    self._ended_on(row, occupied, exchange.slot)
         await _fail(
             exchange,
             502,
             f"no upstream could take the request; last: {last_error}",
             "upstream_error",
         )
+
+    def _naming_slot(self, exchange: Exchange, plan: Plan, row: UpstreamRow, body: bytes) -> bytes:
+        """The body to send to ``row``: naming the llama.cpp slot the request takes there,
+        if the slot record says to. (exchange.slot: the slot recorded, named or not.)"""
+        slot, named = self.affinity.pin(plan, row)
+        exchange.slot = slot
+        exchange.slot_named = named
+        return naming(body, slot) if named else body
+
+    def _ended_on(self, row: UpstreamRow, occupied: list[int], slot: int) -> None:
+        """A request that counted as holding ``occupied`` prefixes on ``row``, or that
+        named its ``slot`` there, ended."""
+        if occupied:
+            self.affinity.vacate(occupied, row)
+        if slot >= 0:
+            self.affinity.unpin(row, slot)
 
     async def _wait_for_holder(self, plan: Plan) -> tuple[Plan, float]:
         """The plan after waiting for a busy holder of its prefix; the seconds waited."""
@@ -430,6 +464,8 @@ class Proxy:
                 exchange.extra_headers.append(
                     (b"x-paddler-cache", exchange.cache_expected.encode())
                 )
+            if exchange.slot_named:
+                exchange.extra_headers.append((b"x-paddler-slot", b"%d" % exchange.slot))
         try:
             status = await forward(
                 self.pool,
@@ -599,6 +635,23 @@ class _RememberWhenAnswered:
             self.occupied.extend(
                 self.affinity.holds(self.plan, self.row, exchange.event_stream, self.early)
             )
+
+
+def _may_name_slot(exchange: Exchange, payload: Any) -> bool:
+    """Whether a request may name its llama.cpp slot: a completion whose client named none."""
+    return (
+        isinstance(payload, dict)
+        and bool(payload)
+        and "id_slot" not in payload
+        and exchange.path in SLOT_NAMING_ROUTES
+    )
+
+
+def naming(body: bytes, slot: int) -> bytes:
+    """A JSON object's body with ``"id_slot": slot`` as its first member (the body of a
+    request whose payload parsed as a non-empty object, without an id_slot)."""
+    start = body.index(b"{") + 1
+    return b'%s"id_slot":%d,%s' % (body[:start], slot, body[start:])
 
 
 class _Retries:

@@ -89,6 +89,10 @@ class Exchange:
         # them): then the last chunk that carried them.
         self.timings: bytes | None = None
         self.cache_expected: str | None = None  # "hit" or "miss": was the prefix expected here
+        # The llama.cpp slot the slot record has the request take (-1: none), and whether
+        # the request names it (id_slot) or leaves it to llama.cpp, which takes the same.
+        self.slot = -1
+        self.slot_named = False
         self.response_started = False
         self.response_complete = False
         self.event_stream = False

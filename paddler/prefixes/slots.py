@@ -1,0 +1,213 @@
+"""Which prompt each slot of each upstream holds: the balancer's own record, shared by
+every worker, from which cache_aware names the slot a request takes (llama.cpp's
+``id_slot``).
+
+cache_aware chooses the upstream; left to itself, llama.cpp chooses the slot: the idle
+one whose prompt shares the longest prefix with the request (more than a tenth of it),
+ties going to the first by slot number, else the one used longest ago. The first-by-
+number tie is why this record exists. A new conversation after a system prompt that two
+idle slots share, one with a conversation still going and one with a conversation that
+ended, overwrites whichever comes first; in bench W1 that was the one still going, whose
+next turn then processed its whole prompt again. The balancer sent both, and knows
+which it sent to last. So it names the slot, by llama.cpp's own rule but with ties
+going to the slot used longest ago, and so knows where each prompt went.
+
+Naming a slot costs nothing of llama.cpp's host-memory prompt cache on the builds this
+is done for (paddler/balancer/proxy/affinity.py: PINNING_BUILD): a request for a named
+slot still has the slot's prompt saved before most of it is overwritten, and the best
+match loaded from there. (One exception, llama.cpp #28139: a named slot that is empty
+loads nothing; slots are empty only until they are first used.)
+
+The record is only as good as what went through this balancer: a request that some
+other client sent to the upstream is not in it. So slots are named only on upstreams
+whose slots are all this balancer's (affinity.py), and a slot the record wrongly
+thinks free costs a short wait inside llama.cpp, not a failure.
+
+One file beside the slot table (``<slot table>.contents``), mapped by every balancer
+process; writers hold an flock on it. Layout, little-endian:
+    offset 0   8s   magic b"PDLRSLTS"
+    offset 8   u32  layout version
+    offset 12  u32  rows (as the slot table's)
+    then rows x ROW_SIZE bytes, each
+        u32 the row's generation, u32 its cache epoch, when its slots were last
+            recorded (either moved: nothing is known of its slots), 8 bytes spare
+        then SLOTS records of RECORD_SIZE bytes:
+            f64 last used (CLOCK_MONOTONIC seconds: when its last request ended; 0 never)
+            f64 busy since (when a request took it; 0: idle)
+            u16 keys held, 6 spare
+            MAX_KEYS x u64: the prefix keys of the prompt it last took, shortest first
+"""
+
+import fcntl
+import mmap
+import os
+import struct
+from pathlib import Path
+from typing import Final
+
+from paddler.prefixes.keys import MAX_KEYS
+
+MAGIC: Final = b"PDLRSLTS"
+VERSION: Final = 1
+HEADER: Final = struct.Struct("<8sII")
+HEADER_SIZE: Final = 64
+SLOTS: Final = 32  # upstreams with more slots are left to choose their own
+ROW: Final = struct.Struct("<II8x")
+STATE: Final = struct.Struct("<ddH6x")  # last used, busy since, keys held
+TIMES: Final = struct.Struct("<dd")  # last used, busy since: written alone
+KEY: Final = struct.Struct("<Q")
+KEYS: Final = struct.Struct("<" + "Q" * MAX_KEYS)
+RECORD_SIZE: Final = STATE.size + KEYS.size
+ROW_SIZE: Final = ROW.size + SLOTS * RECORD_SIZE
+BUSY_HORIZON: Final = 600.0  # seconds: longer than llama.cpp answers run
+# llama.cpp's --slot-prompt-similarity (0.1 by default): a slot sharing no more than this
+# part of the request's prompt is no match, and the one used longest ago is taken.
+SIMILARITY: Final = 0.1
+_NOTHING: Final = bytes(ROW_SIZE)
+
+
+class SlotContentsError(Exception):
+    pass
+
+
+class SlotContents:
+    def __init__(self, path: Path, fd: int, mapping: mmap.mmap, rows: int) -> None:
+        self.path = path
+        self._fd = fd
+        self._map = mapping
+        self.rows = rows
+
+    @classmethod
+    def create(cls, path: Path, rows: int) -> "SlotContents":
+        partial = path.with_name(path.name + ".partial")
+        fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o640)
+        try:
+            os.ftruncate(fd, HEADER_SIZE + rows * ROW_SIZE)
+            os.pwrite(fd, HEADER.pack(MAGIC, VERSION, rows), 0)
+        finally:
+            os.close(fd)
+        partial.replace(path)  # a reader finds a whole file or none
+        return cls.open(path)
+
+    @classmethod
+    def open(cls, path: Path) -> "SlotContents":
+        """Each process opens its own descriptor (an inherited one would share the lock)."""
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError as error:
+            raise SlotContentsError(f"cannot open the slot record {path}: {error}") from error
+        try:
+            mapping = mmap.mmap(fd, os.fstat(fd).st_size)
+        except (OSError, ValueError) as error:
+            os.close(fd)
+            raise SlotContentsError(f"cannot map the slot record {path}: {error}") from error
+        magic, version, rows = HEADER.unpack_from(mapping, 0)
+        if magic != MAGIC or version != VERSION or len(mapping) < HEADER_SIZE + rows * ROW_SIZE:
+            mapping.close()
+            os.close(fd)
+            raise SlotContentsError(f"{path} is not a slot record of version {VERSION}")
+        return cls(path, fd, mapping, rows)
+
+    def close(self) -> None:
+        self._map.close()
+        os.close(self._fd)
+
+    def take(
+        self,
+        row: int,
+        generation: int,
+        epoch: int,
+        total: int,
+        keys: list[tuple[int, int]],
+        chars: int,
+        now: float,
+    ) -> tuple[int, bool]:
+        """The slot of ``row`` (``total`` slots) that a request whose prompt has these
+        prefix keys (shortest first) and is ``chars`` long takes, recorded as taken by
+        it until release() (-1: none that the record can tell), and whether to name it.
+
+        The idle slot holding the longest prefix of the prompt (more than a tenth of
+        it, as llama.cpp counts); of several, the one used longest ago; with none, the
+        one used longest ago (of several never used, the last, as llama.cpp takes it).
+        A slot never used is not named but left to llama.cpp, which takes the same:
+        named, an empty slot would skip llama.cpp's prompt cache (llama.cpp #28139)."""
+        if total <= 0 or total > SLOTS or row < 0 or row >= self.rows:
+            return -1, False
+        lengths: dict[int, int] = {}
+        for key, length in keys:  # a loop: no comprehension per request
+            lengths[key] = length
+        base = HEADER_SIZE + row * ROW_SIZE
+        mapping = self._map
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            known_generation, known_epoch = ROW.unpack_from(mapping, base)
+            if known_generation != generation or known_epoch != epoch:
+                # Another upstream in the row, or this one lost its cache: its slots'
+                # prompts are unknown (and what was in flight there is not ours).
+                mapping[base : base + ROW_SIZE] = _NOTHING
+                ROW.pack_into(mapping, base, generation, epoch)
+            chosen = self._choose(base, total, lengths, chars, now)
+            if chosen < 0:
+                return -1, False
+            offset = base + ROW.size + chosen * RECORD_SIZE
+            used = TIMES.unpack_from(mapping, offset)[0]
+            prompt = [key for key, _ in keys[-MAX_KEYS:]]
+            STATE.pack_into(mapping, offset, used, now, len(prompt))
+            prompt.extend([0] * (MAX_KEYS - len(prompt)))
+            KEYS.pack_into(mapping, offset + STATE.size, *prompt)
+            return chosen, used > 0.0
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _choose(
+        self, base: int, total: int, lengths: dict[int, int], chars: int, now: float
+    ) -> int:
+        """take()'s choice among the slots of the row at ``base`` (under the lock)."""
+        mapping = self._map
+        chosen = -1
+        chosen_depth = 0
+        chosen_used = 0.0
+        oldest = -1
+        oldest_used = 0.0
+        for slot in range(total):
+            offset = base + ROW.size + slot * RECORD_SIZE
+            used, busy, held = STATE.unpack_from(mapping, offset)
+            if busy > 0.0 and now - busy < BUSY_HORIZON:
+                continue
+            if oldest < 0 or used <= oldest_used:
+                oldest = slot
+                oldest_used = used
+            depth = 0
+            at = offset + STATE.size + (held - 1) * KEY.size
+            while held > 0 and lengths:  # deepest first: the first found is the longest
+                depth = lengths.get(KEY.unpack_from(mapping, at)[0], 0)
+                if depth:
+                    break
+                held -= 1
+                at -= KEY.size
+            if depth <= SIMILARITY * chars:
+                continue
+            if depth > chosen_depth or (depth == chosen_depth and used < chosen_used):
+                chosen = slot
+                chosen_depth = depth
+                chosen_used = used
+        return chosen if chosen >= 0 else oldest
+
+    def release(self, row: int, generation: int, slot: int, now: float) -> None:
+        """The request that took ``slot`` of ``row`` ended: the slot is idle, used now."""
+        if slot < 0 or slot >= SLOTS or row < 0 or row >= self.rows:
+            return
+        base = HEADER_SIZE + row * ROW_SIZE
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            if ROW.unpack_from(self._map, base)[0] == generation:
+                TIMES.pack_into(self._map, base + ROW.size + slot * RECORD_SIZE, now, 0.0)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def held(self, row: int, slot: int) -> list[int]:
+        """The prefix keys of the prompt ``slot`` of ``row`` last took (for paddlerctl and
+        the tests)."""
+        offset = HEADER_SIZE + row * ROW_SIZE + ROW.size + slot * RECORD_SIZE
+        count = STATE.unpack_from(self._map, offset)[2]
+        return list(KEYS.unpack_from(self._map, offset + STATE.size)[:count])

@@ -1,0 +1,163 @@
+"""The slot record: which llama.cpp slot of an upstream a cache_aware request names."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from paddler.balancer.proxy.affinity import PINNING_BUILD, Affinity, Plan
+from paddler.balancer.proxy.handler import naming
+from paddler.config import BalancerSettings
+from paddler.metrics.counters import CounterFile
+from paddler.metrics.recorder import Recorder
+from paddler.prefixes.keys import prefix_keys, session_key
+from paddler.prefixes.slots import BUSY_HORIZON, SLOTS, SlotContents
+from paddler.slots import SlotTable, UpstreamRow
+from tests.unit.test_prefixes import chat
+from tests.unit.test_slot_table import REPORT
+
+SYSTEM = "You answer questions about the fleet. " * 20
+
+
+def keys_of(*contents: str) -> tuple[list[tuple[int, int]], int]:
+    keys = prefix_keys(chat(*contents))
+    return keys, keys[-1][1]
+
+
+def run(contents: SlotContents, slot_count: int, now: float, *turn: str) -> tuple[int, bool]:
+    """A request with this conversation on row 0 (generation 1, epoch 0), ended at once:
+    the slot it took, and whether it named it."""
+    keys, chars = keys_of(*turn)
+    slot, named = contents.take(0, 1, 0, slot_count, keys, chars, now)
+    contents.release(0, 1, slot, now + 1.0)
+    return slot, named
+
+
+def test_a_new_conversation_takes_the_slot_used_longest_ago_of_those_sharing_its_prefix(
+    tmp_path: Path,
+) -> None:
+    contents = SlotContents.create(tmp_path / "contents", rows=4)
+    # Two conversations after one system prompt, at the same time: a slot each. Slots
+    # never used are llama.cpp's to choose (the last, as it does), not named.
+    ended, chars = keys_of(SYSTEM, "ended: one question only")
+    assert contents.take(0, 1, 0, 2, ended, chars, 10.0) == (1, False)
+    live, chars = keys_of(SYSTEM, "live: tell me about slots")
+    assert contents.take(0, 1, 0, 2, live, chars, 10.5) == (0, False)
+    contents.release(0, 1, 1, 12.0)  # the one that ends
+    contents.release(0, 1, 0, 12.5)
+    # The live one's next turn finds its own slot, though the other was used longer ago.
+    assert run(contents, 2, 20.0, SYSTEM, "live: tell me about slots", "sure", "more?") == (
+        0,
+        True,
+    )
+    # A new conversation shares the system prompt with both: llama.cpp would take the
+    # first by number, the live one's; the record names the one used longest ago.
+    other = SlotContents.open(tmp_path / "contents")  # another worker
+    assert run(other, 2, 30.0, SYSTEM, "new: hello") == (1, True)
+    # And the live conversation still has its slot.
+    turn = (SYSTEM, "live: tell me about slots", "sure", "more?", "ok")
+    assert run(contents, 2, 40.0, *turn) == (0, True)
+
+
+def test_without_a_shared_prefix_the_slot_used_longest_ago_is_taken(tmp_path: Path) -> None:
+    contents = SlotContents.create(tmp_path / "contents", rows=4)
+    assert run(contents, 3, 1.0, "first") == (2, False)  # none used yet: the last
+    assert run(contents, 3, 2.0, "second") == (1, False)
+    assert run(contents, 3, 3.0, "third") == (0, False)
+    assert run(contents, 3, 4.0, "fourth") == (2, True)
+    # A prefix no more than a tenth of the prompt is no match (llama.cpp's similarity):
+    # slot 1, used longest ago, not slot 2 that holds "fourth".
+    assert run(contents, 3, 6.0, "fourth", "x" * 200) == (1, True)
+
+
+def test_a_busy_slot_is_not_taken_until_its_request_ends(tmp_path: Path) -> None:
+    contents = SlotContents.create(tmp_path / "contents", rows=4)
+    keys, chars = keys_of(SYSTEM, "question")
+    assert contents.take(0, 1, 0, 2, keys, chars, 1.0) == (1, False)
+    assert contents.take(0, 1, 0, 2, keys, chars, 2.0) == (0, False)  # though it holds none
+    assert contents.take(0, 1, 0, 2, keys, chars, 3.0) == (-1, False)  # none idle
+    contents.release(0, 1, 0, 4.0)
+    assert contents.take(0, 1, 0, 2, keys, chars, 5.0) == (0, True)
+    # A request whose worker died never releases: its slot is idle again after the horizon.
+    assert contents.take(0, 1, 0, 2, keys, chars, 1.0 + BUSY_HORIZON + 1)[0] == 1
+
+
+def test_another_upstream_in_the_row_or_a_lost_cache_forgets_the_slots(tmp_path: Path) -> None:
+    contents = SlotContents.create(tmp_path / "contents", rows=4)
+    assert run(contents, 2, 1.0, SYSTEM, "a") == (1, False)
+    assert run(contents, 2, 2.0, "unrelated") == (0, False)
+    keys, chars = keys_of(SYSTEM, "a", "answer", "next")
+    assert contents.take(0, 1, 0, 2, keys, chars, 3.0) == (1, True)  # its conversation's slot
+    contents.release(0, 1, 1, 3.5)
+    # The upstream lost its cache (a new epoch): nothing is known of its slots.
+    assert contents.take(0, 1, 1, 2, keys, chars, 4.0) == (1, False)
+    assert contents.held(0, 0) == []
+    # A busy slot of the upstream that had the row before does not count for the next.
+    assert contents.take(0, 2, 0, 2, keys, chars, 5.0) == (1, False)
+    contents.release(0, 1, 1, 6.0)  # the old upstream's request ending changes nothing
+    assert contents.take(0, 2, 0, 2, keys, chars, 7.0) == (0, False)
+
+
+def test_upstreams_with_more_slots_than_recorded_choose_their_own(tmp_path: Path) -> None:
+    contents = SlotContents.create(tmp_path / "contents", rows=4)
+    keys, chars = keys_of(SYSTEM, "a")
+    assert contents.take(0, 1, 0, SLOTS + 1, keys, chars, 1.0) == (-1, False)
+    assert contents.take(0, 1, 0, 0, keys, chars, 1.0) == (-1, False)
+    assert contents.take(4, 1, 0, 2, keys, chars, 1.0) == (-1, False)  # no such row
+    assert contents.take(3, 1, 0, SLOTS, keys, chars, 1.0) == (SLOTS - 1, False)
+
+
+def affinity_with_row(tmp_path: Path, build: str, busy: int = 0) -> tuple[Affinity, UpstreamRow]:
+    table = SlotTable.create(tmp_path / "slots", max_upstreams=4, max_owners=4)
+    report = replace(REPORT, build=build, slots_total=2, slots_idle=2 - busy, slots_processing=busy)
+    table.apply_report(report, now=100.0)
+    contents = SlotContents.create(tmp_path / "contents", rows=4)
+    settings = BalancerSettings(routing_policy="cache_aware")
+    recorder = Recorder(CounterFile.create(tmp_path / "1.counters"))
+    return Affinity(settings, table, None, recorder, contents), table.rows()[0]
+
+
+@pytest.mark.parametrize(
+    ("build", "named"),
+    [
+        (f"b{PINNING_BUILD}-abcdef12", True),
+        ("b11434-69ce80f4", True),
+        ("b0-unknown", True),  # built from a source archive: no number, a current build
+        (f"b{PINNING_BUILD - 1}-abcdef12", False),  # would skip its prompt cache
+        ("b9670-02810c7a", False),
+    ],
+)
+def test_slots_are_named_only_on_builds_that_keep_their_prompt_cache(
+    tmp_path: Path, build: str, named: bool
+) -> None:
+    affinity, row = affinity_with_row(tmp_path, build)
+    keys, _ = keys_of(SYSTEM, "a")
+    assert affinity.pin(Plan(keys), row)[0] == (1 if named else -1)
+
+
+def test_no_slot_is_named_where_other_clients_use_the_upstream(tmp_path: Path) -> None:
+    affinity, row = affinity_with_row(tmp_path, "b11434-69ce80f4", busy=1)
+    assert row.foreign_busy == 1
+    keys, _ = keys_of(SYSTEM, "a")
+    assert affinity.pin(Plan(keys), row) == (-1, False)
+
+
+def test_a_session_key_is_not_recorded_as_a_prefix(tmp_path: Path) -> None:
+    affinity, row = affinity_with_row(tmp_path, "b11434-69ce80f4")
+    keys, _ = keys_of(SYSTEM, "a")
+    plan = Plan([*keys, (session_key("user-1"), 1 << 30)])
+    slot, _ = affinity.pin(plan, row)
+    assert slot == 1
+    assert affinity.contents is not None
+    assert affinity.contents.held(row.index, slot) == [key for key, _ in keys]
+    affinity.unpin(row, slot)
+    # Released: idle again, and it holds the prompt (named now: it was used).
+    assert affinity.pin(plan, row) == (1, True)
+
+
+def test_the_named_slot_goes_first_in_the_forwarded_body() -> None:
+    body = b' {"messages": [{"role": "user", "content": "{hi}"}], "stream": true}'
+    named = json.loads(naming(body, 3))
+    assert named == {"id_slot": 3, **json.loads(body)}
+    assert next(iter(named)) == "id_slot"
