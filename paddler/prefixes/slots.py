@@ -34,7 +34,7 @@ process; writers hold an flock on it. Layout, little-endian:
         then SLOTS records of RECORD_SIZE bytes:
             f64 last used (CLOCK_MONOTONIC seconds: when its last request ended; 0 never)
             f64 busy since (when a request took it; 0: idle)
-            u16 keys held, 6 spare
+            u16 keys held, 2 spare, u32 the length of that prompt in characters
             MAX_KEYS x u64: the prefix keys of the prompt it last took, shortest first
 """
 
@@ -53,7 +53,7 @@ HEADER: Final = struct.Struct("<8sII")
 HEADER_SIZE: Final = 64
 SLOTS: Final = 32  # upstreams with more slots are left to choose their own
 ROW: Final = struct.Struct("<II8x")
-STATE: Final = struct.Struct("<ddH6x")  # last used, busy since, keys held
+STATE: Final = struct.Struct("<ddHxxI")  # last used, busy since, keys held, prompt length
 TIMES: Final = struct.Struct("<dd")  # last used, busy since: written alone
 KEY: Final = struct.Struct("<Q")
 KEYS: Final = struct.Struct("<" + "Q" * MAX_KEYS)
@@ -127,10 +127,17 @@ class SlotContents:
         it until release() (-1: none that the record can tell), and whether to name it.
 
         The idle slot holding the longest prefix of the prompt (more than a tenth of
-        it, as llama.cpp counts); of several, the one used longest ago; with none, the
-        one used longest ago (of several never used, the last, as llama.cpp takes it).
-        A slot never used is not named but left to llama.cpp, which takes the same:
-        named, an empty slot would skip llama.cpp's prompt cache (llama.cpp #28139)."""
+        it, as llama.cpp counts) that is at least half of the slot's prompt, which the
+        request then goes on from in place; of several, the one used longest ago. Else
+        the request overwrites most of whatever slot it takes: the one used longest
+        ago, a slot never used first (of several, the last, as llama.cpp takes them).
+        llama.cpp would take the slot sharing the most with the prompt, which may be
+        that of a conversation still going, where a slot never used or a conversation
+        that ended longer ago could take it.
+
+        A slot never used is named only when llama.cpp would take another: it takes
+        the same one otherwise, and loads the prompt's prefix from its host-memory cache
+        into it, which it does not for an empty slot that is named (llama.cpp #28139)."""
         if total <= 0 or total > SLOTS or row < 0 or row >= self.rows:
             return -1, False
         lengths: dict[int, int] = {}
@@ -146,32 +153,34 @@ class SlotContents:
                 # prompts are unknown (and what was in flight there is not ours).
                 mapping[base : base + ROW_SIZE] = _NOTHING
                 ROW.pack_into(mapping, base, generation, epoch)
-            chosen = self._choose(base, total, lengths, chars, now)
+            chosen, named = self._choose(base, total, lengths, chars, now)
             if chosen < 0:
                 return -1, False
             offset = base + ROW.size + chosen * RECORD_SIZE
             used = TIMES.unpack_from(mapping, offset)[0]
             prompt = [key for key, _ in keys[-MAX_KEYS:]]
-            STATE.pack_into(mapping, offset, used, now, len(prompt))
+            STATE.pack_into(mapping, offset, used, now, len(prompt), min(chars, 0xFFFFFFFF))
             prompt.extend([0] * (MAX_KEYS - len(prompt)))
             KEYS.pack_into(mapping, offset + STATE.size, *prompt)
-            return chosen, used > 0.0
+            return chosen, named
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def _choose(
         self, base: int, total: int, lengths: dict[int, int], chars: int, now: float
-    ) -> int:
-        """take()'s choice among the slots of the row at ``base`` (under the lock)."""
+    ) -> tuple[int, bool]:
+        """take()'s choice among the slots of the row at ``base``, and whether to name
+        it (under the lock)."""
         mapping = self._map
         chosen = -1
         chosen_depth = 0
         chosen_used = 0.0
         oldest = -1
         oldest_used = 0.0
+        similar = False  # an idle slot that llama.cpp would choose by the prompt
         for slot in range(total):
             offset = base + ROW.size + slot * RECORD_SIZE
-            used, busy, held = STATE.unpack_from(mapping, offset)
+            used, busy, held, length = STATE.unpack_from(mapping, offset)
             if busy > 0.0 and now - busy < BUSY_HORIZON:
                 continue
             if oldest < 0 or used <= oldest_used:
@@ -187,11 +196,16 @@ class SlotContents:
                 at -= KEY.size
             if depth <= SIMILARITY * chars:
                 continue
+            similar = True
+            if 2 * depth < length:
+                continue  # it would overwrite most of the slot's prompt
             if depth > chosen_depth or (depth == chosen_depth and used < chosen_used):
                 chosen = slot
                 chosen_depth = depth
                 chosen_used = used
-        return chosen if chosen >= 0 else oldest
+        if chosen >= 0:
+            return chosen, True
+        return oldest, oldest >= 0 and (oldest_used > 0.0 or similar)
 
     def release(self, row: int, generation: int, slot: int, now: float) -> None:
         """The request that took ``slot`` of ``row`` ended: the slot is idle, used now."""

@@ -60,6 +60,41 @@ def test_a_new_conversation_takes_the_slot_used_longest_ago_of_those_sharing_its
     assert run(contents, 2, 40.0, *turn) == (0, True)
 
 
+def test_a_new_conversation_fills_a_slot_never_used_before_overwriting_one_going_on(
+    tmp_path: Path,
+) -> None:
+    """Bench W1: a conversation ran on in one slot, the other was never used. A new
+    conversation after the same system prompt would overwrite most of the first slot's
+    prompt, and llama.cpp would take that slot (it skips empty ones when it matches
+    prompts): named, the empty slot takes it, at the cost of the system prompt's prefill
+    (a named empty slot loads nothing from llama.cpp's host cache)."""
+    contents = SlotContents.create(tmp_path / "contents", rows=4)
+    long_question = "Tell me everything about the rivers of Europe. " * 40
+    assert run(contents, 2, 1.0, SYSTEM, long_question) == (1, False)
+    turn = (SYSTEM, long_question, "an answer", "and then?")
+    assert run(contents, 2, 3.0, *turn) == (1, True)
+    assert run(contents, 2, 5.0, SYSTEM, "new: hello") == (0, True)
+    # The next new conversation overwrites the slot used longest ago: the first one's.
+    assert run(contents, 2, 7.0, *turn, "go on", "more") == (1, True)
+    assert run(contents, 2, 9.0, SYSTEM, "newer: hi") == (0, True)
+    # A prompt that shares nothing with either slot's leaves an empty slot to llama.cpp,
+    # which takes the same and loads from its host cache what it can.
+    assert run(contents, 3, 11.0, "unrelated") == (2, False)
+
+
+def test_a_slot_whose_prompt_the_request_goes_on_from_beats_one_it_would_overwrite(
+    tmp_path: Path,
+) -> None:
+    contents = SlotContents.create(tmp_path / "contents", rows=4)
+    long_question = "Tell me everything about the rivers of Europe. " * 40
+    assert run(contents, 2, 1.0, SYSTEM, long_question) == (1, False)
+    assert contents.take(0, 1, 0, 2, *keys_of(SYSTEM, "short"), 2.0) == (0, True)
+    contents.release(0, 1, 0, 3.0)
+    # Both share the system prompt; the long question's slot was used longer ago, but
+    # the request would overwrite most of it, and keeps most of the other's.
+    assert run(contents, 2, 4.0, SYSTEM, "another short one") == (0, True)
+
+
 def test_without_a_shared_prefix_the_slot_used_longest_ago_is_taken(tmp_path: Path) -> None:
     contents = SlotContents.create(tmp_path / "contents", rows=4)
     assert run(contents, 3, 1.0, "first") == (2, False)  # none used yet: the last
