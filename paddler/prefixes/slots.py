@@ -4,19 +4,26 @@ every worker, from which cache_aware names the slot a request takes (llama.cpp's
 
 cache_aware chooses the upstream; left to itself, llama.cpp chooses the slot: the idle
 one whose prompt shares the longest prefix with the request (more than a tenth of it),
-ties going to the first by slot number, else the one used longest ago. The first-by-
-number tie is why this record exists. A new conversation after a system prompt that two
-idle slots share, one with a conversation still going and one with a conversation that
-ended, overwrites whichever comes first; in bench W1 that was the one still going, whose
-next turn then processed its whole prompt again. The balancer sent both, and knows
-which it sent to last. So it names the slot, by llama.cpp's own rule but with ties
-going to the slot used longest ago, and so knows where each prompt went.
+ties going to the first by slot number, else the one used longest ago. A new
+conversation after a system prompt shares that prompt with every slot that holds a
+conversation after it: llama.cpp overwrites the first of them by number (it skips
+empty slots when it matches prompts), which may be a conversation still going, while a
+conversation that ended longer ago, or a slot never used, could have taken it. In bench
+W1, the next turn of the conversation overwritten then processed its whole prompt
+again: llama.cpp had saved it to its host cache, but gave that turn the slot now
+sharing the system prompt with it, most of which it keeps, so it loaded nothing. The
+balancer sent every request there and knows when each slot was last used. So it names
+the slot: one whose prompt the request goes on from in place (it keeps at least half
+of it), the one used longest ago of several; else the one used longest ago, a slot
+never used first.
 
 Naming a slot costs nothing of llama.cpp's host-memory prompt cache on the builds this
 is done for (paddler/balancer/proxy/affinity.py: PINNING_BUILD): a request for a named
 slot still has the slot's prompt saved before most of it is overwritten, and the best
 match loaded from there. (One exception, llama.cpp #28139: a named slot that is empty
-loads nothing; slots are empty only until they are first used.)
+loads nothing; slots are empty only until they are first used. So a slot never used
+is named only where llama.cpp would take another: a new conversation then pays its
+system prompt's prefill once more on that server, in place of a conversation lost.)
 
 The record is only as good as what went through this balancer: a request that some
 other client sent to the upstream is not in it. So slots are named only on upstreams
