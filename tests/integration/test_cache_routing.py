@@ -450,6 +450,14 @@ def test_a_new_conversation_takes_the_slot_of_one_that_ended_not_of_one_going_on
     if named:
         # Its whole prompt so far was still in its slot.
         assert third["cache_n"] >= 0.9 * held, (third, held)
+        # A client that names a slot itself keeps it: llama.cpp gets what it sent.
+        own = httpx.post(
+            fleet.url("/v1/chat/completions"),
+            json={"messages": conversation("Hi."), "max_tokens": 2, "id_slot": 0},
+            timeout=60,
+        )
+        assert own.status_code == 200, own.text
+        assert "x-paddler-slot" not in own.headers
     else:
         # Only the system prompt was left: the new conversation took its slot.
         assert third["cache_n"] < 0.5 * held, (third, held)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from paddler.balancer.proxy.affinity import PINNING_BUILD, Affinity, Plan
-from paddler.balancer.proxy.handler import naming
+from paddler.balancer.proxy.handler import may_name_slot, naming
 from paddler.config import BalancerSettings
 from paddler.metrics.counters import CounterFile
 from paddler.metrics.recorder import Recorder
@@ -196,3 +196,13 @@ def test_the_named_slot_goes_first_in_the_forwarded_body() -> None:
     named = json.loads(naming(body, 3))
     assert named == {"id_slot": 3, **json.loads(body)}
     assert next(iter(named)) == "id_slot"
+
+
+def test_only_completions_whose_client_named_no_slot_name_one() -> None:
+    chat_request = {"messages": [{"role": "user", "content": "hi"}]}
+    assert may_name_slot("/v1/chat/completions", chat_request)
+    assert may_name_slot("/completion", {"prompt": "hi"})
+    assert not may_name_slot("/v1/chat/completions", {**chat_request, "id_slot": 1})
+    assert not may_name_slot("/v1/embeddings", {"input": "hi"})  # llama.cpp ignores it there
+    assert not may_name_slot("/v1/chat/completions", {})  # no member to go before
+    assert not may_name_slot("/v1/chat/completions", [chat_request])

@@ -284,7 +284,7 @@ class Proxy:
         queued = 0.0
         if plan.waits:  # cache_aware: its prefix is cached only where a slot is in use
             plan, queued = await self._wait_for_holder(plan)
-        names_slot = affinity.pins and _may_name_slot(exchange, payload)
+        names_slot = affinity.pins and may_name_slot(exchange.path, payload)
         tried: set[tuple[int, int]] = set()
         last_error = ""
         retries = _Retries(settings.max_retries)
@@ -637,13 +637,13 @@ class _RememberWhenAnswered:
             )
 
 
-def _may_name_slot(exchange: Exchange, payload: Any) -> bool:
+def may_name_slot(path: str, payload: Any) -> bool:
     """Whether a request may name its llama.cpp slot: a completion whose client named none."""
     return (
         isinstance(payload, dict)
         and bool(payload)
         and "id_slot" not in payload
-        and exchange.path in SLOT_NAMING_ROUTES
+        and path in SLOT_NAMING_ROUTES
     )
 
 
