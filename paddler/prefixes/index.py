@@ -57,6 +57,8 @@ import struct
 from pathlib import Path
 from typing import Final
 
+from paddler.prefixes.mapped import create_mapped, open_mapped
+
 MAGIC: Final = b"PDLRPRFX"
 VERSION: Final = 3
 HEADER: Final = struct.Struct("<8sII")
@@ -120,35 +122,15 @@ class PrefixIndex:
 
     @classmethod
     def create(cls, path: Path, sets: int = DEFAULT_SETS) -> "PrefixIndex":
-        size = HEADER_SIZE + sets * SET.size
-        partial = path.with_name(path.name + ".partial")
-        fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o640)
-        try:
-            os.ftruncate(fd, size)
-            os.pwrite(fd, HEADER.pack(MAGIC, VERSION, sets), 0)
-            os.pwrite(fd, HEADER_F64.pack(1.0), TRUST_OFFSET)
-        finally:
-            os.close(fd)
-        partial.replace(path)  # a reader finds a whole file or none
+        header = HEADER.pack(MAGIC, VERSION, sets).ljust(TRUST_OFFSET, b"\0")
+        create_mapped(path, HEADER_SIZE + sets * SET.size, header + HEADER_F64.pack(1.0))
         return cls.open(path)
 
     @classmethod
     def open(cls, path: Path) -> "PrefixIndex":
-        """Each process opens its own descriptor (an inherited one would share the lock)."""
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except OSError as error:
-            raise PrefixIndexError(f"cannot open the prefix index {path}: {error}") from error
-        try:
-            mapping = mmap.mmap(fd, os.fstat(fd).st_size)
-        except (OSError, ValueError) as error:
-            os.close(fd)
-            raise PrefixIndexError(f"cannot map the prefix index {path}: {error}") from error
-        magic, version, sets = HEADER.unpack_from(mapping, 0)
-        if magic != MAGIC or version != VERSION or len(mapping) < HEADER_SIZE + sets * SET.size:
-            mapping.close()
-            os.close(fd)
-            raise PrefixIndexError(f"{path} is not a prefix index of version {VERSION}")
+        fd, mapping, sets = open_mapped(
+            path, "prefix index", MAGIC, VERSION, HEADER, HEADER_SIZE, SET.size, PrefixIndexError
+        )
         return cls(path, fd, mapping, sets)
 
     def close(self) -> None:

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Final
 
 from paddler.prefixes.keys import MAX_KEYS
+from paddler.prefixes.mapped import create_mapped, open_mapped
 
 MAGIC: Final = b"PDLRSLTS"
 VERSION: Final = 1
@@ -86,33 +87,14 @@ class SlotContents:
 
     @classmethod
     def create(cls, path: Path, rows: int) -> "SlotContents":
-        partial = path.with_name(path.name + ".partial")
-        fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o640)
-        try:
-            os.ftruncate(fd, HEADER_SIZE + rows * ROW_SIZE)
-            os.pwrite(fd, HEADER.pack(MAGIC, VERSION, rows), 0)
-        finally:
-            os.close(fd)
-        partial.replace(path)  # a reader finds a whole file or none
+        create_mapped(path, HEADER_SIZE + rows * ROW_SIZE, HEADER.pack(MAGIC, VERSION, rows))
         return cls.open(path)
 
     @classmethod
     def open(cls, path: Path) -> "SlotContents":
-        """Each process opens its own descriptor (an inherited one would share the lock)."""
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except OSError as error:
-            raise SlotContentsError(f"cannot open the slot record {path}: {error}") from error
-        try:
-            mapping = mmap.mmap(fd, os.fstat(fd).st_size)
-        except (OSError, ValueError) as error:
-            os.close(fd)
-            raise SlotContentsError(f"cannot map the slot record {path}: {error}") from error
-        magic, version, rows = HEADER.unpack_from(mapping, 0)
-        if magic != MAGIC or version != VERSION or len(mapping) < HEADER_SIZE + rows * ROW_SIZE:
-            mapping.close()
-            os.close(fd)
-            raise SlotContentsError(f"{path} is not a slot record of version {VERSION}")
+        fd, mapping, rows = open_mapped(
+            path, "slot record", MAGIC, VERSION, HEADER, HEADER_SIZE, ROW_SIZE, SlotContentsError
+        )
         return cls(path, fd, mapping, rows)
 
     def close(self) -> None:

@@ -11,8 +11,9 @@ from paddler.balancer.proxy.handler import may_name_slot, naming
 from paddler.config import BalancerSettings
 from paddler.metrics.counters import CounterFile
 from paddler.metrics.recorder import Recorder
+from paddler.prefixes.index import PrefixIndex, PrefixIndexError
 from paddler.prefixes.keys import prefix_keys, session_key
-from paddler.prefixes.slots import BUSY_HORIZON, SLOTS, SlotContents
+from paddler.prefixes.slots import BUSY_HORIZON, SLOTS, SlotContents, SlotContentsError
 from paddler.slots import SlotTable, UpstreamRow
 from tests.unit.test_prefixes import chat
 from tests.unit.test_slot_table import REPORT
@@ -206,3 +207,18 @@ def test_only_completions_whose_client_named_no_slot_name_one() -> None:
     assert not may_name_slot("/v1/embeddings", {"input": "hi"})  # llama.cpp ignores it there
     assert not may_name_slot("/v1/chat/completions", {})  # no member to go before
     assert not may_name_slot("/v1/chat/completions", [chat_request])
+
+
+def test_a_missing_or_foreign_file_is_refused_with_its_name(tmp_path: Path) -> None:
+    with pytest.raises(SlotContentsError, match=r"cannot open the slot record .*missing"):
+        SlotContents.open(tmp_path / "missing")
+    foreign = tmp_path / "foreign"
+    foreign.write_bytes(b"PDLRPRFX" + bytes(100))  # a prefix index's magic
+    with pytest.raises(SlotContentsError, match="foreign is not a slot record of version"):
+        SlotContents.open(foreign)
+    with pytest.raises(PrefixIndexError, match="foreign is not a prefix index of version"):
+        PrefixIndex.open(foreign)
+    # The prefix index starts trusting copies; both start with nothing held.
+    index = PrefixIndex.create(tmp_path / "prefixes", sets=8)
+    assert (index.copy_trust, index.prefill_rate) == (1.0, 0.0)
+    assert SlotContents.create(tmp_path / "contents", rows=2).held(1, SLOTS - 1) == []
