@@ -23,6 +23,7 @@ from paddler.config.model import (
     EXAMPLE_TOKEN,
     MAX_WORKERS,
     counters_directory,
+    names_slots,
     prefix_index_path,
     slot_contents_path,
     slot_table_path,
@@ -155,7 +156,7 @@ def run(settings: BalancerSettings) -> int:
         except (OSError, PrefixIndexError) as error:
             log.error("cannot create %s: %s", prefix_index_path(settings), error)
             return 78
-    if settings.routing_policy == "cache_aware" and settings.cache_pin_slots:
+    if names_slots(settings):
         try:
             SlotContents.create(Path(slot_contents_path(settings)), settings.max_upstreams).close()
         except (OSError, SlotContentsError) as error:

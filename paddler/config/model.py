@@ -290,6 +290,11 @@ def prefix_index_path(settings: BalancerSettings) -> str:
     return slot_table_path(settings) + ".prefixes"
 
 
+def names_slots(settings: BalancerSettings) -> bool:
+    """Whether requests name the llama.cpp slot they take (and the slot record exists)."""
+    return settings.routing_policy == "cache_aware" and settings.cache_pin_slots
+
+
 def slot_contents_path(settings: BalancerSettings) -> str:
     """What each upstream's slots hold, for cache_aware (paddler/prefixes/slots.py)."""
     return slot_table_path(settings) + ".contents"

@@ -155,9 +155,9 @@ class Affinity:
         self.recorder = recorder
         self._turn = itertools.count()
         self._misses: dict[tuple[int, int], int] = {}
-        # Whether requests name their slot (cache_aware, cache_pin_slots).
+        # Given by the proxy when requests name their slot (config.model.names_slots).
         self.contents = contents
-        self.pins = contents is not None and self.policy == "cache_aware"
+        self.pins = contents is not None
         self._pinning_builds: dict[str, bool] = {}
 
     def plan(self, header: bytes | None, payload: Any) -> Plan:

@@ -29,7 +29,7 @@ from paddler.balancer.proxy.waiting import (
     QueueTimeoutError,
     SlotWaiter,
 )
-from paddler.config.model import prefix_index_path, slot_contents_path
+from paddler.config.model import names_slots, prefix_index_path, slot_contents_path
 from paddler.metrics.recorder import Recorder
 from paddler.prefixes.index import PrefixIndex
 from paddler.prefixes.slots import SlotContents
@@ -101,7 +101,7 @@ class Proxy:
         if self.settings.routing_policy in REMEMBERING:
             index = PrefixIndex.open(Path(prefix_index_path(self.settings)))
         contents = None
-        if self.settings.routing_policy == "cache_aware" and self.settings.cache_pin_slots:
+        if names_slots(self.settings):
             contents = SlotContents.open(Path(slot_contents_path(self.settings)))
         self.affinity = Affinity(self.settings, self.table, index, recorder, contents)
         self.pool = ConnectionPool(
