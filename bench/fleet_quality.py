@@ -13,7 +13,9 @@ the original Paddler's) and paddler-cache (the same with "cache_aware", the defa
 2026-11-28; not in --smoke). --arms and --workloads pick a subset; --stem names the results files.
 
 Workloads, drawn from a seed and the same for every arm, streamed chat completions with a
-fixed number of output tokens (temperature 0, end of sequence ignored):
+fixed number of output tokens (temperature 0, end of sequence ignored, punctuation only so
+that a reply sent back in the next turn is the tokens the model generated, as a real
+model's mostly are; see REPLY_GRAMMAR):
 
 - W1 multi-turn chat: sessions of one application (the same system prompt) arriving on a
   Poisson schedule, six turns each; a turn sends the whole conversation so far, the last
@@ -149,6 +151,13 @@ class Cell:
 
 SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "pa", "qu", "xi", "do", "fe")
 
+# Replies of punctuation only (llama.cpp's GBNF). A random-weight model's tokens do not
+# survive detokenizing and tokenizing again (it emits "k", "a" where the tokenizer makes
+# "ka"), so a reply sent back in the next turn matched nothing after the previous prompt,
+# in every arm; a real model's replies mostly do match. The bench vocabulary merges only
+# letters, digits and space, so a reply of punctuation comes back as the same tokens.
+REPLY_GRAMMAR = "root ::= [!-/:-@[-`{-~]+"
+
 
 def words(rng: random.Random, count: int) -> str:
     return " ".join(
@@ -172,6 +181,7 @@ async def chat(
         "stream": True,
         "temperature": 0,
         "ignore_eos": True,
+        "grammar": REPLY_GRAMMAR,
     }
     outcome = Outcome(status=0, sent=due)
     pieces: list[str] = []
