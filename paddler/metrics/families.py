@@ -113,7 +113,48 @@ CACHE_GUESSES = Family(
     "not), none (no upstream was expected to hold it).",
 )
 
-COUNTERS = (REQUESTS, QUEUE_TIMEOUTS, QUEUE_REJECTIONS, RETRIES, EJECTIONS, CACHE_GUESSES)
+PROMPT_TOKENS = Family(
+    "paddler_prompt_tokens_total",
+    "counter",
+    "Prompt tokens of the answers that took a slot, as llama.cpp's timings count them, by "
+    "upstream and source: cache (served from its KV or host-memory cache, cache_n) or "
+    "processed (prefilled, prompt_n). cache / (cache + processed) is the share of prompt "
+    "tokens served from cache.",
+)
+HOLDER_WAITS = Family(
+    "paddler_cache_holder_waits_total",
+    "counter",
+    "cache_aware: requests that waited for a busy upstream holding their prompt's prefix "
+    "(cache_max_wait), by outcome: freed (a holder was free again within the wait) or "
+    "expired (none was; the request went where the policy sends it without one).",
+)
+HOLDER_WAIT_SECONDS = Family(
+    "paddler_cache_holder_wait_seconds_total",
+    "counter",
+    "cache_aware: the seconds those requests waited for a busy holder, by outcome.",
+)
+SLOT_NAMING = Family(
+    "paddler_cache_slot_naming_total",
+    "counter",
+    "cache_aware with cache_pin_slots: completions that could name their llama.cpp slot, "
+    "by outcome: named (id_slot sent), unnamed (llama.cpp takes the slot the record chose "
+    "by itself: a never-used one, which it may fill from its host-memory cache), off (the "
+    "upstream's slots cannot be named: busy slots this balancer did not fill, more than "
+    "32 slots, or a llama.cpp build before b10644).",
+)
+
+COUNTERS = (
+    REQUESTS,
+    QUEUE_TIMEOUTS,
+    QUEUE_REJECTIONS,
+    RETRIES,
+    EJECTIONS,
+    CACHE_GUESSES,
+    PROMPT_TOKENS,
+    HOLDER_WAITS,
+    HOLDER_WAIT_SECONDS,
+    SLOT_NAMING,
+)
 HISTOGRAMS = (DURATION, FIRST_TOKEN, QUEUE_WAIT)
 GAUGES = (
     QUEUE_DEPTH,

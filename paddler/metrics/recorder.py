@@ -10,11 +10,15 @@ from paddler.metrics.families import (
     DURATION,
     EJECTIONS,
     FIRST_TOKEN,
+    HOLDER_WAIT_SECONDS,
+    HOLDER_WAITS,
+    PROMPT_TOKENS,
     QUEUE_REJECTIONS,
     QUEUE_TIMEOUTS,
     QUEUE_WAIT,
     REQUESTS,
     RETRIES,
+    SLOT_NAMING,
     Family,
 )
 
@@ -59,6 +63,7 @@ class Recorder:
         self._requests: dict[tuple[str, int, str], tuple[int, Histogram]] = {}
         self._histograms: dict[tuple[str, str], Histogram] = {}
         self._per_upstream: dict[tuple[str, str], str] = {}
+        self._prompt_tokens: dict[str, tuple[int, int]] = {}
         self._queue_wait = Histogram(QUEUE_WAIT, "", counters)
 
     def request(
@@ -95,6 +100,29 @@ class Recorder:
 
     def cache_guess(self, outcome: str) -> None:
         self.counters.add(self._upstream_key(CACHE_GUESSES, outcome, "outcome"))
+
+    def prompt_tokens(self, upstream: str, cached: int, processed: int) -> None:
+        """llama.cpp's timings of an answer from ``upstream`` (``processed`` < 0: it did
+        not say)."""
+        known = self._prompt_tokens.get(upstream)
+        if known is None:
+            name = PROMPT_TOKENS.name
+            known = (
+                self.counters.index(f"{name}{{{labels(source='cache', upstream=upstream)}}}"),
+                self.counters.index(f"{name}{{{labels(source='processed', upstream=upstream)}}}"),
+            )
+            self._prompt_tokens[upstream] = known
+        doubles = self.counters.doubles  # (after index(): a new key may replace it)
+        doubles[known[0]] += cached
+        if processed > 0:
+            doubles[known[1]] += processed
+
+    def holder_wait(self, outcome: str, seconds: float) -> None:
+        self.counters.add(self._upstream_key(HOLDER_WAITS, outcome, "outcome"))
+        self.counters.add(self._upstream_key(HOLDER_WAIT_SECONDS, outcome, "outcome"), seconds)
+
+    def slot_naming(self, outcome: str) -> None:
+        self.counters.add(self._upstream_key(SLOT_NAMING, outcome, "outcome"))
 
     def _histogram(self, family: Family, route: str) -> Histogram:
         histogram = self._histograms.get((family.name, route))

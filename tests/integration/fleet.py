@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from paddler.testbed.ports import free_port
 from tests.integration.harness import PaddlerdRunner, llamacpp_entry
@@ -111,3 +112,33 @@ def start_fleet(
         else:
             raise AssertionError(f"the fleet did not come up: {fleet.agents()}")
     return fleet
+
+
+Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
+
+
+def scrape(fleet: Fleet) -> Samples:
+    """/metrics parsed by Prometheus's own client library: sample name -> labels -> value."""
+    answer = httpx.get(f"http://127.0.0.1:{fleet.management}/metrics", timeout=5)
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples: Samples = {}
+    for family in text_string_to_metric_families(answer.text):
+        for sample in family.samples:
+            key = tuple(sorted(sample.labels.items()))
+            samples.setdefault(sample.name, {})[key] = sample.value
+    return samples
+
+
+def settled(
+    fleet: Fleet, name: str, wanted: dict[tuple[tuple[str, str], ...], float], within: float = 5
+) -> Samples:
+    """The metrics once ``name`` says ``wanted``, or as they are after ``within`` seconds.
+    (A worker counts what an answer's end says just after sending that end: a scrape
+    right after the client read it may come a moment before.)"""
+    deadline = time.monotonic() + within
+    samples = scrape(fleet)
+    while samples.get(name) != wanted and time.monotonic() < deadline:
+        time.sleep(0.05)
+        samples = scrape(fleet)
+    return samples

@@ -12,7 +12,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.integration.fleet import Fleet, start_fleet
+from tests.integration.fleet import Fleet, scrape, settled, start_fleet
 from tests.integration.harness import PaddlerdRunner
 
 pytestmark = pytest.mark.llamacpp
@@ -102,19 +102,34 @@ def test_a_conversation_stays_where_its_prompt_is_cached(
 ) -> None:
     fleet = cache_fleet(paddlerd, llama_server_binary, tiny_model)
     messages = conversation("Tell me about the Danube.")
-    first, expected, _ = turn(fleet, messages)
+    first, expected, timings = turn(fleet, messages)
     assert expected == "miss"  # nothing known yet
+    cached, processed = timings["cache_n"], timings["prompt_n"]
     for number in range(4):
         messages.append({"role": "user", "content": f"And then, part {number}?"})
         upstream, expected, timings = turn(fleet, messages)
         assert (upstream, expected) == (first, "hit")
         assert timings["cache_n"] > 0  # llama.cpp agrees: the prefix came from its cache
+        cached, processed = cached + timings["cache_n"], processed + timings["prompt_n"]
     # A second conversation with the same system prompt, while both are idle, goes where
     # that prompt is cached too.
     other = conversation("Tell me about the Rhine.")
-    assert turn(fleet, other)[:2] == (first, "hit")
-    guesses = httpx.get(f"http://127.0.0.1:{fleet.management}/metrics").text
-    assert 'paddler_cache_guesses_total{outcome="hit"} 5' in guesses
+    upstream, expected, timings = turn(fleet, other)
+    assert (upstream, expected) == (first, "hit")
+    cached, processed = cached + timings["cache_n"], processed + timings["prompt_n"]
+    # The prompt tokens counted are llama.cpp's own, all on the one upstream.
+    counted: dict[tuple[tuple[str, str], ...], float] = {
+        (("source", "cache"), ("upstream", first)): cached,
+        (("source", "processed"), ("upstream", first)): processed,
+    }
+    samples = settled(fleet, "paddler_prompt_tokens_total", counted)
+    assert samples["paddler_prompt_tokens_total"] == counted
+    assert samples["paddler_cache_guesses_total"][(("outcome", "hit"),)] == 5
+    # Every request could name its slot on this build (named, or left to llama.cpp
+    # where it takes the same one).
+    naming = samples["paddler_cache_slot_naming_total"]
+    assert sum(naming.values()) == 6
+    assert (("outcome", "off"),) not in naming
 
 
 def test_a_conversation_moves_when_its_upstream_is_full(
@@ -319,6 +334,8 @@ def test_a_request_waits_for_a_busy_holder_when_that_beats_processing_its_prompt
     assert ended
     assert ended[0] > sent
     assert float(answer.headers["x-paddler-queue-ms"]) >= 10
+    waits = scrape(fleet)["paddler_cache_holder_waits_total"]
+    assert waits == {(("outcome", "freed"),): 1}
 
 
 def test_a_new_conversation_takes_a_free_copy_of_a_shared_system_prompt_at_once(
@@ -393,6 +410,9 @@ def test_a_holder_whose_copy_is_busy_is_passed_over_until_it_is_free(
         assert fleet.agents()[home]["reservations"] == 1
         again = conversation("Tell me about the Rhone.")
         assert turn(fleet, again)[:2] == (away, "miss")
+    # It waited for home first, within the tiny model's prefill time, in vain.
+    waits = scrape(fleet)["paddler_cache_holder_waits_total"]
+    assert waits == {(("outcome", "expired"),): 1}
     deadline = time.monotonic() + 10
     while fleet.agents()[home]["reservations"] and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -1,6 +1,7 @@
 """Metrics of a real fleet (2 llama-servers x 2 slots, 2 balancer workers): Prometheus,
 StatsD and the autoscaling signal."""
 
+import json
 import signal
 import socket
 import threading
@@ -10,25 +11,11 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.fleet import Fleet, start_fleet
+from tests.integration.fleet import Fleet, scrape, settled, start_fleet
 from tests.integration.harness import PaddlerdRunner
 
 pytestmark = pytest.mark.llamacpp
-
-
-def scrape(fleet: Fleet) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-    """/metrics parsed by Prometheus's own client library: sample name -> labels -> value."""
-    answer = httpx.get(f"http://127.0.0.1:{fleet.management}/metrics", timeout=5)
-    assert answer.status_code == 200
-    assert answer.headers["content-type"].startswith("text/plain; version=0.0.4")
-    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-    for family in text_string_to_metric_families(answer.text):
-        for sample in family.samples:
-            key = tuple(sorted(sample.labels.items()))
-            samples.setdefault(sample.name, {})[key] = sample.value
-    return samples
 
 
 def total(samples: dict[tuple[tuple[str, str], ...], float], **match: str) -> float:
@@ -98,16 +85,32 @@ def test_metrics_count_every_request_across_workers_and_describe_the_fleet(
     assert kept == {"archive.counters", *(f"{w.pid}.counters" for w in master.children())}
 
 
-def test_streamed_requests_have_a_time_to_first_token(
+def test_streamed_requests_have_a_time_to_first_token_and_their_prompt_tokens_counted(
     paddlerd: PaddlerdRunner, llama_server_binary: Path, tiny_model: Path
 ) -> None:
-    fleet = start_fleet(paddlerd, llama_server_binary, {"a": tiny_model})
+    # least_busy: prompt tokens are counted whatever the policy (cache_aware's own use of
+    # llama.cpp's timings is in test_cache_routing.py).
+    fleet = start_fleet(
+        paddlerd, llama_server_binary, {"a": tiny_model}, balancer='routing_policy = "least_busy"\n'
+    )
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True}
+    cached = processed = 0
     for _ in range(3):
         with httpx.stream("POST", fleet.url("/v1/chat/completions"), json=body) as answer:
             assert answer.status_code == 200
-            answer.read()
-    samples = scrape(fleet)
+            events = [
+                json.loads(line[6:]) for line in answer.iter_lines() if line.startswith("data: {")
+            ]
+        timings = [event["timings"] for event in events if "timings" in event]
+        cached += timings[-1]["cache_n"]
+        processed += timings[-1]["prompt_n"]
+    assert cached > 0  # the same prompt again: llama.cpp served most of it from cache
+    counted: dict[tuple[tuple[str, str], ...], float] = {
+        (("source", "cache"), ("upstream", "a")): cached,
+        (("source", "processed"), ("upstream", "a")): processed,
+    }
+    samples = settled(fleet, "paddler_prompt_tokens_total", counted)
+    assert samples["paddler_prompt_tokens_total"] == counted
     first_token = samples["paddler_time_to_first_token_seconds_count"]
     assert total(first_token, route="/v1/chat/completions") == 3
     ttft = total(samples["paddler_time_to_first_token_seconds_sum"])

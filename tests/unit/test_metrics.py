@@ -140,6 +140,42 @@ def test_prometheus_reads_the_exposition(tmp_path: Path) -> None:
     assert families["paddler_request_duration_seconds"].type == "histogram"
 
 
+def test_cache_counters_reach_the_exposition(tmp_path: Path) -> None:
+    file = CounterFile.create(tmp_path / "1.counters")
+    recorder = Recorder(file)
+    recorder.prompt_tokens("a", 600, 40)
+    recorder.prompt_tokens("a", 0, 700)
+    recorder.prompt_tokens("b", 12, -1)  # timings without prompt_n: only the cached
+    recorder.holder_wait("freed", 0.25)
+    recorder.holder_wait("freed", 0.5)
+    recorder.holder_wait("expired", 2.0)
+    recorder.slot_naming("named")
+    recorder.slot_naming("off")
+    recorder.slot_naming("named")
+    text = render(file.values, snapshot([row(0, "a", 4, 0)], queued=0))
+
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in families.values()
+        for sample in family.samples
+    }
+    tokens = "paddler_prompt_tokens_total"
+    assert samples[(tokens, (("source", "cache"), ("upstream", "a")))] == 600
+    assert samples[(tokens, (("source", "processed"), ("upstream", "a")))] == 740
+    assert samples[(tokens, (("source", "cache"), ("upstream", "b")))] == 12
+    assert samples[(tokens, (("source", "processed"), ("upstream", "b")))] == 0
+    waits = "paddler_cache_holder_waits_total"
+    assert samples[(waits, (("outcome", "freed"),))] == 2
+    assert samples[(waits, (("outcome", "expired"),))] == 1
+    seconds = "paddler_cache_holder_wait_seconds_total"
+    assert samples[(seconds, (("outcome", "freed"),))] == pytest.approx(0.75)
+    naming = "paddler_cache_slot_naming_total"
+    assert samples[(naming, (("outcome", "named"),))] == 2
+    assert samples[(naming, (("outcome", "off"),))] == 1
+    assert families["paddler_prompt_tokens"].type == "counter"
+
+
 @pytest.mark.parametrize(
     ("rows", "queued", "desired"),
     [

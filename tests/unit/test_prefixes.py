@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from paddler.balancer.proxy.affinity import LEARNING_RATE, Affinity, Plan
+from paddler.balancer.proxy.timings import PromptTimings, prompt_timings
 from paddler.config import BalancerSettings
 from paddler.metrics.counters import CounterFile
 from paddler.metrics.recorder import Recorder
@@ -373,11 +374,17 @@ def test_the_prefill_rate_learned_is_shared_by_every_process(tmp_path: Path) -> 
     assert one.seconds_per_char == pytest.approx((0.05 + LEARNING_RATE * 0.1) / 400)
 
 
-def timings(cache_n: int, prompt_n: int, prompt_ms: float) -> bytes:
-    return (
+def timings(cache_n: int, prompt_n: int, prompt_ms: float) -> PromptTimings:
+    return parsed(
         f'"cache_n":{cache_n},"prompt_n":{prompt_n},"prompt_ms":{prompt_ms},'
-        '"prompt_per_token_ms":1.0}}'
-    ).encode()
+        '"prompt_per_token_ms":1.0}}'.encode()
+    )
+
+
+def parsed(text: bytes) -> PromptTimings:
+    found = prompt_timings(text)
+    assert found is not None
+    return found
 
 
 def test_a_request_waits_for_its_busy_holder_no_longer_than_its_prefill(tmp_path: Path) -> None:
@@ -393,9 +400,10 @@ def test_a_request_waits_for_its_busy_holder_no_longer_than_its_prefill(tmp_path
     assert affinity.seconds_per_char == pytest.approx(0.6 / 300 * 400 / plan.chars)
     # Too few tokens to time, no timings of the kind, or nonsense: nothing learned.
     affinity.learn(plan, False, row, timings(0, 3, 900.0))
-    affinity.learn(plan, False, row, b'"cache_n":0}')
-    affinity.learn(plan, False, row, b'"cache_n":0,"prompt_n":400,"prompt_ms":nan}')
-    affinity.learn(plan, False, row, b'"cache_n":0,"prompt_n":400,"prompt_ms":1e300}')
+    affinity.learn(plan, False, row, parsed(b'"cache_n":0}'))
+    affinity.learn(plan, False, row, parsed(b'"cache_n":0,"prompt_n":400,"prompt_ms":nan}'))
+    affinity.learn(plan, False, row, parsed(b'"cache_n":0,"prompt_n":400,"prompt_ms":1e300}'))
+    affinity.learn(plan, False, row, parsed(b'"cache_n":0,"prompt_n":400,"prompt_ms":1e}'))
     assert affinity.seconds_per_char == pytest.approx(0.6 / 300 * 400 / plan.chars)
 
     keys = [key for key, _ in plan.keys]

@@ -44,12 +44,12 @@ not see, a cache too small for the traffic): everything remembered for it is for
 """
 
 import asyncio
-import contextlib
 import itertools
 import re
 import time
 from typing import Any, Final
 
+from paddler.balancer.proxy.timings import PromptTimings
 from paddler.config import BalancerSettings
 from paddler.metrics.recorder import Recorder
 from paddler.prefixes.index import Holder, PrefixIndex
@@ -62,9 +62,6 @@ TRUST_RATE: Final = 0.25  # weight of each request sent to a spare copy, in the 
 # The policies that send a request where its prefix or session went: they need the index.
 REMEMBERING: Final = ("cache_aware", "session")
 ANY_IMBALANCE: Final = 1 << 15
-_CACHE_N: Final = re.compile(rb'"cache_n"\s*:\s*(\d+)')
-# llama.cpp's timings: "cache_n", then "prompt_n" (tokens processed) and "prompt_ms".
-_PROMPT: Final = re.compile(rb'"prompt_n"\s*:\s*(\d+)\s*,\s*"prompt_ms"\s*:\s*([0-9.eE+-]+)')
 SESSION_LENGTH: Final = 1 << 30  # a session key's "length": longer than any prefix
 # Prefill timed over fewer tokens says little about the rate.
 TOKENS_TO_LEARN: Final = 32
@@ -367,21 +364,15 @@ class Affinity:
         if keys and self.index is not None:
             self.index.vacate(keys, row.index, row.generation)
 
-    def learn(self, plan: Plan, expected: bool, row: UpstreamRow, timings: bytes | None) -> None:
+    def learn(self, plan: Plan, expected: bool, row: UpstreamRow, timings: PromptTimings) -> None:
         """What llama.cpp's timings say of the guess, and of how long prefill takes."""
-        if not timings:
-            return
-        match = _CACHE_N.search(timings)
-        if match is None:
-            return
-        cached = int(match.group(1))
+        cached = timings.cached
+        processed = timings.processed
         hit = cached > 0
         chars = plan.chars
-        prompt = _PROMPT.search(timings)
         holder = _holder_on(plan, row)
         spare = holder is not None and holder.spare
-        if prompt is not None and chars > 0 and self.index is not None:
-            processed = int(prompt.group(1))
+        if processed >= 0 and chars > 0 and self.index is not None:
             if spare and holder is not None and chars < LIMIT:
                 # (Not past LIMIT: the tokens count the whole prompt, chars only LIMIT.)
                 # Sent to a copy beyond the first: found if most of the prefix expected
@@ -391,14 +382,13 @@ class Affinity:
                 trust = self.index.copy_trust
                 self.index.copy_trust = trust + TRUST_RATE * (found - trust)
             if processed >= TOKENS_TO_LEARN:
-                with contextlib.suppress(ValueError):
-                    # Seconds per token processed, times tokens per character of prompt.
-                    rate = float(prompt.group(2)) / 1000 / processed * (processed + cached) / chars
-                    known = self.index.prefill_rate
-                    if 0.0 < rate < 1.0:  # (not NaN, nor a second a character)
-                        self.index.prefill_rate = (
-                            rate if not known else known + LEARNING_RATE * (rate - known)
-                        )
+                # Seconds per token processed, times tokens per character of prompt.
+                rate = timings.seconds / processed * (processed + cached) / chars
+                known = self.index.prefill_rate
+                if 0.0 < rate < 1.0:  # (not NaN, nor a second a character)
+                    self.index.prefill_rate = (
+                        rate if not known else known + LEARNING_RATE * (rate - known)
+                    )
         self.recorder.cache_guess("none" if not expected else "hit" if hit else "miss")
         if not expected:
             return

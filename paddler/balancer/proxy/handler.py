@@ -17,6 +17,7 @@ from paddler.balancer.proxy.affinity import REMEMBERING, Affinity, Plan
 from paddler.balancer.proxy.connections import ConnectionPool
 from paddler.balancer.proxy.http import Exchange, error_payload
 from paddler.balancer.proxy.routing import ModelLines, eligible, fleet_models
+from paddler.balancer.proxy.timings import prompt_timings
 from paddler.balancer.proxy.upstream import (
     RetryableError,
     UpstreamFailedError,
@@ -319,9 +320,7 @@ class Proxy:
                 expected = self._remember_when_answered(exchange, plan, row, occupied, payload)
             sent = self._naming_slot(exchange, plan, row, body) if names_slot else body
             try:
-                await self._forward(exchange, row, sent, queued)
-                if exchange.timings:
-                    affinity.learn(plan, expected, row, exchange.timings)
+                await self._forward_timed(exchange, row, sent, queued, plan, expected)
                 return
             except RetryableError as error:
                 last_error = self._note_failure(exchange, row, error, tried)
@@ -337,12 +336,35 @@ class Proxy:
             "upstream_error",
         )
 
+    async def _forward_timed(
+        self,
+        exchange: Exchange,
+        row: UpstreamRow,
+        body: bytes,
+        queued: float,
+        plan: Plan,
+        expected: bool,
+    ) -> None:
+        """_forward(), then what llama.cpp's timings at the end of the answer say: its
+        prompt tokens counted (every policy), and learned from under cache_aware."""
+        exchange.timings = b""
+        await self._forward(exchange, row, body, queued)
+        if not exchange.timings:
+            return
+        prompt = prompt_timings(exchange.timings)
+        if prompt is None:
+            return
+        self.recorder.prompt_tokens(row.name, prompt.cached, prompt.processed)
+        if self.affinity.watches_timings:
+            self.affinity.learn(plan, expected, row, prompt)
+
     def _naming_slot(self, exchange: Exchange, plan: Plan, row: UpstreamRow, body: bytes) -> bytes:
         """The body to send to ``row``: naming the llama.cpp slot the request takes there,
         if the slot record says to. (exchange.slot: the slot recorded, named or not.)"""
         slot, named = self.affinity.pin(plan, row)
         exchange.slot = slot
         exchange.slot_named = named
+        self.recorder.slot_naming("off" if slot < 0 else "named" if named else "unnamed")
         return naming(body, slot) if named else body
 
     def _ended_on(self, row: UpstreamRow, occupied: list[int], slot: int) -> None:
@@ -356,8 +378,12 @@ class Proxy:
     async def _wait_for_holder(self, plan: Plan) -> tuple[Plan, float]:
         """The plan after waiting for a busy holder of its prefix; the seconds waited."""
         asked = time.monotonic()
+        waits = self.affinity.wait_budget(plan) > 0
         plan = await self.affinity.wait_for_holder(plan)
-        return plan, time.monotonic() - asked
+        waited = time.monotonic() - asked
+        if waits:
+            self.recorder.holder_wait("expired" if plan.waits else "freed", waited)
+        return plan, waited
 
     def _remember_when_answered(
         self,
@@ -367,16 +393,19 @@ class Proxy:
         occupied: list[int],
         payload: Any,
     ) -> bool:
-        """Have the request's prefixes remembered on ``row`` once its answer begins (and
-        cache_aware watch llama.cpp's timings); whether a cache hit is expected there."""
+        """Have the request's prefixes remembered on ``row`` once its answer begins;
+        whether a cache hit is expected there."""
         affinity = self.affinity
         expected = affinity.expects(plan, row)
         exchange.cache_expected = "hit" if expected else "miss"
         early = 0
-        if affinity.watches_timings:
-            exchange.timings = b""
-            if expected and isinstance(payload, dict) and payload.get("stream") is True:
-                early = affinity.occupy_held(plan, row, occupied)
+        if (
+            affinity.watches_timings
+            and expected
+            and isinstance(payload, dict)
+            and payload.get("stream") is True
+        ):
+            early = affinity.occupy_held(plan, row, occupied)
         exchange.on_first_byte = _RememberWhenAnswered(affinity, plan, row, occupied, early)
         return expected
 

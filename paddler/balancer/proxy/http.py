@@ -85,8 +85,9 @@ class Exchange:
         self.queued = 0.0  # seconds it waited for a free slot
         self.attempts = 0  # upstreams tried
         self.trace: tuple[bytes, bytes] | None = None  # trace and span id, when tracing
-        # b"" to watch the answer for llama.cpp's timings (cache-aware routing learns from
-        # them): then the last chunk that carried them.
+        # b"" to watch the answer for llama.cpp's timings (answers that took a slot: their
+        # prompt tokens are counted, and cache-aware routing learns from them): then the
+        # last chunk that carried them.
         self.timings: bytes | None = None
         self.cache_expected: str | None = None  # "hit" or "miss": was the prefix expected here
         # The llama.cpp slot the slot record has the request take (-1: none), and whether
