@@ -10,7 +10,9 @@ every cell: every arm starts with cold caches. In front of them stand the arms o
 direct (the client takes the servers in turn), nginx round robin, nginx least_conn, HAProxy
 leastconn, Paddler (balancer and two agents under paddlerd, routing_policy = "least_busy",
 the original Paddler's) and paddler-cache (the same with "cache_aware", the default since
-2026-11-28; not in --smoke). --arms and --workloads pick a subset; --stem names the results files.
+2026-11-28; not in --smoke); paddler-cache-unpinned (cache_aware with cache_pin_slots =
+false) only when --arms names it. --arms and --workloads pick a subset; --stem names the
+results files.
 
 Workloads, drawn from a seed and the same for every arm, streamed chat completions with a
 fixed number of output tokens (temperature 0, end of sequence ignored, punctuation only so
@@ -71,12 +73,33 @@ from paddler.testbed.llama_server import cache_root, ensure_llama_server  # noqa
 from paddler.testbed.models import write_model  # noqa: E402
 from paddler.testbed.ports import free_port  # noqa: E402
 
-ARMS = ("direct", "nginx-rr", "nginx-leastconn", "haproxy-leastconn", "paddler", "paddler-cache")
+ARMS = (
+    "direct",
+    "nginx-rr",
+    "nginx-leastconn",
+    "haproxy-leastconn",
+    "paddler",
+    "paddler-cache",
+    "paddler-cache-unpinned",
+)
+# Only when asked for (--arms): cache_aware without naming slots, to tell what naming
+# them does.
+ON_REQUEST = ("paddler-cache-unpinned",)
 BASELINE = "nginx-leastconn"
 # The ratios the tables give: each (arm, against).
-RATIOS = (("paddler", BASELINE), ("paddler-cache", BASELINE), ("paddler-cache", "paddler"))
+RATIOS = (
+    ("paddler", BASELINE),
+    ("paddler-cache", BASELINE),
+    ("paddler-cache", "paddler"),
+    ("paddler-cache-unpinned", "paddler"),
+)
 # Paddler's arms: least_busy (the original's policy) and cache_aware (the default).
-POLICIES = {"paddler": "least_busy", "paddler-cache": "cache_aware"}
+POLICIES = {
+    "paddler": "least_busy",
+    "paddler-cache": "cache_aware",
+    "paddler-cache-unpinned": "cache_aware",
+}
+SETTINGS = {"paddler-cache-unpinned": "cache_pin_slots = false\n"}
 WORKLOADS = ("W1", "W2", "W3", "W4")
 SERVERS = 2
 SLOTS = 2  # per server
@@ -445,7 +468,7 @@ workers = 2
 slot_table = "{work}/slots"
 debug_headers = true
 routing_policy = "{policy}"
-"""
+{settings}"""
 
 AGENT_TOML = """
 [[agent]]
@@ -468,7 +491,11 @@ def arm(name: str, servers: list[int], work: Path) -> Iterator[list[int]]:
     else:
         management = free_port()
         text = PADDLERD_TOML.format(
-            work=work, management=management, port=port, policy=POLICIES[name]
+            work=work,
+            management=management,
+            port=port,
+            policy=POLICIES[name],
+            settings=SETTINGS.get(name, ""),
         )
         for index, server in enumerate(servers):
             text += AGENT_TOML.format(index=index, server=server, management=management)
@@ -701,7 +728,11 @@ def main() -> int:
         sizes = replace(sizes, unique_rate=args.unique_rate)
     repetitions = 1 if args.smoke else args.repetitions
     workloads = tuple(args.workloads.split(","))
-    default = [name for name in ARMS if not (args.smoke and name == "paddler-cache")]
+    default = [
+        name
+        for name in ARMS
+        if name not in ON_REQUEST and not (args.smoke and name == "paddler-cache")
+    ]
     arms = tuple(args.arms.split(",")) if args.arms else tuple(default)
     unknown = sorted(set(arms) - set(ARMS)) + sorted(set(workloads) - set(WORKLOADS))
     if unknown:

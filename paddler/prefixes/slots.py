@@ -14,8 +14,9 @@ again: llama.cpp had saved it to its host cache, but gave that turn the slot now
 sharing the system prompt with it, most of which it keeps, so it loaded nothing. The
 balancer sent every request there and knows when each slot was last used. So it names
 the slot: one whose prompt the request goes on from in place (it keeps at least half
-of it), the one used longest ago of several; else the one used longest ago, a slot
-never used first.
+of it, and at most one message of it is lost: the next turn of a conversation, or a
+question after a system prompt that another question went on from), the one used
+longest ago of several; else the one used longest ago, a slot never used first.
 
 Naming a slot costs nothing of llama.cpp's host-memory prompt cache on the builds this
 is done for (paddler/balancer/proxy/affinity.py: PINNING_BUILD): a request for a named
@@ -71,6 +72,10 @@ BUSY_HORIZON: Final = 600.0  # seconds: longer than llama.cpp answers run
 # llama.cpp's --slot-prompt-similarity (0.1 by default): a slot sharing no more than this
 # part of the request's prompt is no match, and the one used longest ago is taken.
 SIMILARITY: Final = 0.1
+# How many of a slot's prefix keys may lie past the prefix a request shares with it for
+# the request to go on from it in place: one message (a question after a shared system
+# prompt, answered and done). More is a conversation of several turns, which may go on.
+IN_PLACE_PAST: Final = 1
 _NOTHING: Final = bytes(ROW_SIZE)
 
 
@@ -116,8 +121,12 @@ class SlotContents:
         it until release() (-1: none that the record can tell), and whether to name it.
 
         The idle slot holding the longest prefix of the prompt (more than a tenth of
-        it, as llama.cpp counts) that is at least half of the slot's prompt, which the
-        request then goes on from in place; of several, the one used longest ago. Else
+        it, as llama.cpp counts) that is at least half of the slot's prompt and past
+        which the slot holds at most one more message, which the request then goes on
+        from in place; of several, the one used longest ago. (Bench W1: a new
+        conversation took, in place, the slot of one in its third turn, whose system
+        prompt was just over half its characters, where a conversation that had ended
+        held another; the one going on lost its turns.) Else
         the request overwrites most of whatever slot it takes: the one used longest
         ago, a slot never used first (of several, the last, as llama.cpp takes them).
         llama.cpp would take the slot sharing the most with the prompt, which may be
@@ -176,18 +185,22 @@ class SlotContents:
                 oldest = slot
                 oldest_used = used
             depth = 0
+            past = 0  # the slot's keys past the deepest one the request shares
             at = offset + STATE.size + (held - 1) * KEY.size
             while held > 0 and lengths:  # deepest first: the first found is the longest
                 depth = lengths.get(KEY.unpack_from(mapping, at)[0], 0)
                 if depth:
                     break
                 held -= 1
+                past += 1
                 at -= KEY.size
             if depth <= SIMILARITY * chars:
                 continue
             similar = True
-            if 2 * depth < length:
-                continue  # it would overwrite most of the slot's prompt
+            if 2 * depth < length or past > IN_PLACE_PAST:
+                # It would overwrite most of the slot's prompt, or a conversation in it
+                # that shares only a system prompt with the request.
+                continue
             if depth > chosen_depth or (depth == chosen_depth and used < chosen_used):
                 chosen = slot
                 chosen_depth = depth

@@ -96,6 +96,28 @@ def test_a_slot_whose_prompt_the_request_goes_on_from_beats_one_it_would_overwri
     assert run(contents, 2, 4.0, SYSTEM, "another short one") == (0, True)
 
 
+def test_a_conversation_of_several_turns_is_not_gone_on_from_by_one_sharing_its_system_prompt(
+    tmp_path: Path,
+) -> None:
+    """Bench W1 (32 MiB, 2026-12-05): a new conversation shared only the system prompt
+    with a conversation in its third turn, which was over half of that one's characters
+    (short answers), and took its slot in place: the one going on lost its turns. The
+    slot of a conversation that ended, used longer ago, was there to take."""
+    contents = SlotContents.create(tmp_path / "contents", rows=4)
+    ended = (SYSTEM, "Tell me everything about the rivers of Europe. " * 40)
+    assert run(contents, 2, 1.0, *ended) == (1, False)
+    going_on = [SYSTEM, "a", "b", "c", "d", "e"]
+    assert run(contents, 2, 2.0, *going_on[:2]) == (0, True)
+    assert run(contents, 2, 3.0, *going_on) == (0, True)  # its third turn, in place
+    assert 2 * len(SYSTEM) > keys_of(*going_on)[1]  # the system prompt is most of it
+    assert run(contents, 2, 4.0, SYSTEM, "new: hello") == (1, True)
+    assert run(contents, 2, 5.0, *going_on, "f", "g") == (0, True)
+    # A question after the system prompt, answered, is gone on from in place by the next
+    # question (bench W2), though the other slot was used longer ago.
+    assert run(contents, 2, 6.0, SYSTEM, "q1") == (1, True)
+    assert run(contents, 2, 7.0, SYSTEM, "q2") == (1, True)
+
+
 def test_without_a_shared_prefix_the_slot_used_longest_ago_is_taken(tmp_path: Path) -> None:
     contents = SlotContents.create(tmp_path / "contents", rows=4)
     assert run(contents, 3, 1.0, "first") == (2, False)  # none used yet: the last
