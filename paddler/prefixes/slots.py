@@ -14,9 +14,10 @@ again: llama.cpp had saved it to its host cache, but gave that turn the slot now
 sharing the system prompt with it, most of which it keeps, so it loaded nothing. The
 balancer sent every request there and knows when each slot was last used. So it names
 the slot: one whose prompt the request goes on from in place (it keeps at least half
-of it, and at most one message of it is lost: the next turn of a conversation, or a
-question after a system prompt that another question went on from), the one used
-longest ago of several; else the one used longest ago, a slot never used first.
+of it), the one used longest ago of several, unless it holds a conversation of several
+turns past what the request shares with it and another idle slot shares as much (then
+the one used longest ago of those); else the one used longest ago, a slot never used
+first.
 
 Naming a slot costs nothing of llama.cpp's host-memory prompt cache on the builds this
 is done for (paddler/balancer/proxy/affinity.py: PINNING_BUILD): a request for a named
@@ -73,8 +74,9 @@ BUSY_HORIZON: Final = 600.0  # seconds: longer than llama.cpp answers run
 # part of the request's prompt is no match, and the one used longest ago is taken.
 SIMILARITY: Final = 0.1
 # How many of a slot's prefix keys may lie past the prefix a request shares with it for
-# the request to go on from it in place: one message (a question after a shared system
-# prompt, answered and done). More is a conversation of several turns, which may go on.
+# the request to go on from it in place while another idle slot shares as much: one
+# message (a question after a shared system prompt, answered and done). More is a
+# conversation of several turns, which may go on.
 IN_PLACE_PAST: Final = 1
 _NOTHING: Final = bytes(ROW_SIZE)
 
@@ -121,9 +123,11 @@ class SlotContents:
         it until release() (-1: none that the record can tell), and whether to name it.
 
         The idle slot holding the longest prefix of the prompt (more than a tenth of
-        it, as llama.cpp counts) that is at least half of the slot's prompt and past
-        which the slot holds at most one more message, which the request then goes on
-        from in place; of several, the one used longest ago. (Bench W1: a new
+        it, as llama.cpp counts) that is at least half of the slot's prompt, which the
+        request then goes on from in place; of several, one past whose shared prefix
+        the slot holds at most one more message, then the one used longest ago. If the
+        slot holds a conversation of several turns past that prefix and another idle
+        slot shares as much, the one used longest ago of those. (Bench W1: a new
         conversation took, in place, the slot of one in its third turn, whose system
         prompt was just over half its characters, where a conversation that had ended
         held another; the one going on lost its turns.) Else
@@ -173,6 +177,9 @@ class SlotContents:
         chosen = -1
         chosen_depth = 0
         chosen_used = 0.0
+        chosen_past = 0
+        depths: list[int] = []  # per idle slot that shares a prefix: its depth, slot, use
+        sharing: list[tuple[int, float]] = []
         oldest = -1
         oldest_used = 0.0
         similar = False  # an idle slot that llama.cpp would choose by the prompt
@@ -197,14 +204,28 @@ class SlotContents:
             if depth <= SIMILARITY * chars:
                 continue
             similar = True
-            if 2 * depth < length or past > IN_PLACE_PAST:
-                # It would overwrite most of the slot's prompt, or a conversation in it
-                # that shares only a system prompt with the request.
-                continue
-            if depth > chosen_depth or (depth == chosen_depth and used < chosen_used):
+            depths.append(depth)
+            sharing.append((slot, used))
+            if 2 * depth < length:
+                continue  # it would overwrite most of the slot's prompt
+            clean = past <= IN_PLACE_PAST
+            if depth > chosen_depth or (
+                depth == chosen_depth
+                and (clean, -used) > (chosen_past <= IN_PLACE_PAST, -chosen_used)
+            ):
                 chosen = slot
                 chosen_depth = depth
                 chosen_used = used
+                chosen_past = past
+        if chosen >= 0 and chosen_past > IN_PLACE_PAST:
+            # A conversation of several turns past what the request shares with it: where
+            # another idle slot shares as much, the one used longest ago of them is taken
+            # (its prompt saved first if most of it is overwritten).
+            for index in range(len(depths)):
+                slot, used = sharing[index]
+                if depths[index] >= chosen_depth and used < chosen_used:
+                    chosen = slot
+                    chosen_used = used
         if chosen >= 0:
             return chosen, True
         return oldest, oldest >= 0 and (oldest_used > 0.0 or similar)

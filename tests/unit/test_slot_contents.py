@@ -116,6 +116,13 @@ def test_a_conversation_of_several_turns_is_not_gone_on_from_by_one_sharing_its_
     # question (bench W2), though the other slot was used longer ago.
     assert run(contents, 2, 6.0, SYSTEM, "q1") == (1, True)
     assert run(contents, 2, 7.0, SYSTEM, "q2") == (1, True)
+    # With no other slot sharing the system prompt (the other never used), the
+    # conversation's slot is gone on from in place, as llama.cpp would: the slot never
+    # used would process the system prompt again.
+    fresh = SlotContents.create(tmp_path / "fresh", rows=4)
+    assert run(fresh, 2, 1.0, *going_on[:2]) == (1, False)
+    assert run(fresh, 2, 2.0, *going_on) == (1, True)
+    assert run(fresh, 2, 3.0, SYSTEM, "new: hello") == (1, True)
 
 
 def test_without_a_shared_prefix_the_slot_used_longest_ago_is_taken(tmp_path: Path) -> None:
