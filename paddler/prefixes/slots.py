@@ -178,8 +178,7 @@ class SlotContents:
         chosen_depth = 0
         chosen_used = 0.0
         chosen_past = 0
-        depths: list[int] = []  # per idle slot that shares a prefix: its depth, slot, use
-        sharing: list[tuple[int, float]] = []
+        sharing: list[tuple[int, int, float]] = []  # idle slots sharing: depth, slot, use
         oldest = -1
         oldest_used = 0.0
         similar = False  # an idle slot that llama.cpp would choose by the prompt
@@ -204,8 +203,7 @@ class SlotContents:
             if depth <= SIMILARITY * chars:
                 continue
             similar = True
-            depths.append(depth)
-            sharing.append((slot, used))
+            sharing.append((depth, slot, used))
             if 2 * depth < length:
                 continue  # it would overwrite most of the slot's prompt
             clean = past <= IN_PLACE_PAST
@@ -221,9 +219,8 @@ class SlotContents:
             # A conversation of several turns past what the request shares with it: where
             # another idle slot shares as much, the one used longest ago of them is taken
             # (its prompt saved first if most of it is overwritten).
-            for index in range(len(depths)):
-                slot, used = sharing[index]
-                if depths[index] >= chosen_depth and used < chosen_used:
+            for depth, slot, used in sharing:
+                if depth >= chosen_depth and used < chosen_used:
                     chosen = slot
                     chosen_used = used
         if chosen >= 0:

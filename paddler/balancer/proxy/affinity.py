@@ -233,14 +233,19 @@ class Affinity:
 
     async def wait_for_holder(self, plan: Plan) -> Plan:
         """Wait, within wait_budget(), until a busy holder of the request's prefix is
-        free again; the plan as it stands then."""
-        deadline = time.monotonic() + self.wait_budget(plan)
+        free again; the plan as it stands then. A wait is counted by its outcome."""
+        started = time.monotonic()
+        budget = self.wait_budget(plan)
+        deadline = started + budget
         while plan.waits:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             await asyncio.sleep(min(HOLDER_POLL, left))
             plan = self._planned(plan.keys, plan.spread, plan.end)
+        if budget > 0:
+            outcome = "expired" if plan.waits else "freed"
+            self.recorder.holder_wait(outcome, time.monotonic() - started)
         return plan
 
     def _round_robin(self) -> Plan:

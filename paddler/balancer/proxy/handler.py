@@ -378,12 +378,8 @@ class Proxy:
     async def _wait_for_holder(self, plan: Plan) -> tuple[Plan, float]:
         """The plan after waiting for a busy holder of its prefix; the seconds waited."""
         asked = time.monotonic()
-        waits = self.affinity.wait_budget(plan) > 0
         plan = await self.affinity.wait_for_holder(plan)
-        waited = time.monotonic() - asked
-        if waits:
-            self.recorder.holder_wait("expired" if plan.waits else "freed", waited)
-        return plan, waited
+        return plan, time.monotonic() - asked
 
     def _remember_when_answered(
         self,
