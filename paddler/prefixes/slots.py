@@ -24,8 +24,10 @@ is done for (paddler/balancer/proxy/affinity.py: PINNING_BUILD): a request for a
 slot still has the slot's prompt saved before most of it is overwritten, and the best
 match loaded from there. (One exception, llama.cpp #28139: a named slot that is empty
 loads nothing; slots are empty only until they are first used. So a slot never used
-is named only where llama.cpp would take another: a new conversation then pays its
-system prompt's prefill once more on that server, in place of a conversation lost.)
+is named only where llama.cpp would take another, or while another slot of the
+upstream is taken, whose request llama.cpp may not have seen yet: a new conversation
+then pays its system prompt's prefill once more on that server, in place of a
+conversation lost, or of two requests each in the other's slot.)
 
 The record is only as good as what went through this balancer: a request that some
 other client sent to the upstream is not in it. So slots are named only on upstreams
@@ -137,9 +139,14 @@ class SlotContents:
         that of a conversation still going, where a slot never used or a conversation
         that ended longer ago could take it.
 
-        A slot never used is named only when llama.cpp would take another: it takes
-        the same one otherwise, and loads the prompt's prefix from its host-memory cache
-        into it, which it does not for an empty slot that is named (llama.cpp #28139)."""
+        A slot never used is named only when llama.cpp would take another, or when
+        another slot of the upstream is taken: otherwise llama.cpp takes the same one,
+        and loads the prompt's prefix from its host-memory cache into it, which it does
+        not for an empty slot that is named (llama.cpp #28139). A request in flight may
+        not have reached llama.cpp's slots yet (they wait while it decodes a batch), and
+        an unnamed one that it sees first takes a slot by its own rule, maybe the one the
+        record gave the other: that one then waits inside llama.cpp, and the record
+        holds each prompt in the wrong slot until they are named again."""
         if total <= 0 or total > SLOTS or row < 0 or row >= self.rows:
             return -1, False
         lengths: dict[int, int] = {}
@@ -182,10 +189,12 @@ class SlotContents:
         oldest = -1
         oldest_used = 0.0
         similar = False  # an idle slot that llama.cpp would choose by the prompt
+        in_flight = False  # a slot taken by a request llama.cpp may not have seen yet
         for slot in range(total):
             offset = base + ROW.size + slot * RECORD_SIZE
             used, busy, held, length = STATE.unpack_from(mapping, offset)
             if busy > 0.0 and now - busy < BUSY_HORIZON:
+                in_flight = True
                 continue
             if oldest < 0 or used <= oldest_used:
                 oldest = slot
@@ -225,7 +234,7 @@ class SlotContents:
                     chosen_used = used
         if chosen >= 0:
             return chosen, True
-        return oldest, oldest >= 0 and (oldest_used > 0.0 or similar)
+        return oldest, oldest >= 0 and (oldest_used > 0.0 or similar or in_flight)
 
     def release(self, row: int, generation: int, slot: int, now: float) -> None:
         """The request that took ``slot`` of ``row`` ended: the slot is idle, used now."""
