@@ -35,7 +35,9 @@ moment the schedule said to send (slow answers cannot hide a queue); output toke
 second; errors by status; the most requests llama.cpp held back itself (its
 requests_deferred gauge, sampled every 50 ms on every server); the share of prompt
 tokens served from cache (llama.cpp's timings: cache_n against cache_n + prompt_n); and
-Paddler's queue wait (its X-Paddler-Queue-Ms header).
+Paddler's queue wait (its X-Paddler-Queue-Ms header). Time to first token p50 and p90
+also over every repetition's requests together (POOLED says why). Every other repetition
+runs the arms in reverse order.
 """
 
 import argparse
@@ -561,6 +563,8 @@ def figures(cell: Cell) -> dict[str, Any]:
         "queue_wait_ms": (
             {"p50": percentile(queued, 0.5), "p90": percentile(queued, 0.9)} if queued else None
         ),
+        # Every answer's, for the percentiles over all repetitions (tables(): POOLED).
+        "ttft_values_ms": sorted(round(value, 1) for value in ttft),
     }
 
 
@@ -579,8 +583,12 @@ def run(
     with tempfile.TemporaryDirectory() as raw:
         work = Path(raw)
         for repetition in range(repetitions):
+            # Every other repetition runs the arms in reverse: the machine's speed drifts
+            # over minutes (a lone request's first token varied by 15 % between cells),
+            # and an arm always run last would carry the drift alone.
+            order = arms if repetition % 2 == 0 else tuple(reversed(arms))
             for workload in workloads:
-                for name in arms:
+                for name in order:
                     with (
                         llama_servers(binary, model, work, cache_ram) as servers,
                         arm(name, servers, work) as entry,
@@ -636,6 +644,17 @@ TABLE: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("Paddler's queue wait p90 (ms)", ("queue_wait_ms", "p90"), "{:.0f}"),
 )
 
+# Percentiles over every repetition's requests together. A cell has few requests (W1 36,
+# W2 72, W3 24), and its p90 lies where the slowest few end: in bench W2 with the 8 GiB
+# cache, least_busy's per-repetition p90 was 381 ms in two repetitions and 1,820 ms in
+# the third, as 7 or 8 of its 72 requests processed their whole prompt. The median of
+# three such p90s says which side of that edge two repetitions fell on; the p90 of all
+# 216 requests says how slow the slowest tenth was.
+POOLED: tuple[tuple[str, float], ...] = (
+    ("time to first token p50, all repetitions (ms)", 0.5),
+    ("time to first token p90, all repetitions (ms)", 0.9),
+)
+
 TITLES = {
     "W1": "W1 multi-turn chat",
     "W2": "W2 shared system prompts",
@@ -667,6 +686,21 @@ def tables(
             "|" + " --- |" * (len(arms) + len(ratios) + 1),
         ]
         compared[workload] = {}
+        for label, share in POOLED:
+            cells, pooled = [], {}
+            for name in arms:
+                values = [v for m in results[name][workload] for v in m.get("ttft_values_ms", ())]
+                if not values:
+                    cells.append("-")
+                    continue
+                pooled[name] = percentile(values, share)
+                cells.append(f"{pooled[name]:.0f}")
+            shown = []
+            for a, b in ratios:
+                ratio = pooled[a] / pooled[b] if pooled.get(b) and a in pooled else None
+                compared[workload].setdefault(f"{a} / {b}", {})[label] = ratio
+                shown.append(f"{ratio:.2f}" if ratio is not None else "-")
+            lines.append(f"| {label} | " + " | ".join(cells + shown) + " |")
         for label, path, form in TABLE:
             cells, medians = [], {}
             for name in arms:
@@ -755,7 +789,9 @@ def main() -> int:
             args.stem,
             "Fleet quality",
             {"meta": meta, "results": results, "ratios": compared},
-            f"{repetitions} repetitions (median, and min-max where they differ), "
+            f"{repetitions} repetitions (arms in reverse order every other one); 'all "
+            "repetitions': the percentile over every repetition's requests together; "
+            "else the median of the repetitions', and min-max where they differ; "
             f"{meta['minutes']} minutes. 2 llama-servers x 2 slots, the generated "
             f"~28M-parameter model, one core each"
             + (

@@ -16,18 +16,30 @@ balancer sent every request there and knows when each slot was last used. So it 
 the slot: one whose prompt the request goes on from in place (it keeps at least half
 of it), the one used longest ago of several, unless it holds a conversation of several
 turns past what the request shares with it and another idle slot shares as much (then
-the one used longest ago of those); else the one used longest ago, a slot never used
+the one used longest ago of those); else the one sharing the most with the prompt, the
+one used longest ago of several; else the one used longest ago, a slot never used
 first.
+
+Overwriting a slot loses nothing while llama.cpp's host-memory prompt cache has room:
+it saves the slot's prompt there before overwriting most of it, and (from the builds
+with --cache-idle-slots, on by default) saves every idle slot's prompt whenever a task
+starts; a request that goes on from a saved prompt loads it into whatever slot it is
+given, unless that slot is empty or already holds at least half of what the request
+would keep. (Measured on one llama-server, 2 slots, the default 8 GiB cache: prompt A
+in slot 1, prompt B in slot 0, then A named to slot 0: 1,771 of 1,787 tokens from
+cache.) A slot never used loads nothing (llama.cpp #28139: a named slot that is empty
+skips the host cache), so it is taken last among slots that share a prefix with the
+request: bench W1 with the 8 GiB cache, a new conversation given the empty slot
+processed its system prompt again (about 1 s), where the slot of one that ended held
+it. With a cache too small to keep a conversation overwritten, its next turn processes
+what the cache lost, as it would have with llama.cpp choosing the slot.
 
 Naming a slot costs nothing of llama.cpp's host-memory prompt cache on the builds this
 is done for (paddler/balancer/proxy/affinity.py: PINNING_BUILD): a request for a named
 slot still has the slot's prompt saved before most of it is overwritten, and the best
-match loaded from there. (One exception, llama.cpp #28139: a named slot that is empty
-loads nothing; slots are empty only until they are first used. So a slot never used
-is named only where llama.cpp would take another, or while another slot of the
-upstream is taken, whose request llama.cpp may not have seen yet: a new conversation
-then pays its system prompt's prefill once more on that server, in place of a
-conversation lost, or of two requests each in the other's slot.)
+match loaded from there. A slot never used is named only while another slot of the
+upstream is taken, whose request llama.cpp may not have seen yet (two requests would
+then each take the other's slot).
 
 The record is only as good as what went through this balancer: a request that some
 other client sent to the upstream is not in it. So slots are named only on upstreams
@@ -132,17 +144,17 @@ class SlotContents:
         slot shares as much, the one used longest ago of those. (Bench W1: a new
         conversation took, in place, the slot of one in its third turn, whose system
         prompt was just over half its characters, where a conversation that had ended
-        held another; the one going on lost its turns.) Else
-        the request overwrites most of whatever slot it takes: the one used longest
-        ago, a slot never used first (of several, the last, as llama.cpp takes them).
-        llama.cpp would take the slot sharing the most with the prompt, which may be
-        that of a conversation still going, where a slot never used or a conversation
-        that ended longer ago could take it.
+        held another; the one going on lost its turns.) Else the request overwrites
+        most of the slot it takes: of the idle slots sharing a prefix with it, the one
+        sharing the most, the one used longest ago of several (its prompt is saved to
+        llama.cpp's host cache first; the module's docstring says why a slot never used
+        comes last); else the one used longest ago, a slot never used first (of several,
+        the last, as llama.cpp takes them).
 
-        A slot never used is named only when llama.cpp would take another, or when
-        another slot of the upstream is taken: otherwise llama.cpp takes the same one,
-        and loads the prompt's prefix from its host-memory cache into it, which it does
-        not for an empty slot that is named (llama.cpp #28139). A request in flight may
+        A slot never used is named only when another slot of the upstream is taken:
+        otherwise llama.cpp takes the same one (no idle slot shares the prompt), and
+        loads what it can of the prompt from its host-memory cache into it, which it
+        does not for an empty slot that is named (llama.cpp #28139). A request in flight may
         not have reached llama.cpp's slots yet (they wait while it decodes a batch), and
         an unnamed one that it sees first takes a slot by its own rule, maybe the one the
         record gave the other: that one then waits inside llama.cpp, and the record
@@ -188,7 +200,6 @@ class SlotContents:
         sharing: list[tuple[int, int, float]] = []  # idle slots sharing: depth, slot, use
         oldest = -1
         oldest_used = 0.0
-        similar = False  # an idle slot that llama.cpp would choose by the prompt
         in_flight = False  # a slot taken by a request llama.cpp may not have seen yet
         for slot in range(total):
             offset = base + ROW.size + slot * RECORD_SIZE
@@ -211,7 +222,6 @@ class SlotContents:
                 at -= KEY.size
             if depth <= SIMILARITY * chars:
                 continue
-            similar = True
             sharing.append((depth, slot, used))
             if 2 * depth < length:
                 continue  # it would overwrite most of the slot's prompt
@@ -232,9 +242,10 @@ class SlotContents:
                 if depth >= chosen_depth and used < chosen_used:
                     chosen = slot
                     chosen_used = used
+        chosen = chosen if chosen >= 0 else _overwritten(sharing)
         if chosen >= 0:
             return chosen, True
-        return oldest, oldest >= 0 and (oldest_used > 0.0 or similar or in_flight)
+        return oldest, oldest >= 0 and (oldest_used > 0.0 or in_flight)
 
     def release(self, row: int, generation: int, slot: int, now: float) -> None:
         """The request that took ``slot`` of ``row`` ended: the slot is idle, used now."""
@@ -254,3 +265,20 @@ class SlotContents:
         offset = HEADER_SIZE + row * ROW_SIZE + ROW.size + slot * RECORD_SIZE
         count = STATE.unpack_from(self._map, offset)[2]
         return list(KEYS.unpack_from(self._map, offset + STATE.size)[:count])
+
+
+def _overwritten(sharing: list[tuple[int, int, float]]) -> int:
+    """With no slot to go on from in place, the idle slot the request overwrites of those
+    sharing a prefix with it (depth, slot, last used; -1: none): the one sharing the
+    most, used longest ago of several. It keeps what it shares, and llama.cpp saves its
+    prompt to the host-memory cache first; a slot never used would process the whole
+    prompt, and could load nothing from that cache (llama.cpp #28139)."""
+    chosen = -1
+    chosen_depth = 0
+    chosen_used = 0.0
+    for depth, slot, used in sharing:
+        if depth > chosen_depth or (depth == chosen_depth and used < chosen_used):
+            chosen = slot
+            chosen_depth = depth
+            chosen_used = used
+    return chosen

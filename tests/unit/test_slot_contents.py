@@ -63,26 +63,31 @@ def test_a_new_conversation_takes_the_slot_used_longest_ago_of_those_sharing_its
     assert run(contents, 2, 40.0, *turn) == (0, True)
 
 
-def test_a_new_conversation_fills_a_slot_never_used_before_overwriting_one_going_on(
+def test_a_new_conversation_overwrites_a_slot_sharing_its_prefix_before_filling_one_never_used(
     tmp_path: Path,
 ) -> None:
-    """Bench W1: a conversation ran on in one slot, the other was never used. A new
-    conversation after the same system prompt would overwrite most of the first slot's
-    prompt, and llama.cpp would take that slot (it skips empty ones when it matches
-    prompts): named, the empty slot takes it, at the cost of the system prompt's prefill
-    (a named empty slot loads nothing from llama.cpp's host cache)."""
+    """Bench W1 with llama.cpp's 8 GiB host cache: a conversation ran in one slot, the
+    other was never used. Given the empty slot, a new conversation after the same system
+    prompt processed all of it again (a named empty slot loads nothing from llama.cpp's
+    host cache, #28139); given the other, it keeps the system prompt, and llama.cpp
+    saves the conversation it overwrites to its host cache first."""
     contents = SlotContents.create(tmp_path / "contents", rows=4)
     long_question = "Tell me everything about the rivers of Europe. " * 40
     assert run(contents, 2, 1.0, SYSTEM, long_question) == (1, False)
     turn = (SYSTEM, long_question, "an answer", "and then?")
     assert run(contents, 2, 3.0, *turn) == (1, True)
-    assert run(contents, 2, 5.0, SYSTEM, "new: hello") == (0, True)
-    # The next new conversation overwrites the slot used longest ago: the first one's.
-    assert run(contents, 2, 7.0, *turn, "go on", "more") == (1, True)
-    assert run(contents, 2, 9.0, SYSTEM, "newer: hi") == (0, True)
-    # A prompt that shares nothing with either slot's leaves an empty slot to llama.cpp,
+    assert run(contents, 2, 5.0, SYSTEM, "new: hello") == (1, True)
+    assert contents.held(0, 0) == []  # still never used
+    # Of several slots sharing as much, the one used longest ago.
+    other = SlotContents.create(tmp_path / "other", rows=4)
+    assert other.take(0, 1, 0, 3, *keys_of(SYSTEM, long_question), 1.0) == (2, False)
+    assert other.take(0, 1, 0, 3, *keys_of(SYSTEM, "Rivers? " * 300), 1.5) == (1, True)
+    other.release(0, 1, 1, 2.0)
+    other.release(0, 1, 2, 3.0)
+    assert run(other, 3, 4.0, SYSTEM, "Lakes, then. " * 200) == (1, True)
+    # A prompt that shares nothing with any slot's leaves the empty slot to llama.cpp,
     # which takes the same and loads from its host cache what it can.
-    assert run(contents, 3, 11.0, "unrelated") == (2, False)
+    assert run(other, 3, 5.0, "something else") == (0, False)
 
 
 def test_a_slot_whose_prompt_the_request_goes_on_from_beats_one_it_would_overwrite(
@@ -90,8 +95,9 @@ def test_a_slot_whose_prompt_the_request_goes_on_from_beats_one_it_would_overwri
 ) -> None:
     contents = SlotContents.create(tmp_path / "contents", rows=4)
     long_question = "Tell me everything about the rivers of Europe. " * 40
-    assert run(contents, 2, 1.0, SYSTEM, long_question) == (1, False)
+    assert contents.take(0, 1, 0, 2, *keys_of(SYSTEM, long_question), 1.0) == (1, False)
     assert contents.take(0, 1, 0, 2, *keys_of(SYSTEM, "short"), 2.0) == (0, True)
+    contents.release(0, 1, 1, 2.5)
     contents.release(0, 1, 0, 3.0)
     # Both share the system prompt; the long question's slot was used longer ago, but
     # the request would overwrite most of it, and keeps most of the other's.
@@ -107,9 +113,11 @@ def test_a_conversation_of_several_turns_is_not_gone_on_from_by_one_sharing_its_
     slot of a conversation that ended, used longer ago, was there to take."""
     contents = SlotContents.create(tmp_path / "contents", rows=4)
     ended = (SYSTEM, "Tell me everything about the rivers of Europe. " * 40)
-    assert run(contents, 2, 1.0, *ended) == (1, False)
+    assert contents.take(0, 1, 0, 2, *keys_of(*ended), 1.0) == (1, False)
     going_on = [SYSTEM, "a", "b", "c", "d", "e"]
-    assert run(contents, 2, 2.0, *going_on[:2]) == (0, True)
+    assert contents.take(0, 1, 0, 2, *keys_of(*going_on[:2]), 1.5) == (0, True)
+    contents.release(0, 1, 1, 1.8)
+    contents.release(0, 1, 0, 2.0)
     assert run(contents, 2, 3.0, *going_on) == (0, True)  # its third turn, in place
     assert 2 * len(SYSTEM) > keys_of(*going_on)[1]  # the system prompt is most of it
     assert run(contents, 2, 4.0, SYSTEM, "new: hello") == (1, True)
