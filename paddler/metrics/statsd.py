@@ -17,6 +17,8 @@ from paddler.metrics.counters import CounterFile
 from paddler.metrics.exposition import FleetSnapshot
 from paddler.metrics.families import (
     EJECTIONS,
+    HOLDER_WAITS,
+    PROMPT_TOKENS,
     QUEUE_REJECTIONS,
     QUEUE_TIMEOUTS,
     REQUESTS,
@@ -32,7 +34,11 @@ COUNTED = {
     "queue_rejections": QUEUE_REJECTIONS.name,
     "retries": RETRIES.name,
     "ejections": EJECTIONS.name,
+    "cache_holder_waits": HOLDER_WAITS.name,
 }
+# StatsD counter name -> the source label of paddler_prompt_tokens_total it adds up:
+# cached / (cached + processed) is the share of prompt tokens served from cache.
+PROMPT_SOURCES = {"prompt_tokens_cached": "cache", "prompt_tokens_processed": "processed"}
 
 
 def gauges(fleet: FleetSnapshot) -> dict[str, float]:
@@ -51,7 +57,7 @@ def gauges(fleet: FleetSnapshot) -> dict[str, float]:
 
 def counts(values: dict[str, float]) -> dict[str, float]:
     """This process's totals per StatsD counter (requests failed: status 5xx)."""
-    totals = dict.fromkeys([*COUNTED, "requests_failed"], 0.0)
+    totals = dict.fromkeys([*COUNTED, "requests_failed", *PROMPT_SOURCES], 0.0)
     for key, value in values.items():
         family = key.split("{", 1)[0]
         for name, counted in COUNTED.items():
@@ -59,6 +65,10 @@ def counts(values: dict[str, float]) -> dict[str, float]:
                 totals[name] += value
         if family == REQUESTS.name and 'status="5' in key:
             totals["requests_failed"] += value
+        if family == PROMPT_TOKENS.name:
+            for name, source in PROMPT_SOURCES.items():
+                if f'source="{source}"' in key:
+                    totals[name] += value
     return totals
 
 

@@ -221,6 +221,18 @@ def test_statsd_packets_carry_gauges_and_only_new_counts(tmp_path: Path) -> None
     assert "paddler.requests:2|c" in first
     assert "paddler.requests_failed:1|c" in first
     recorder.request("/completion", 200, "a", 0.1, None)
+    recorder.prompt_tokens("a", 900, 100)
+    recorder.prompt_tokens("b", 0, 50)
+    recorder.holder_wait("freed", 0.2)
+    recorder.holder_wait("expired", 1.0)
     second = sender.next_packet().decode().splitlines()
     assert "paddler.requests:1|c" in second
     assert not [line for line in second if line.startswith("paddler.requests_failed")]
+    # The cache share, summed over upstreams, and the waits for a busy holder.
+    assert "paddler.prompt_tokens_cached:900|c" in second
+    assert "paddler.prompt_tokens_processed:150|c" in second
+    assert "paddler.cache_holder_waits:2|c" in second
+    recorder.prompt_tokens("a", 0, 10)
+    third = sender.next_packet().decode().splitlines()
+    assert "paddler.prompt_tokens_processed:10|c" in third
+    assert not [line for line in third if line.startswith("paddler.prompt_tokens_cached")]
