@@ -201,8 +201,10 @@ def _fleet_line(snapshot: Snapshot) -> Text:
         line += (
             f" · {flow.requests_per_second:.1f} req/s, {flow.errors_per_second:.1f} 5xx/s,"
             f" p50 {_milliseconds(flow.p50_ms)}, p99 {_milliseconds(flow.p99_ms)}"
-            f" (last {flow.window:g}s)"
         )
+        if flow.cache_share is not None:
+            line += f", {flow.cache_share:.0%} of prompt tokens from cache"
+        line += f" (last {flow.window:g}s)"
     return Text(line)
 
 
@@ -216,12 +218,15 @@ def render(snapshot: Snapshot) -> Group:
         "slots busy",
         "reserved",
         "report",
+        "from cache",
         "llama.cpp",
         "error",
     ):
         upstreams.add_column(column)
+    shares = snapshot.traffic.upstream_cache_share if snapshot.traffic else {}
     for upstream in snapshot.upstreams:
         slots = upstream["slots"]
+        share = shares.get(upstream["name"])
         upstreams.add_row(
             upstream["name"],
             upstream["address"],
@@ -230,6 +235,7 @@ def render(snapshot: Snapshot) -> Group:
             _bar(slots["total"] - slots["free"], slots["total"]),
             str(upstream["reservations"]),
             f"{upstream['last_report_age']:.1f}s ago",
+            "-" if share is None else f"{share:.0%}",
             str(upstream.get("build", "")),
             upstream["error"],
         )

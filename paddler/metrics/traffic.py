@@ -2,16 +2,19 @@
 
 On the balancer host the counters come from the counter files (paddler/metrics), from
 elsewhere from /metrics; either way two readings some seconds apart give the rates and,
-from the duration histogram's buckets, the latency quantiles over that window.
+from the duration histogram's buckets, the latency quantiles over that window, and from
+llama.cpp's timings (paddler_prompt_tokens_total) the share of prompt tokens served from
+cache, for the fleet and per upstream.
 """
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from paddler.metrics.families import DURATION, REQUESTS
+from paddler.metrics.families import DURATION, PROMPT_TOKENS, REQUESTS
 
 _BUCKET = re.compile(r'le="([^"]+)"')
+_UPSTREAM = re.compile(r'upstream="((?:[^"\\]|\\.)*)"')
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,9 @@ class Totals:
     requests: float
     errors: float  # status 5xx
     buckets: dict[float, float]  # upper bound -> requests at most that long (cumulative)
+    # Per upstream: prompt tokens served from cache, and processed (llama.cpp's timings).
+    cached: dict[str, float] = field(default_factory=dict)
+    processed: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,10 @@ class Traffic:
     errors_per_second: float
     p50_ms: float | None
     p99_ms: float | None
+    # Of the prompt tokens answered in the window, the share served from cache (None:
+    # none answered), for the fleet and per upstream.
+    cache_share: float | None = None
+    upstream_cache_share: dict[str, float] = field(default_factory=dict)
 
 
 def totals(samples: dict[str, float], at: float, cumulative: bool) -> Totals:
@@ -36,12 +46,19 @@ def totals(samples: dict[str, float], at: float, cumulative: bool) -> Totals:
     own count (cumulative=False), /metrics prints them added up (cumulative=True)."""
     requests = errors = 0.0
     per_bound: dict[float, float] = {}
+    cached: dict[str, float] = {}
+    processed: dict[str, float] = {}
     prefix = DURATION.name + "_bucket{"
     for key, value in samples.items():
         if key.startswith(REQUESTS.name + "{"):
             requests += value
             if 'status="5' in key:
                 errors += value
+        elif key.startswith(PROMPT_TOKENS.name + "{"):
+            upstream = _UPSTREAM.search(key)
+            name = upstream.group(1) if upstream else ""
+            into = cached if 'source="cache"' in key else processed
+            into[name] = into.get(name, 0.0) + value
         elif key.startswith(prefix):
             match = _BUCKET.search(key)
             if match:
@@ -52,7 +69,7 @@ def totals(samples: dict[str, float], at: float, cumulative: bool) -> Totals:
     for bound in sorted(per_bound):
         running = per_bound[bound] if cumulative else running + per_bound[bound]
         buckets[bound] = running
-    return Totals(at, requests, errors, buckets)
+    return Totals(at, requests, errors, buckets, cached, processed)
 
 
 def parse_exposition(text: str) -> dict[str, float]:
@@ -94,10 +111,21 @@ def traffic(old: Totals, new: Totals) -> Traffic:
     delta = {bound: new.buckets[bound] - old.buckets.get(bound, 0.0) for bound in new.buckets}
     p50 = quantile(0.5, delta)
     p99 = quantile(0.99, delta)
+    shares: dict[str, float] = {}
+    fleet_cached = fleet_prompt = 0.0
+    for name in sorted({*new.cached, *new.processed}):
+        cached = max(0.0, new.cached.get(name, 0.0) - old.cached.get(name, 0.0))
+        prompt = cached + max(0.0, new.processed.get(name, 0.0) - old.processed.get(name, 0.0))
+        if prompt > 0:
+            shares[name] = cached / prompt
+            fleet_cached += cached
+            fleet_prompt += prompt
     return Traffic(
         window=round(window, 1),
         requests_per_second=max(0.0, new.requests - old.requests) / window,
         errors_per_second=max(0.0, new.errors - old.errors) / window,
         p50_ms=None if p50 is None else p50 * 1000,
         p99_ms=None if p99 is None else p99 * 1000,
+        cache_share=fleet_cached / fleet_prompt if fleet_prompt else None,
+        upstream_cache_share=shares,
     )

@@ -36,7 +36,7 @@ def snapshot() -> Snapshot:
         ],
         queued=5,
         oldest_wait=2.25,
-        traffic=Traffic(10.0, 12.5, 0.3, 45.0, 310.0),
+        traffic=Traffic(10.0, 12.5, 0.3, 45.0, 310.0, 0.8125, {"gpu0": 0.75, "gpu1": 0.875}),
         processes=[
             ProcessInfo("paddlerd", 100, 0.0, 20.4, "running"),
             ProcessInfo("balancer", 101, 12.0, 48.0, "running", 0),
@@ -52,15 +52,22 @@ def test_a_snapshot_renders_the_fleet_and_the_processes() -> None:
     text = console.export_text()
     assert (
         "Fleet: 5/6 slots busy, 5 queued (oldest 2.2s) · 12.5 req/s, 0.3 5xx/s, "
-        "p50 45 ms, p99 310 ms (last 10s)" in text
+        "p50 45 ms, p99 310 ms, 81% of prompt tokens from cache (last 10s)" in text
     )
     lines = text.splitlines()
+    heading = next(line for line in lines if "name" in line and "address" in line)
+    header = [cell.strip() for cell in heading.strip().strip("┃").split("┃")]
     gpu0 = next(line for line in lines if "gpu0" in line and "10.0.0" in line)
     assert "10.0.0.2:8081" in gpu0
     assert "█████░░░░░ 1/2" in gpu0
     assert "b4242" in gpu0
-    assert "██████████ 4/4" in next(line for line in lines if "gpu1" in line)
-    assert "stale" in next(line for line in lines if "gpu2" in line)
+    assert cells(gpu0)[header.index("from cache")] == "75%"
+    gpu1 = next(line for line in lines if "gpu1" in line)
+    assert "██████████ 4/4" in gpu1
+    assert cells(gpu1)[header.index("from cache")] == "88%"
+    gpu2 = next(line for line in lines if "gpu2" in line)
+    assert "stale" in gpu2
+    assert cells(gpu2)[header.index("from cache")] == "-"  # answered no prompt in the window
     balancer = next(line for line in lines if "balancer" in line)
     assert cells(balancer)[:4] == ["balancer", "101", "running", "0"]
     assert "48 MB" in balancer
@@ -116,6 +123,37 @@ def test_rates_and_quantiles_over_a_window() -> None:
     # A balancer restarted between the two readings: its counts start again.
     restarted = traffic(after, Totals(120.0, 5.0, 0.0, {0.1: 5.0, float("inf"): 5.0}))
     assert restarted.requests_per_second == 0.5
+    assert restarted.cache_share is None  # no prompt tokens counted
+
+
+def test_the_share_of_prompt_tokens_from_cache_over_a_window() -> None:
+    """From llama.cpp's timings as the balancer counts them (paddler_prompt_tokens_total):
+    the tokens of the window only, for the fleet and per upstream."""
+    name = "paddler_prompt_tokens_total"
+    before = totals(
+        {
+            f'{name}{{source="cache",upstream="a"}}': 1000,
+            f'{name}{{source="processed",upstream="a"}}': 1000,
+            f'{name}{{source="processed",upstream="b"}}': 500,
+        },
+        at=100.0,
+        cumulative=False,
+    )
+    after = totals(
+        parse_exposition(
+            f'{name}{{source="cache",upstream="a"}} 1900\n'
+            f'{name}{{source="processed",upstream="a"}} 1100\n'
+            f'{name}{{source="cache",upstream="b"}} 300\n'
+            f'{name}{{source="processed",upstream="b"}} 600\n'
+            f'{name}{{source="cache",upstream="quiet \\"one\\""}} 0\n'
+        ),
+        at=110.0,
+        cumulative=True,
+    )
+    flow = traffic(before, after)
+    # a: 900 of 1,000 from cache; b: 300 of 400; the fleet: 1,200 of 1,400.
+    assert flow.upstream_cache_share == {"a": 0.9, "b": 0.75}
+    assert flow.cache_share == 1200 / 1400
 
 
 def test_a_quantile_beyond_the_last_bucket_is_that_bucket() -> None:
