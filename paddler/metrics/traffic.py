@@ -56,7 +56,7 @@ def totals(samples: dict[str, float], at: float, cumulative: bool) -> Totals:
                 errors += value
         elif key.startswith(PROMPT_TOKENS.name + "{"):
             upstream = _UPSTREAM.search(key)
-            name = upstream.group(1) if upstream else ""
+            name = _unescape(upstream.group(1)) if upstream else ""
             into = cached if 'source="cache"' in key else processed
             into[name] = into.get(name, 0.0) + value
         elif key.startswith(prefix):
@@ -70,6 +70,11 @@ def totals(samples: dict[str, float], at: float, cumulative: bool) -> Totals:
         running = per_bound[bound] if cumulative else running + per_bound[bound]
         buckets[bound] = running
     return Totals(at, requests, errors, buckets, cached, processed)
+
+
+def _unescape(value: str) -> str:
+    """A label value as Prometheus's text format writes it, as it was."""
+    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), value)
 
 
 def parse_exposition(text: str) -> dict[str, float]:

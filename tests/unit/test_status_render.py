@@ -145,15 +145,17 @@ def test_the_share_of_prompt_tokens_from_cache_over_a_window() -> None:
             f'{name}{{source="processed",upstream="a"}} 1100\n'
             f'{name}{{source="cache",upstream="b"}} 300\n'
             f'{name}{{source="processed",upstream="b"}} 600\n'
-            f'{name}{{source="cache",upstream="quiet \\"one\\""}} 0\n'
+            f'{name}{{source="cache",upstream="quiet"}} 0\n'
+            f'{name}{{source="processed",upstream="say \\"c\\\\d\\""}} 100\n'
         ),
         at=110.0,
         cumulative=True,
     )
     flow = traffic(before, after)
-    # a: 900 of 1,000 from cache; b: 300 of 400; the fleet: 1,200 of 1,400.
-    assert flow.upstream_cache_share == {"a": 0.9, "b": 0.75}
-    assert flow.cache_share == 1200 / 1400
+    # a: 900 of 1,000 from cache; b: 300 of 400; the one with quotes in its name (as
+    # /metrics escapes them): none of 100; the fleet: 1,200 of 1,500. quiet: no tokens.
+    assert flow.upstream_cache_share == {"a": 0.9, "b": 0.75, 'say "c\\d"': 0.0}
+    assert flow.cache_share == 1200 / 1500
 
 
 def test_a_quantile_beyond_the_last_bucket_is_that_bucket() -> None:
