@@ -38,8 +38,11 @@ Naming a slot costs nothing of llama.cpp's host-memory prompt cache on the build
 is done for (paddler/balancer/proxy/affinity.py: PINNING_BUILD): a request for a named
 slot still has the slot's prompt saved before most of it is overwritten, and the best
 match loaded from there. A slot never used is named only while another slot of the
-upstream is taken, whose request llama.cpp may not have seen yet (two requests would
-then each take the other's slot).
+upstream is taken by a request that llama.cpp has not begun answering, which it may
+not have given a slot yet (two requests would then each take the other's slot); left
+unnamed, the empty slot loads what the request shares with a prompt in the host cache
+(one llama-server, the default cache: a prompt saved there, then sent again while only
+an empty slot was free, found 621 of 637 tokens cached unnamed, none named).
 
 The record is only as good as what went through this balancer: a request that some
 other client sent to the upstream is not in it. So slots are named only on upstreams
@@ -56,7 +59,8 @@ process; writers hold an flock on it. Layout, little-endian:
             recorded (either moved: nothing is known of its slots), 8 bytes spare
         then SLOTS records of RECORD_SIZE bytes:
             f64 last used (CLOCK_MONOTONIC seconds: when its last request ended; 0 never)
-            f64 busy since (when a request took it; 0: idle)
+            f64 busy since (when a request took it; 0: idle; negative, -(when it
+                took it): llama.cpp began answering it, so it has its slot)
             u16 keys held, 2 spare, u32 the length of that prompt in characters
             MAX_KEYS x u64: the prefix keys of the prompt it last took, shortest first
 """
@@ -79,6 +83,7 @@ SLOTS: Final = 32  # upstreams with more slots are left to choose their own
 ROW: Final = struct.Struct("<II8x")
 STATE: Final = struct.Struct("<ddHxxI")  # last used, busy since, keys held, prompt length
 TIMES: Final = struct.Struct("<dd")  # last used, busy since: written alone
+BUSY: Final = struct.Struct("<d")  # busy since, as llama.cpp begins answering: alone
 KEY: Final = struct.Struct("<Q")
 KEYS: Final = struct.Struct("<" + "Q" * MAX_KEYS)
 RECORD_SIZE: Final = STATE.size + KEYS.size
@@ -151,14 +156,15 @@ class SlotContents:
         comes last); else the one used longest ago, a slot never used first (of several,
         the last, as llama.cpp takes them).
 
-        A slot never used is named only when another slot of the upstream is taken:
-        otherwise llama.cpp takes the same one (no idle slot shares the prompt), and
-        loads what it can of the prompt from its host-memory cache into it, which it
-        does not for an empty slot that is named (llama.cpp #28139). A request in flight may
-        not have reached llama.cpp's slots yet (they wait while it decodes a batch), and
-        an unnamed one that it sees first takes a slot by its own rule, maybe the one the
-        record gave the other: that one then waits inside llama.cpp, and the record
-        holds each prompt in the wrong slot until they are named again."""
+        A slot never used is named only while another slot of the upstream is taken by
+        a request that llama.cpp has not begun answering (begun()): otherwise
+        llama.cpp takes the same one (no idle slot shares the prompt), and loads what
+        it can of the prompt from its host-memory cache into it, which it does not for
+        an empty slot that is named (llama.cpp #28139). A request not begun may not
+        have reached llama.cpp's slots yet (new tasks wait while it decodes a batch),
+        and an unnamed one that it sees first takes a slot by its own rule, maybe the
+        one the record gave the other: that one then waits inside llama.cpp, and the
+        record holds each prompt in the wrong slot until they are named again."""
         if total <= 0 or total > SLOTS or row < 0 or row >= self.rows:
             return -1, False
         lengths: dict[int, int] = {}
@@ -204,8 +210,9 @@ class SlotContents:
         for slot in range(total):
             offset = base + ROW.size + slot * RECORD_SIZE
             used, busy, held, length = STATE.unpack_from(mapping, offset)
-            if busy > 0.0 and now - busy < BUSY_HORIZON:
-                in_flight = True
+            if busy != 0.0 and now - abs(busy) < BUSY_HORIZON:
+                # Not begun yet: llama.cpp may not have given that request its slot.
+                in_flight = in_flight or busy > 0.0
                 continue
             if oldest < 0 or used <= oldest_used:
                 oldest = slot
@@ -246,6 +253,22 @@ class SlotContents:
         if chosen >= 0:
             return chosen, True
         return oldest, oldest >= 0 and (oldest_used > 0.0 or in_flight)
+
+    def begun(self, row: int, generation: int, slot: int) -> None:
+        """llama.cpp began answering the request that took ``slot`` of ``row``: it has
+        that slot, and a request that names none can no longer be given it."""
+        if slot < 0 or slot >= SLOTS or row < 0 or row >= self.rows:
+            return
+        base = HEADER_SIZE + row * ROW_SIZE
+        at = base + ROW.size + slot * RECORD_SIZE + TIMES.size - BUSY.size
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            if ROW.unpack_from(self._map, base)[0] == generation:
+                busy = BUSY.unpack_from(self._map, at)[0]
+                if busy > 0.0:
+                    BUSY.pack_into(self._map, at, -busy)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def release(self, row: int, generation: int, slot: int, now: float) -> None:
         """The request that took ``slot`` of ``row`` ended: the slot is idle, used now."""

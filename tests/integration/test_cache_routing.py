@@ -5,7 +5,6 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -262,29 +261,6 @@ def slow_prefill_fleet(paddlerd: PaddlerdRunner, binary: Path, model: Path) -> F
     return fleet
 
 
-def use_every_slot(fleet: Fleet) -> None:
-    """One request of its own in each of the fleet's four slots at once: none is empty
-    after (a slot never used loads nothing from llama.cpp's host-memory cache when
-    named, llama.cpp #28139; production servers have used all theirs long ago)."""
-
-    def ask(number: int) -> str:
-        answer = httpx.post(
-            fleet.url("/v1/chat/completions"),
-            json={
-                "messages": [{"role": "user", "content": f"warm slot {number} " * 40}],
-                "max_tokens": 48,
-                "ignore_eos": True,
-            },
-            timeout=60,
-        )
-        assert answer.status_code == 200, answer.text
-        return answer.headers["x-paddler-upstream"]
-
-    with ThreadPoolExecutor(4) as pool:
-        upstreams = sorted(pool.map(ask, range(4)))
-    assert upstreams == ["a", "a", "b", "b"], upstreams
-
-
 def in_the_way(
     fleet: Fleet, messages: list[dict[str, str]], max_tokens: int, home: str
 ) -> tuple[threading.Thread, list[float]]:
@@ -373,7 +349,6 @@ def test_a_new_conversation_takes_a_free_copy_of_a_shared_system_prompt_at_once(
     W1: waiting instead sent a new conversation to the other server's slots, over a
     conversation still going)."""
     fleet = slow_prefill_fleet(paddlerd, llama_server_binary, bench_model)
-    use_every_slot(fleet)
     system = " ".join(f"lake{number} feeds a river." for number in range(60))
     story = " ".join(f"tell me of town{number} by the water" for number in range(100))
 

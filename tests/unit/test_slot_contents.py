@@ -158,6 +158,39 @@ def test_a_busy_slot_is_not_taken_until_its_request_ends(tmp_path: Path) -> None
     assert contents.take(0, 1, 0, 2, keys, chars, 1.0 + BUSY_HORIZON + 1)[0] == 1
 
 
+def test_a_slot_never_used_is_named_only_while_a_request_not_begun_is_in_flight(
+    tmp_path: Path,
+) -> None:
+    """Left unnamed, llama.cpp gives a request the empty slot and loads into it what the
+    request shares with a prompt in its host cache; named, the empty slot loads nothing
+    (#28139). But llama.cpp may not have given a request that took another slot its slot
+    yet: an unnamed one that it saw first could take that slot, and the other would
+    wait inside llama.cpp. Once llama.cpp begins answering a request, it has its slot."""
+    contents = SlotContents.create(tmp_path / "contents", rows=4)
+    keys, chars = keys_of(SYSTEM, "first")
+    assert contents.take(0, 1, 0, 3, keys, chars, 1.0) == (2, False)
+    other, other_chars = keys_of("unrelated")
+    assert contents.take(0, 1, 0, 3, other, other_chars, 1.1) == (1, True)  # 2 not begun
+    contents.begun(0, 1, 2)
+    assert contents.take(0, 1, 0, 3, *keys_of("third"), 1.2) == (0, True)  # 1 not begun
+    # The same with the first request begun: the empty slot is left to llama.cpp.
+    fresh = SlotContents.create(tmp_path / "fresh", rows=4)
+    assert fresh.take(0, 1, 0, 2, keys, chars, 1.0) == (1, False)
+    fresh.begun(0, 1, 1)
+    assert fresh.take(0, 1, 0, 2, other, other_chars, 2.0) == (0, False)
+    # begun() of an idle slot, or of a row another upstream took since, changes nothing.
+    fresh.release(0, 1, 0, 3.0)
+    fresh.begun(0, 1, 0)
+    assert fresh.take(0, 1, 0, 2, other, other_chars, 4.0) == (0, True)  # in place
+    fresh.release(0, 1, 0, 5.0)
+    assert fresh.take(0, 2, 0, 2, keys, chars, 6.0) == (1, False)  # a new upstream
+    fresh.begun(0, 1, 1)  # the old one's request
+    assert fresh.take(0, 2, 0, 2, other, other_chars, 7.0) == (0, True)  # 1 not begun
+    # A request begun is still busy: its slot is not taken.
+    fresh.begun(0, 2, 1)
+    assert fresh.take(0, 2, 0, 2, other, other_chars, 8.0) == (-1, False)
+
+
 def test_another_upstream_in_the_row_or_a_lost_cache_forgets_the_slots(tmp_path: Path) -> None:
     contents = SlotContents.create(tmp_path / "contents", rows=4)
     assert run(contents, 2, 1.0, SYSTEM, "a") == (1, False)

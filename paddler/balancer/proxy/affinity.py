@@ -348,6 +348,11 @@ class Affinity:
             time.monotonic(),
         )
 
+    def begun(self, row: UpstreamRow, slot: int) -> None:
+        """llama.cpp began answering the request that pin() gave ``slot`` of ``row``."""
+        if self.contents is not None:
+            self.contents.begun(row.index, row.generation, slot)
+
     def unpin(self, row: UpstreamRow, slot: int) -> None:
         """The request that pin() gave ``slot`` of ``row`` (named or not) ended."""
         if self.contents is not None:

@@ -656,6 +656,8 @@ class _RememberWhenAnswered:
         self.early = early  # the prefix's length occupied already, as the request took the slot
 
     def __call__(self, exchange: Exchange) -> None:
+        if exchange.slot >= 0:
+            self.affinity.begun(self.row, exchange.slot)
         if exchange.status < 300:
             self.occupied.extend(
                 self.affinity.holds(self.plan, self.row, exchange.event_stream, self.early)
