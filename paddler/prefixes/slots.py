@@ -38,8 +38,9 @@ Naming a slot costs nothing of llama.cpp's host-memory prompt cache on the build
 is done for (paddler/balancer/proxy/affinity.py: PINNING_BUILD): a request for a named
 slot still has the slot's prompt saved before most of it is overwritten, and the best
 match loaded from there. A slot never used is named only while another slot of the
-upstream is taken by a request that llama.cpp has not begun answering, which it may
-not have given a slot yet (two requests would then each take the other's slot); left
+upstream is taken by a request just sent (PLACING) that llama.cpp has not begun
+answering, which it may not have queued yet (two requests would then each take the
+other's slot); left
 unnamed, the empty slot loads what the request shares with a prompt in the host cache
 (one llama-server, the default cache: a prompt saved there, then sent again while only
 an empty slot was free, found 621 of 637 tokens cached unnamed, none named).
@@ -97,6 +98,12 @@ SIMILARITY: Final = 0.1
 # message (a question after a shared system prompt, answered and done). More is a
 # conversation of several turns, which may go on.
 IN_PLACE_PAST: Final = 1
+# Seconds after it was sent within which a request that llama.cpp has not begun
+# answering may not have a slot there yet. llama.cpp gives slots to tasks in the order
+# its HTTP threads queue them, each after parsing and tokenizing its request (a few
+# milliseconds; tens for the longest prompts): a request sent this much later is queued
+# after it, whatever llama.cpp is busy with meanwhile.
+PLACING: Final = 0.1
 _NOTHING: Final = bytes(ROW_SIZE)
 
 
@@ -157,14 +164,14 @@ class SlotContents:
         the last, as llama.cpp takes them).
 
         A slot never used is named only while another slot of the upstream is taken by
-        a request that llama.cpp has not begun answering (begun()): otherwise
-        llama.cpp takes the same one (no idle slot shares the prompt), and loads what
-        it can of the prompt from its host-memory cache into it, which it does not for
-        an empty slot that is named (llama.cpp #28139). A request not begun may not
-        have reached llama.cpp's slots yet (new tasks wait while it decodes a batch),
-        and an unnamed one that it sees first takes a slot by its own rule, maybe the
-        one the record gave the other: that one then waits inside llama.cpp, and the
-        record holds each prompt in the wrong slot until they are named again."""
+        a request sent less than PLACING ago that llama.cpp has not begun answering
+        (begun()): otherwise llama.cpp takes the same one (no idle slot shares the
+        prompt), and loads what it can of the prompt from its host-memory cache into
+        it, which it does not for an empty slot that is named (llama.cpp #28139). Such
+        a request may not be in llama.cpp's queue yet, and an unnamed one that it
+        queues first takes a slot by its own rule, maybe the one the record gave the
+        other: that one then waits inside llama.cpp, and the record holds each prompt
+        in the wrong slot until they are named again."""
         if total <= 0 or total > SLOTS or row < 0 or row >= self.rows:
             return -1, False
         lengths: dict[int, int] = {}
@@ -211,8 +218,8 @@ class SlotContents:
             offset = base + ROW.size + slot * RECORD_SIZE
             used, busy, held, length = STATE.unpack_from(mapping, offset)
             if busy != 0.0 and now - abs(busy) < BUSY_HORIZON:
-                # Not begun yet: llama.cpp may not have given that request its slot.
-                in_flight = in_flight or busy > 0.0
+                # Just sent and not begun: llama.cpp may not have queued it yet.
+                in_flight = in_flight or (busy > 0.0 and now - busy < PLACING)
                 continue
             if oldest < 0 or used <= oldest_used:
                 oldest = slot

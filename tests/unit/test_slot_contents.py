@@ -13,7 +13,7 @@ from paddler.metrics.counters import CounterFile
 from paddler.metrics.recorder import Recorder
 from paddler.prefixes.index import PrefixIndex, PrefixIndexError
 from paddler.prefixes.keys import prefix_keys, session_key
-from paddler.prefixes.slots import BUSY_HORIZON, SLOTS, SlotContents, SlotContentsError
+from paddler.prefixes.slots import BUSY_HORIZON, PLACING, SLOTS, SlotContents, SlotContentsError
 from paddler.slots import SlotTable, UpstreamRow
 from tests.unit.test_prefixes import chat
 from tests.unit.test_slot_table import REPORT
@@ -46,7 +46,7 @@ def test_a_new_conversation_takes_the_slot_used_longest_ago_of_those_sharing_its
     ended, chars = keys_of(SYSTEM, "ended: one question only")
     assert contents.take(0, 1, 0, 2, ended, chars, 10.0) == (1, False)
     live, chars = keys_of(SYSTEM, "live: tell me about slots")
-    assert contents.take(0, 1, 0, 2, live, chars, 10.5) == (0, True)
+    assert contents.take(0, 1, 0, 2, live, chars, 10.05) == (0, True)
     contents.release(0, 1, 1, 12.0)  # the one that ends
     contents.release(0, 1, 0, 12.5)
     # The live one's next turn finds its own slot, though the other was used longer ago.
@@ -81,7 +81,7 @@ def test_a_new_conversation_overwrites_a_slot_sharing_its_prefix_before_filling_
     # Of several slots sharing as much, the one used longest ago.
     other = SlotContents.create(tmp_path / "other", rows=4)
     assert other.take(0, 1, 0, 3, *keys_of(SYSTEM, long_question), 1.0) == (2, False)
-    assert other.take(0, 1, 0, 3, *keys_of(SYSTEM, "Rivers? " * 300), 1.5) == (1, True)
+    assert other.take(0, 1, 0, 3, *keys_of(SYSTEM, "Rivers? " * 300), 1.05) == (1, True)
     other.release(0, 1, 1, 2.0)
     other.release(0, 1, 2, 3.0)
     assert run(other, 3, 4.0, SYSTEM, "Lakes, then. " * 200) == (1, True)
@@ -96,7 +96,7 @@ def test_a_slot_whose_prompt_the_request_goes_on_from_beats_one_it_would_overwri
     contents = SlotContents.create(tmp_path / "contents", rows=4)
     long_question = "Tell me everything about the rivers of Europe. " * 40
     assert contents.take(0, 1, 0, 2, *keys_of(SYSTEM, long_question), 1.0) == (1, False)
-    assert contents.take(0, 1, 0, 2, *keys_of(SYSTEM, "short"), 2.0) == (0, True)
+    assert contents.take(0, 1, 0, 2, *keys_of(SYSTEM, "short"), 1.05) == (0, True)
     contents.release(0, 1, 1, 2.5)
     contents.release(0, 1, 0, 3.0)
     # Both share the system prompt; the long question's slot was used longer ago, but
@@ -115,7 +115,7 @@ def test_a_conversation_of_several_turns_is_not_gone_on_from_by_one_sharing_its_
     ended = (SYSTEM, "Tell me everything about the rivers of Europe. " * 40)
     assert contents.take(0, 1, 0, 2, *keys_of(*ended), 1.0) == (1, False)
     going_on = [SYSTEM, "a", "b", "c", "d", "e"]
-    assert contents.take(0, 1, 0, 2, *keys_of(*going_on[:2]), 1.5) == (0, True)
+    assert contents.take(0, 1, 0, 2, *keys_of(*going_on[:2]), 1.05) == (0, True)
     contents.release(0, 1, 1, 1.8)
     contents.release(0, 1, 0, 2.0)
     assert run(contents, 2, 3.0, *going_on) == (0, True)  # its third turn, in place
@@ -150,7 +150,7 @@ def test_a_busy_slot_is_not_taken_until_its_request_ends(tmp_path: Path) -> None
     contents = SlotContents.create(tmp_path / "contents", rows=4)
     keys, chars = keys_of(SYSTEM, "question")
     assert contents.take(0, 1, 0, 2, keys, chars, 1.0) == (1, False)
-    assert contents.take(0, 1, 0, 2, keys, chars, 2.0) == (0, True)  # the other is taken
+    assert contents.take(0, 1, 0, 2, keys, chars, 1.05) == (0, True)  # the other just taken
     assert contents.take(0, 1, 0, 2, keys, chars, 3.0) == (-1, False)  # none idle
     contents.release(0, 1, 0, 4.0)
     assert contents.take(0, 1, 0, 2, keys, chars, 5.0) == (0, True)
@@ -170,14 +170,14 @@ def test_a_slot_never_used_is_named_only_while_a_request_not_begun_is_in_flight(
     keys, chars = keys_of(SYSTEM, "first")
     assert contents.take(0, 1, 0, 3, keys, chars, 1.0) == (2, False)
     other, other_chars = keys_of("unrelated")
-    assert contents.take(0, 1, 0, 3, other, other_chars, 1.1) == (1, True)  # 2 not begun
+    assert contents.take(0, 1, 0, 3, other, other_chars, 1.05) == (1, True)  # 2 not begun
     contents.begun(0, 1, 2)
-    assert contents.take(0, 1, 0, 3, *keys_of("third"), 1.2) == (0, True)  # 1 not begun
+    assert contents.take(0, 1, 0, 3, *keys_of("third"), 1.08) == (0, True)  # 1 not begun
     # The same with the first request begun: the empty slot is left to llama.cpp.
     fresh = SlotContents.create(tmp_path / "fresh", rows=4)
     assert fresh.take(0, 1, 0, 2, keys, chars, 1.0) == (1, False)
     fresh.begun(0, 1, 1)
-    assert fresh.take(0, 1, 0, 2, other, other_chars, 2.0) == (0, False)
+    assert fresh.take(0, 1, 0, 2, other, other_chars, 1.01) == (0, False)
     # begun() of an idle slot, or of a row another upstream took since, changes nothing.
     fresh.release(0, 1, 0, 3.0)
     fresh.begun(0, 1, 0)
@@ -185,10 +185,15 @@ def test_a_slot_never_used_is_named_only_while_a_request_not_begun_is_in_flight(
     fresh.release(0, 1, 0, 5.0)
     assert fresh.take(0, 2, 0, 2, keys, chars, 6.0) == (1, False)  # a new upstream
     fresh.begun(0, 1, 1)  # the old one's request
-    assert fresh.take(0, 2, 0, 2, other, other_chars, 7.0) == (0, True)  # 1 not begun
+    assert fresh.take(0, 2, 0, 2, other, other_chars, 6.05) == (0, True)  # 1 not begun
     # A request begun is still busy: its slot is not taken.
     fresh.begun(0, 2, 1)
-    assert fresh.take(0, 2, 0, 2, other, other_chars, 8.0) == (-1, False)
+    assert fresh.take(0, 2, 0, 2, other, other_chars, 6.06) == (-1, False)
+    # Sent PLACING ago or longer, a request not begun is in llama.cpp's queue: a request
+    # sent later is queued after it, and llama.cpp gives it the empty slot unnamed.
+    late = SlotContents.create(tmp_path / "late", rows=4)
+    assert late.take(0, 1, 0, 2, keys, chars, 1.0) == (1, False)
+    assert late.take(0, 1, 0, 2, other, other_chars, 1.0 + PLACING) == (0, False)
 
 
 def test_another_upstream_in_the_row_or_a_lost_cache_forgets_the_slots(tmp_path: Path) -> None:
@@ -203,8 +208,8 @@ def test_another_upstream_in_the_row_or_a_lost_cache_forgets_the_slots(tmp_path:
     assert contents.held(0, 0) == []
     # A busy slot of the upstream that had the row before does not count for the next.
     assert contents.take(0, 2, 0, 2, keys, chars, 5.0) == (1, False)
-    contents.release(0, 1, 1, 6.0)  # the old upstream's request ending changes nothing
-    assert contents.take(0, 2, 0, 2, keys, chars, 7.0) == (0, True)  # slot 1 is taken
+    contents.release(0, 1, 1, 5.02)  # the old upstream's request ending changes nothing
+    assert contents.take(0, 2, 0, 2, keys, chars, 5.05) == (0, True)  # slot 1 just taken
 
 
 def test_upstreams_with_more_slots_than_recorded_choose_their_own(tmp_path: Path) -> None:
