@@ -672,6 +672,25 @@ def _pick(measured: dict[str, Any], path: tuple[str, ...]) -> float | None:
     return None if value is None else float(value)
 
 
+def _row(
+    label: str,
+    shown: dict[str, str],
+    values: dict[str, float],
+    arms: tuple[str, ...],
+    ratios: list[tuple[str, str]],
+    compared: dict[str, dict[str, float | None]],
+) -> str:
+    """A row of a workload's table: each arm's figure as shown, then the ratios of its
+    ``values``, which also go to ``compared``."""
+    ratio_cells = []
+    for a, b in ratios:
+        ratio = values[a] / values[b] if values.get(b) and a in values else None
+        compared.setdefault(f"{a} / {b}", {})[label] = ratio
+        ratio_cells.append(f"{ratio:.2f}" if ratio is not None else "-")
+    cells = [shown.get(name, "-") for name in arms]
+    return f"| {label} | " + " | ".join(cells + ratio_cells) + " |"
+
+
 def tables(
     results: dict[str, Any], workloads: tuple[str, ...], arms: tuple[str, ...]
 ) -> tuple[str, dict[str, Any]]:
@@ -686,39 +705,27 @@ def tables(
             "|" + " --- |" * (len(arms) + len(ratios) + 1),
         ]
         compared[workload] = {}
+        ratios_of = compared[workload]
         for label, share in POOLED:
-            cells, pooled = [], {}
+            pooled: dict[str, float] = {}
             for name in arms:
                 values = [v for m in results[name][workload] for v in m.get("ttft_values_ms", ())]
-                if not values:
-                    cells.append("-")
-                    continue
-                pooled[name] = percentile(values, share)
-                cells.append(f"{pooled[name]:.0f}")
-            shown = []
-            for a, b in ratios:
-                ratio = pooled[a] / pooled[b] if pooled.get(b) and a in pooled else None
-                compared[workload].setdefault(f"{a} / {b}", {})[label] = ratio
-                shown.append(f"{ratio:.2f}" if ratio is not None else "-")
-            lines.append(f"| {label} | " + " | ".join(cells + shown) + " |")
+                if values:
+                    pooled[name] = percentile(values, share)
+            rounded = {name: f"{value:.0f}" for name, value in pooled.items()}
+            lines.append(_row(label, rounded, pooled, arms, ratios, ratios_of))
         for label, path, form in TABLE:
-            cells, medians = [], {}
+            medians: dict[str, float] = {}
+            shown: dict[str, str] = {}
             for name in arms:
                 values = [v for m in results[name][workload] if (v := _pick(m, path)) is not None]
                 if not values:
-                    cells.append("-")
                     continue
-                median = statistics.median(values)
-                medians[name] = median
+                medians[name] = statistics.median(values)
                 low, high = min(values), max(values)
                 spread = f" ({form.format(low)}-{form.format(high)})" if low != high else ""
-                cells.append(form.format(median) + spread)
-            shown = []
-            for a, b in ratios:
-                ratio = medians[a] / medians[b] if medians.get(b) and a in medians else None
-                compared[workload].setdefault(f"{a} / {b}", {})[label] = ratio
-                shown.append(f"{ratio:.2f}" if ratio is not None else "-")
-            lines.append(f"| {label} | " + " | ".join(cells + shown) + " |")
+                shown[name] = form.format(medians[name]) + spread
+            lines.append(_row(label, shown, medians, arms, ratios, ratios_of))
         lines.append("")
     return "\n".join(lines), compared
 
