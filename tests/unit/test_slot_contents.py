@@ -256,6 +256,24 @@ def test_no_slot_is_named_where_other_clients_use_the_upstream(tmp_path: Path) -
     assert affinity.pin(Plan(keys), row) == (-1, False)
 
 
+def test_a_request_begun_leaves_the_empty_slot_to_llama_cpp(tmp_path: Path) -> None:
+    """The handler tells the record when a request's answer begins (its first byte):
+    from then on llama.cpp has given it its slot, and the next request is left to
+    llama.cpp's own choice, which fills an empty slot from its host cache."""
+    first, _ = keys_of(SYSTEM, "a")
+    second, _ = keys_of("unrelated")
+    (tmp_path / "begun").mkdir()
+    (tmp_path / "not begun").mkdir()
+    affinity, row = affinity_with_row(tmp_path / "begun", "b11434-69ce80f4")
+    assert affinity.pin(Plan(first), row) == (1, False)
+    affinity.begun(row, 1)
+    assert affinity.pin(Plan(second), row) == (0, False)
+    # Not begun, and sent a moment ago: the empty slot is named.
+    affinity, row = affinity_with_row(tmp_path / "not begun", "b11434-69ce80f4")
+    assert affinity.pin(Plan(first), row) == (1, False)
+    assert affinity.pin(Plan(second), row) == (0, True)
+
+
 def test_a_session_key_is_not_recorded_as_a_prefix(tmp_path: Path) -> None:
     affinity, row = affinity_with_row(tmp_path, "b11434-69ce80f4")
     keys, _ = keys_of(SYSTEM, "a")
