@@ -40,10 +40,10 @@ slot still has the slot's prompt saved before most of it is overwritten, and the
 match loaded from there. A slot never used is named only while another slot of the
 upstream is taken by a request just sent (PLACING) that llama.cpp has not begun
 answering, which it may not have queued yet (two requests would then each take the
-other's slot); left
-unnamed, the empty slot loads what the request shares with a prompt in the host cache
-(one llama-server, the default cache: a prompt saved there, then sent again while only
-an empty slot was free, found 621 of 637 tokens cached unnamed, none named).
+other's slot); left unnamed, the empty slot loads what the request shares with a
+prompt in the host cache (one llama-server, the default cache: a prompt saved there,
+then sent again while only an empty slot was free, found 621 of 637 tokens cached
+unnamed, none named).
 
 The record is only as good as what went through this balancer: a request that some
 other client sent to the upstream is not in it. So slots are named only on upstreams
