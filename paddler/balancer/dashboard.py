@@ -60,7 +60,7 @@ PAGE = """<!doctype html>
          border-radius: 3px; vertical-align: middle; margin-right: .4rem; overflow: hidden; }
   .bar i { display: block; height: 100%; background: var(--ok); }
   .state-ready { color: var(--ok); }
-  .state-draining, .state-stale, .state-loading { color: var(--busy); }
+  .state-draining, .state-stale, .state-ejected, .state-loading { color: var(--busy); }
   .state-error, .state-unreachable, .state-unauthorized { color: var(--full); }
   #problem { color: var(--full); }
 </style>

@@ -204,9 +204,9 @@ class BalancerSettings:
     )
     debug_headers: bool = setting(
         "Add X-Paddler-Upstream (the upstream's name) and X-Paddler-Queue-Ms (time waited for "
-        "a free slot) to responses; under cache_aware, X-Paddler-Cache (hit or miss: whether "
-        "the prompt's prefix was expected cached there) and X-Paddler-Slot (the llama.cpp "
-        "slot the request named) too.",
+        "a free slot) to responses; under cache_aware and session, X-Paddler-Cache (hit or "
+        "miss: whether the prompt's prefix was expected cached there), and under cache_aware "
+        "X-Paddler-Slot (the llama.cpp slot the request named) too.",
         False,
     )
     rewrite_host_header: bool = setting(

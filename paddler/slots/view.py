@@ -10,11 +10,13 @@ from paddler.slots.table import UpstreamRow
 
 
 def in_rotation(row: UpstreamRow, now: float, missed_reports: int) -> bool:
-    """Whether the upstream takes new requests: ready, reporting and not drained."""
+    """Whether the upstream takes new requests: ready, reporting, not drained and not
+    ejected (paddler/slots/policy.py skips an ejected upstream)."""
     return (
         row.state is UpstreamState.READY
         and not row.drained
         and not row.is_stale(now, missed_reports)
+        and row.ejected_until <= now
     )
 
 
@@ -23,7 +25,13 @@ def state_name(row: UpstreamRow, now: float, missed_reports: int) -> str:
         return "removed"
     if row.drained:
         return "draining"
-    return "stale" if row.is_stale(now, missed_reports) else row.state.name.lower()
+    if row.is_stale(now, missed_reports):
+        return "stale"
+    if row.state is UpstreamState.READY and row.ejected_until > now:
+        # Ready as its agent sees it, but its requests failed here: what the agent
+        # reports otherwise (unreachable, loading) says more, so it comes first.
+        return "ejected"
+    return row.state.name.lower()
 
 
 def describe(row: UpstreamRow, now: float, missed_reports: int) -> dict[str, Any]:

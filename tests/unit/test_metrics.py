@@ -12,6 +12,7 @@ from paddler.metrics.exposition import FleetSnapshot, render
 from paddler.metrics.recorder import Recorder
 from paddler.metrics.statsd import StatsdSender
 from paddler.slots import UpstreamRow, UpstreamState
+from paddler.slots.view import in_rotation, state_name
 
 
 def row(index: int, name: str, total: int, processing: int, reserved: int = 0) -> UpstreamRow:
@@ -205,6 +206,19 @@ def test_stale_upstreams_bring_no_capacity() -> None:
     stale.last_report = 50.0  # silent for 50 report intervals
     wanted = demand([stale], 2, 100.0, 3)
     assert (wanted.upstreams, wanted.desired_upstreams) == (0, 1)
+
+
+def test_an_ejected_upstream_is_out_of_rotation_until_its_ejection_ends() -> None:
+    ejected = row(0, "a", 4, 0)
+    ejected.ejected_until = 105.0  # the monotonic clock the table keeps
+    assert (state_name(ejected, 100.0, 3), in_rotation(ejected, 100.0, 3)) == ("ejected", False)
+    wanted = demand([ejected, row(1, "b", 4, 4)], 0, 100.0, 3)
+    assert (wanted.upstreams, wanted.desired_upstreams) == (1, 1)
+    ejected.last_report = 105.5
+    assert (state_name(ejected, 106.0, 3), in_rotation(ejected, 106.0, 3)) == ("ready", True)
+    # What its agent reports, when not ready, says more than the ejection.
+    ejected.state = UpstreamState.UNREACHABLE
+    assert state_name(ejected, 100.0, 3) == "unreachable"
 
 
 def test_statsd_packets_carry_gauges_and_only_new_counts(tmp_path: Path) -> None:

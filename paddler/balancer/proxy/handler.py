@@ -307,8 +307,8 @@ class Proxy:
                     break  # time ran out retrying: the upstream's failure is the news
                 await self._queue_timed_out(exchange)
                 return
-            if not queued_counted:
-                self.recorder.queue_wait(time.monotonic() - asked)
+            if not queued_counted:  # with the wait for a busy holder, as the header has it
+                self.recorder.queue_wait(queued + time.monotonic() - asked)
                 queued_counted = True
             queued += time.monotonic() - asked
             exchange.queued = queued
