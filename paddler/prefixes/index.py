@@ -24,9 +24,7 @@ default), from which any free slot can load it again. So a prompt that branches 
 prefix where a prompt more than twice as long went on from it (a new conversation after
 a shared system prompt, where an older conversation ran) leaves a copy of the prefix
 in the host cache; one that branches off a prompt mostly its own length (a group's
-short question after its long system prompt) reuses the slot in place, one copy; until
-another task starts on the upstream while that slot is idle: llama.cpp then saves the
-idle slot's prompt to its host cache too (saved(), from the slot record). An
+short question after its long system prompt) reuses the slot in place, one copy. An
 entry counts such copies, and how long the prompts that went on from it were (its
 reach). Whether the copies are still there when needed depends on the size of the host
 cache, which the balancer cannot see: it learns it (the copy trust in the header, from
@@ -73,7 +71,6 @@ TAIL_FIELDS: Final = struct.Struct("<HBxI")  # copies, flags, reach: written tog
 TAIL_OFFSET: Final = 24
 TAIL: Final = 1  # flags: a prompt on the row ended with this prefix
 COUNT: Final = struct.Struct("<H")  # an entry's requests in flight, written alone
-COPIES: Final = struct.Struct("<H")  # an entry's copies, written alone
 HEADER_F64: Final = struct.Struct("<d")  # the header's f64 fields: prefill rate, copy trust, probe
 PREFILL_OFFSET: Final = 16
 TRUST_OFFSET: Final = 24
@@ -306,27 +303,6 @@ class PrefixIndex:
                     copies,
                     flags,
                     min(0xFFFFFFFF, reach),
-                )
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-
-    def saved(self, keys: list[int], row: int, generation: int, epoch: int) -> None:
-        """llama.cpp saved an idle slot's prompt, which has these prefix keys, to the
-        host cache of the upstream in ``row``: one copy more of each of them that the
-        upstream holds (paddler/prefixes/slots.py: save_idle). A key it does not hold
-        is left out: the prompt went there without this balancer."""
-        if not keys:
-            return
-        fcntl.flock(self._fd, fcntl.LOCK_EX)  # as in remember()
-        try:
-            for key in keys:
-                offset, fields = self._set(key)
-                way = self._own_way(fields, key, row, generation, epoch)
-                if way is None:
-                    continue
-                copies = max(1, fields[FIELDS * way + 6])
-                COPIES.pack_into(
-                    self._map, offset + way * ENTRY.size + TAIL_OFFSET, min(0xFFFF, copies + 1)
                 )
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)

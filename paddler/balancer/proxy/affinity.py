@@ -18,9 +18,8 @@ the request goes to the least busy upstream, which then holds the prefix as well
 popular prompt ends up cached on as many servers as its traffic needs. Unless the
 holder has another copy: a new conversation that branched off a shared system prompt
 where a much longer one ran had llama.cpp save that one to its host-memory cache
-first (paddler/prefixes/index.py); and llama.cpp saves every idle slot's prompt there as
-another task starts (paddler/prefixes/slots.py: _save_idle). Those count while
-requests sent to them keep finding them cached (the copy trust).
+first (paddler/prefixes/index.py). Those count while requests sent to them keep
+finding them cached (the copy trust).
 
 Among equally free upstreams, cache_aware takes the one given a request longest ago,
 so that new prompts spread over the fleet's caches instead of all filling the first
@@ -339,8 +338,7 @@ class Affinity:
         keys = plan.keys
         if keys and keys[-1][1] >= SESSION_LENGTH:
             keys = keys[:-1]  # a session's key is no prefix of the prompt
-        saved: list[int] = []
-        taken = contents.take(
+        return contents.take(
             row.index,
             row.generation,
             row.cache_epoch,
@@ -348,11 +346,7 @@ class Affinity:
             keys,
             plan.chars,
             time.monotonic(),
-            saved,
         )
-        if saved and self.index is not None:
-            self.index.saved(saved, row.index, row.generation, row.cache_epoch)
-        return taken
 
     def begun(self, row: UpstreamRow, slot: int) -> None:
         """llama.cpp began answering the request that pin() gave ``slot`` of ``row``."""
