@@ -12,12 +12,7 @@ from paddler.slots.table import UpstreamRow
 def in_rotation(row: UpstreamRow, now: float, missed_reports: int) -> bool:
     """Whether the upstream takes new requests: ready, reporting, not drained and not
     ejected (paddler/slots/policy.py skips an ejected upstream)."""
-    return (
-        row.state is UpstreamState.READY
-        and not row.drained
-        and not row.is_stale(now, missed_reports)
-        and row.ejected_until <= now
-    )
+    return state_name(row, now, missed_reports) == "ready"
 
 
 def state_name(row: UpstreamRow, now: float, missed_reports: int) -> str:
