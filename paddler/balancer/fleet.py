@@ -10,7 +10,7 @@ from paddler.config.model import slot_table_path
 from paddler.metrics.demand import demand
 from paddler.metrics.exposition import FleetSnapshot
 from paddler.slots import SlotTable, UpstreamRow, UpstreamState
-from paddler.slots.view import in_rotation, state_name
+from paddler.slots.view import state_name
 
 log = logging.getLogger("paddler.balancer")
 
@@ -37,9 +37,6 @@ class Fleet:
         if self._table is not None:
             self._table.close()
             self._table = None
-
-    def in_rotation(self, row: UpstreamRow, now: float) -> bool:
-        return in_rotation(row, now, self.settings.missed_reports)
 
     def state_name(self, row: UpstreamRow, now: float) -> str:
         return state_name(row, now, self.settings.missed_reports)

@@ -582,7 +582,7 @@ class Proxy:
         for row in rows:
             state = self.fleet.state_name(row, now)
             states[state] = states.get(state, 0) + 1
-            if self.fleet.in_rotation(row, now):
+            if state == "ready":  # in rotation (paddler/slots/view.py)
                 total += row.slots_total
                 processing += row.slots_total - row.free_slots
                 idle += row.free_slots
