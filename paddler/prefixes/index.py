@@ -24,12 +24,21 @@ default), from which any free slot can load it again. So a prompt that branches 
 prefix where a prompt more than twice as long went on from it (a new conversation after
 a shared system prompt, where an older conversation ran) leaves a copy of the prefix
 in the host cache; one that branches off a prompt mostly its own length (a group's
-short question after its long system prompt) reuses the slot in place, one copy. An
+short question after its long system prompt) reuses the slot in place, one copy; until
+another task starts on the upstream while that slot is idle: llama.cpp then saves the
+idle slot's prompt to its host cache too (saved(), from the slot record). An
 entry counts such copies, and how long the prompts that went on from it were (its
 reach). Whether the copies are still there when needed depends on the size of the host
 cache, which the balancer cannot see: it learns it (the copy trust in the header, from
 llama.cpp's timings of the requests that relied on one), and counts them only while
 they keep being found.
+
+Copies saved from idle slots are counted apart (saved copies), with a trust of their
+own that must stay near 1 (SAVE_TRUSTED). llama.cpp saves them as every task starts,
+so a host cache that holds a few prompts keeps the latest and has dropped the rest: a
+copy saved a while ago is found now and then, and the requests that find the latest
+one would keep a shared, lenient trust up (bench W2 with a 32 MiB host cache: 9
+requests a repetition sent to copies long gone, 1.8 s each).
 
 File layout, little-endian:
     offset 0   8s   magic b"PDLRPRFX"
@@ -41,12 +50,16 @@ File layout, little-endian:
                     beyond an upstream's first found it cached (1 at start)
     offset 32  f64  when a spare copy was last offered while the trust was too low
                     (CLOCK_MONOTONIC seconds): a probe, one every PROBE_EVERY seconds
+    offset 40  f64  saved-copy trust: as the copy trust, for copies saved from idle
+                    slots (1 at start)
+    offset 48  f64  when a saved copy was last offered while its trust was too low
     then sets x WAYS entries of 32 bytes:
                u64 key (0: free), u16 row, u16 requests in flight, u32 row generation,
                u32 cache epoch, u32 last used (CLOCK_MONOTONIC seconds), u16 copies
                (of the prefix on the row: in slots, or in llama.cpp's host cache), u8
                flags (1: a prompt ended here, its next turn is a continuation, not a
-               branch), 1 spare, u32 reach (the longest prompt that went on from the
+               branch), u8 saved copies (in llama.cpp's host cache, saved from an idle
+               slot: saved()), u32 reach (the longest prompt that went on from the
                prefix on the row, in characters)
 """
 
@@ -60,24 +73,33 @@ from typing import Final
 from paddler.prefixes.mapped import create_mapped, open_mapped
 
 MAGIC: Final = b"PDLRPRFX"
-VERSION: Final = 3
+VERSION: Final = 4
 HEADER: Final = struct.Struct("<8sII")
 HEADER_SIZE: Final = 64
 WAYS: Final = 4
-ENTRY: Final = struct.Struct("<QHHIIIHBxI")
-SET: Final = struct.Struct("<" + "QHHIIIHBxI" * WAYS)
-FIELDS: Final = 9  # per entry, as SET unpacks them
-TAIL_FIELDS: Final = struct.Struct("<HBxI")  # copies, flags, reach: written together
+ENTRY: Final = struct.Struct("<QHHIIIHBBI")
+SET: Final = struct.Struct("<" + "QHHIIIHBBI" * WAYS)
+FIELDS: Final = 10  # per entry, as SET unpacks them
+# copies, flags, saved copies, reach: written together (a pad byte would be written too)
+TAIL_FIELDS: Final = struct.Struct("<HBBI")
 TAIL_OFFSET: Final = 24
 TAIL: Final = 1  # flags: a prompt on the row ended with this prefix
 COUNT: Final = struct.Struct("<H")  # an entry's requests in flight, written alone
-HEADER_F64: Final = struct.Struct("<d")  # the header's f64 fields: prefill rate, copy trust, probe
+SAVED: Final = struct.Struct("<B")  # an entry's saved copies, written alone
+SAVED_OFFSET: Final = 27
+HEADER_F64: Final = struct.Struct("<d")  # the header's f64 fields: prefill rate, trusts, probes
 PREFILL_OFFSET: Final = 16
 TRUST_OFFSET: Final = 24
 PROBE_OFFSET: Final = 32
+SAVE_TRUST_OFFSET: Final = 40
+SAVE_PROBE_OFFSET: Final = 48
 # Below this copy trust, an upstream's copies beyond the first do not count, but for
 # one request every PROBE_EVERY seconds: without one, nothing could raise it again.
 TRUSTED: Final = 0.5
+# Saved copies: one miss (at the trust's rate, affinity.py's TRUST_RATE) turns them off
+# until a probe finds one again.
+SAVE_TRUSTED: Final = 0.8
+PROBING: Final = 2  # _offered(): copies of a kind count for this request alone
 PROBE_EVERY: Final = 60.0
 BUSY_HORIZON: Final = 600  # seconds: longer than llama.cpp answers run
 DEFAULT_SETS: Final = 16384  # 65,536 prefixes, 2 MB
@@ -93,7 +115,7 @@ class Holder:
     plain class: several are made for every request, and compiled a native class costs
     a fraction of a NamedTuple, whose constructor is Python code.)"""
 
-    __slots__ = ("epoch", "generation", "length", "rank", "row", "spare")
+    __slots__ = ("epoch", "generation", "length", "rank", "row", "saved", "spare")
 
     def __init__(
         self,
@@ -103,6 +125,7 @@ class Holder:
         length: int,
         rank: int = 0,
         spare: bool = False,
+        saved: bool = False,
     ) -> None:
         self.row = row
         self.generation = generation
@@ -111,6 +134,9 @@ class Holder:
         self.rank = rank
         # Free only by a copy beyond the first: one copy is in use by a request.
         self.spare = spare
+        # That copy is one saved from an idle slot (the saved-copy trust's, not the
+        # copy trust's).
+        self.saved = saved
 
 
 class PrefixIndex:
@@ -122,8 +148,11 @@ class PrefixIndex:
 
     @classmethod
     def create(cls, path: Path, sets: int = DEFAULT_SETS) -> "PrefixIndex":
-        header = HEADER.pack(MAGIC, VERSION, sets).ljust(TRUST_OFFSET, b"\0")
-        create_mapped(path, HEADER_SIZE + sets * SET.size, header + HEADER_F64.pack(1.0))
+        header = bytearray(HEADER_SIZE)
+        HEADER.pack_into(header, 0, MAGIC, VERSION, sets)
+        HEADER_F64.pack_into(header, TRUST_OFFSET, 1.0)
+        HEADER_F64.pack_into(header, SAVE_TRUST_OFFSET, 1.0)
+        create_mapped(path, HEADER_SIZE + sets * SET.size, bytes(header))
         return cls.open(path)
 
     @classmethod
@@ -161,9 +190,23 @@ class PrefixIndex:
     def copy_trust(self, trust: float) -> None:
         HEADER_F64.pack_into(self._map, TRUST_OFFSET, trust)
 
+    @property
+    def save_trust(self) -> float:
+        """The copy trust of copies saved from idle slots (saved())."""
+        trust: float = HEADER_F64.unpack_from(self._map, SAVE_TRUST_OFFSET)[0]
+        return trust
+
+    @save_trust.setter
+    def save_trust(self, trust: float) -> None:
+        HEADER_F64.pack_into(self._map, SAVE_TRUST_OFFSET, trust)
+
     def copies(self, key: int, row: int) -> int:
-        """Copies of this prefix on ``row`` (0: not held there)."""
+        """Copies of this prefix on ``row`` (0: not held there), saved ones apart."""
         return self._field(key, row, 6)
+
+    def saved_copies(self, key: int, row: int) -> int:
+        """Copies of this prefix on ``row`` saved from its idle slots (saved())."""
+        return self._field(key, row, 8)
 
     def _set_offset(self, key: int) -> int:
         return HEADER_SIZE + (key % self.sets) * SET.size
@@ -197,14 +240,13 @@ class PrefixIndex:
         copies of a prefix are all busy does not hold it (it may hold a shorter one idle);
         given ``busy`` too, such holders of prefixes longer than any idle one are added
         to it. Copies beyond an upstream's first count while the copy trust is high
-        enough, and for one request every PROBE_EVERY seconds while it is not."""
+        enough, and for one request every PROBE_EVERY seconds while it is not; saved
+        copies likewise, by their own trust."""
         found: list[Holder] = []
         rows: set[int] = set()
         rank = 0
-        trusted = now is not None and self.copy_trust >= TRUSTED
-        probe = False
-        if now is not None and not trusted:
-            probe = now - HEADER_F64.unpack_from(self._map, PROBE_OFFSET)[0] >= PROBE_EVERY
+        branched = self._offered(now, TRUST_OFFSET, TRUSTED, PROBE_OFFSET)
+        saving = self._offered(now, SAVE_TRUST_OFFSET, SAVE_TRUSTED, SAVE_PROBE_OFFSET)
         for key, length in reversed(keys):
             fields = SET.unpack_from(self._map, HEADER_SIZE + (key % self.sets) * SET.size)
             hit = False
@@ -213,12 +255,16 @@ class PrefixIndex:
                 if fields[way] != key or fields[way + 1] in rows:
                     continue
                 spare = False
-                if now is not None and fields[way + 2] and now - fields[way + 5] < BUSY_HORIZON:
-                    if (trusted or probe) and fields[way + 2] < fields[way + 6]:
+                saved = False
+                in_flight = fields[way + 2]
+                if now is not None and in_flight and now - fields[way + 5] < BUSY_HORIZON:
+                    copies = fields[way + 6] if branched else 1
+                    if in_flight < copies:
                         spare = True  # one copy is in use, another is not
-                        if probe and now is not None:
-                            probe = False  # this one; the next in PROBE_EVERY seconds
-                            HEADER_F64.pack_into(self._map, PROBE_OFFSET, now)
+                        branched = self._spend(branched, now, PROBE_OFFSET)
+                    elif saving and in_flight < copies + fields[way + 8]:
+                        spare = saved = True  # as above, a copy saved from an idle slot
+                        saving = self._spend(saving, now, SAVE_PROBE_OFFSET)
                     else:
                         # Busy: requests with this prefix are in flight there, on every
                         # copy. (Only the holders of the longest busy prefix are of use
@@ -230,7 +276,15 @@ class PrefixIndex:
                         continue
                 rows.add(fields[way + 1])
                 found.append(
-                    Holder(fields[way + 1], fields[way + 3], fields[way + 4], length, rank, spare)
+                    Holder(
+                        fields[way + 1],
+                        fields[way + 3],
+                        fields[way + 4],
+                        length,
+                        rank,
+                        spare,
+                        saved,
+                    )
                 )
                 hit = True
             if hit:
@@ -240,6 +294,25 @@ class PrefixIndex:
                 if len(found) >= most:
                     break
         return found[:most]
+
+    def _offered(self, now: float | None, trust: int, trusted: float, probe: int) -> int:
+        """Whether copies of a kind count: 0 no, 1 yes (their trust, at offset ``trust``
+        of the header, is at least ``trusted``), PROBING for one request (the last was
+        PROBE_EVERY seconds ago, as the time at offset ``probe`` says). Never without
+        ``now``."""
+        if now is None:
+            return 0
+        if HEADER_F64.unpack_from(self._map, trust)[0] >= trusted:
+            return 1
+        return PROBING if now - HEADER_F64.unpack_from(self._map, probe)[0] >= PROBE_EVERY else 0
+
+    def _spend(self, offered: int, now: float, probe: int) -> int:
+        """A copy of a kind that _offered() said counts was offered now: if as a probe,
+        copies of that kind count no more, until PROBE_EVERY seconds from now."""
+        if offered != PROBING:
+            return offered
+        HEADER_F64.pack_into(self._map, probe, now)
+        return 0
 
     def remember(
         self,
@@ -275,6 +348,7 @@ class PrefixIndex:
                 in_flight = 0
                 copies = 1
                 flags = 0
+                saved = 0
                 reach = chars
                 # Its own way, else a free one, else the one used longest ago.
                 way = self._way(fields, key, row)
@@ -286,7 +360,8 @@ class PrefixIndex:
                         in_flight = 0  # left by a worker that died mid-request
                     copies = max(1, fields[FIELDS * way + 6])
                     flags = fields[FIELDS * way + 7]
-                    reach = max(reach, fields[FIELDS * way + 8])
+                    saved = fields[FIELDS * way + 8]
+                    reach = max(reach, fields[FIELDS * way + 9])
                 if occupy:
                     in_flight = min(0xFFFF, in_flight + 1)
                 if key == tail:
@@ -302,8 +377,28 @@ class PrefixIndex:
                     used,
                     copies,
                     flags,
+                    saved,
                     min(0xFFFFFFFF, reach),
                 )
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def saved(self, keys: list[int], row: int, generation: int, epoch: int) -> None:
+        """llama.cpp saved an idle slot's prompt, which has these prefix keys, to the
+        host cache of the upstream in ``row``: one saved copy more of each of them that
+        the upstream holds (paddler/prefixes/slots.py: _save_idle). A key it does not
+        hold is left out: the prompt went there without this balancer."""
+        if not keys:
+            return
+        fcntl.flock(self._fd, fcntl.LOCK_EX)  # as in remember()
+        try:
+            for key in keys:
+                offset, fields = self._set(key)
+                way = self._own_way(fields, key, row, generation, epoch)
+                if way is None:
+                    continue
+                saved = min(0xFF, fields[FIELDS * way + 8] + 1)
+                SAVED.pack_into(self._map, offset + way * ENTRY.size + SAVED_OFFSET, saved)
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
@@ -347,7 +442,7 @@ class PrefixIndex:
         if way is None:
             return
         continues = bool(fields[FIELDS * way + 7] & TAIL)
-        copy = not continues and 2 * known < fields[FIELDS * way + 8]
+        copy = not continues and 2 * known < fields[FIELDS * way + 9]
         for key in held:
             offset, fields = self._set(key)
             way = self._own_way(fields, key, row, generation, epoch)
@@ -364,7 +459,8 @@ class PrefixIndex:
                 offset + way * ENTRY.size + TAIL_OFFSET,
                 min(0xFFFF, copies + 1) if copy else copies,
                 flags,
-                min(0xFFFFFFFF, max(chars, fields[FIELDS * way + 8])),
+                fields[FIELDS * way + 8],
+                min(0xFFFFFFFF, max(chars, fields[FIELDS * way + 9])),
             )
 
     def _set(self, key: int) -> tuple[int, tuple[int, ...]]:

@@ -24,9 +24,11 @@ first.
 Overwriting a slot loses nothing while llama.cpp's host-memory prompt cache has room:
 it saves the slot's prompt there before overwriting most of it, and (from the builds
 with --cache-idle-slots, on by default) saves every idle slot's prompt whenever a task
-starts; a request that goes on from a saved prompt loads it into whatever slot it is
-given, unless that slot is empty or already holds at least half of what the request
-would keep. (Measured on one llama-server, 2 slots, the default 8 GiB cache: prompt A
+starts (take() reports those prompts, once each, for the prefix index to count as
+copies: a request whose prefix is busy in one slot can load it into another); a
+request that goes on from a saved prompt loads it into whatever slot it is given,
+unless that slot is empty or already holds at least half of what the request would
+keep. (Measured on one llama-server, 2 slots, the default 8 GiB cache: prompt A
 in slot 1, prompt B in slot 0, then A named to slot 0: 1,771 of 1,787 tokens from
 cache.) A slot never used loads nothing (llama.cpp #28139: a named slot that is empty
 skips the host cache), so it is taken last among slots that share a prefix with the
@@ -63,7 +65,8 @@ process; writers hold an flock on it. Layout, little-endian:
             f64 last used (CLOCK_MONOTONIC seconds: when its last request ended; 0 never)
             f64 busy since (when a request took it; 0: idle; negative, -(when it
                 took it): llama.cpp began answering it, so it has its slot)
-            u16 keys held, 2 spare, u32 the length of that prompt in characters
+            u16 keys held, u8 1 once its prompt was saved to llama.cpp's host cache
+                (save_idle), 1 spare, u32 the length of that prompt in characters
             MAX_KEYS x u64: the prefix keys of the prompt it last took, shortest first
 """
 
@@ -78,12 +81,15 @@ from paddler.prefixes.keys import MAX_KEYS
 from paddler.prefixes.mapped import create_mapped, open_mapped
 
 MAGIC: Final = b"PDLRSLTS"
-VERSION: Final = 1
+VERSION: Final = 2
 HEADER: Final = struct.Struct("<8sII")
 HEADER_SIZE: Final = 64
 SLOTS: Final = 32  # upstreams with more slots are left to choose their own
 ROW: Final = struct.Struct("<II8x")
-STATE: Final = struct.Struct("<ddHxxI")  # last used, busy since, keys held, prompt length
+# last used, busy since, keys held, saved, prompt length
+STATE: Final = struct.Struct("<ddHBxI")
+SAVED: Final = struct.Struct("<B")  # saved, written alone
+SAVED_OFFSET: Final = 18
 TIMES: Final = struct.Struct("<dd")  # last used, busy since: written alone
 BUSY: Final = struct.Struct("<d")  # busy since, as llama.cpp begins answering: alone
 KEY: Final = struct.Struct("<Q")
@@ -144,10 +150,13 @@ class SlotContents:
         keys: list[tuple[int, int]],
         chars: int,
         now: float,
+        saved: list[int] | None = None,
     ) -> tuple[int, bool]:
         """The slot of ``row`` (``total`` slots) that a request whose prompt has these
         prefix keys (shortest first) and is ``chars`` long takes, recorded as taken by
         it until release() (-1: none that the record can tell), and whether to name it.
+        Given ``saved``, the prefix keys of the other idle slots' prompts that llama.cpp
+        saves to its host cache as the request starts are added to it (save_idle).
 
         The idle slot holding the longest prefix of the prompt (more than a tenth of
         it, as llama.cpp counts) that is at least half of the slot's prompt, which the
@@ -191,15 +200,36 @@ class SlotContents:
             chosen, named = self._choose(base, total, lengths, chars, now)
             if chosen < 0:
                 return -1, False
+            if saved is not None:
+                self._save_idle(base, total, chosen, now, saved)
             offset = base + ROW.size + chosen * RECORD_SIZE
             used = TIMES.unpack_from(mapping, offset)[0]
             prompt = [key for key, _ in keys[-MAX_KEYS:]]
-            STATE.pack_into(mapping, offset, used, now, len(prompt), min(chars, 0xFFFFFFFF))
+            STATE.pack_into(mapping, offset, used, now, len(prompt), 0, min(chars, 0xFFFFFFFF))
             prompt.extend([0] * (MAX_KEYS - len(prompt)))
             KEYS.pack_into(mapping, offset + STATE.size, *prompt)
             return chosen, named
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _save_idle(self, base: int, total: int, chosen: int, now: float, saved: list[int]) -> None:
+        """A request takes slot ``chosen`` of the row at ``base``: llama.cpp (from the
+        builds with --cache-idle-slots, on by default with a host cache) saves every
+        idle slot's prompt to its host cache as the task starts, where a request sent
+        to any slot it mostly overwrites loads it. The prefix keys of those prompts not
+        saved since they were taken go to ``saved``: a copy more of each on the
+        upstream (paddler/prefixes/index.py counts it only while copies keep being
+        found). (Under the lock.)"""
+        mapping = self._map
+        for slot in range(total):
+            if slot == chosen:
+                continue
+            offset = base + ROW.size + slot * RECORD_SIZE
+            _, busy, held, done, _ = STATE.unpack_from(mapping, offset)
+            if held == 0 or done or (busy != 0.0 and now - abs(busy) < BUSY_HORIZON):
+                continue
+            saved.extend(KEYS.unpack_from(mapping, offset + STATE.size)[:held])
+            SAVED.pack_into(mapping, offset + SAVED_OFFSET, 1)
 
     def _choose(
         self, base: int, total: int, lengths: dict[int, int], chars: int, now: float
@@ -217,7 +247,7 @@ class SlotContents:
         in_flight = False  # a slot taken by a request llama.cpp may not have seen yet
         for slot in range(total):
             offset = base + ROW.size + slot * RECORD_SIZE
-            used, busy, held, length = STATE.unpack_from(mapping, offset)
+            used, busy, held, _, length = STATE.unpack_from(mapping, offset)
             if busy != 0.0 and now - abs(busy) < BUSY_HORIZON:
                 # Just sent and not begun: llama.cpp may not have queued it yet.
                 in_flight = in_flight or (busy > 0.0 and now - busy < PLACING)

@@ -342,6 +342,50 @@ def test_a_request_waits_for_a_busy_holder_when_that_beats_processing_its_prompt
     assert samples["paddler_queue_wait_seconds_sum"][()] >= waited
 
 
+def test_a_prompt_saved_from_an_idle_slot_is_loaded_instead_of_waiting_for_its_holder(
+    paddlerd: PaddlerdRunner, llama_server_binary: Path, bench_model: Path
+) -> None:
+    """llama.cpp saves every idle slot's prompt to its host-memory cache as another task
+    starts. So once a request with another prompt has run on the holder's other slot,
+    the holder keeps a second copy of the system prompt there, and a request with it,
+    sent while the first copy is in use, goes to the other slot at once, where llama.cpp
+    loads it (bench W2, default host cache: such requests waited up to 0.9 s for the
+    busy slot, where the test above waits)."""
+    fleet = slow_prefill_fleet(paddlerd, llama_server_binary, bench_model)
+    system = " ".join(f"river{number} carries boats to the sea." for number in range(120))
+    opening = [{"role": "system", "content": system}, {"role": "user", "content": "Hello."}]
+    home, expected, timings = turn(fleet, opening)
+    assert expected == "miss"
+    assert timings["prompt_ms"] > 300, timings  # as above: processing it takes a while
+    # Another prompt on home's other slot (the other upstream drained meanwhile).
+    away = "b" if home == "a" else "a"
+    management = f"http://127.0.0.1:{fleet.management}/api/v1/upstreams"
+    httpx.post(f"{management}/{away}/drain", timeout=5).raise_for_status()
+    try:
+        unrelated = conversation("Tell me about the Elbe.")
+        assert turn(fleet, unrelated)[:2] == (home, "miss")
+    finally:
+        httpx.delete(f"{management}/{away}/drain", timeout=5).raise_for_status()
+    assert fleet.wait_idle(4, timeout=10)
+
+    first, ended = in_the_way(fleet, [*opening, {"role": "user", "content": "Why?"}], 16, home)
+    where = [{"role": "system", "content": system}, {"role": "user", "content": "Where?"}]
+    answer, sent = asked_meanwhile(fleet, where, first)
+    assert (answer.headers["x-paddler-upstream"], answer.headers["x-paddler-cache"]) == (
+        home,
+        "hit",
+    )
+    # Not waited for: the first was still running when it was sent.
+    assert float(answer.headers["x-paddler-queue-ms"]) < 10
+    assert ended
+    assert ended[0] > sent
+    # llama.cpp loaded the saved prompt into the other slot: the system prompt came
+    # from its cache.
+    timings = answer.json()["timings"]
+    assert timings["cache_n"] > 10 * timings["prompt_n"], timings
+    assert "paddler_cache_holder_waits_total" not in scrape(fleet)
+
+
 def test_a_new_conversation_takes_a_free_copy_of_a_shared_system_prompt_at_once(
     paddlerd: PaddlerdRunner, llama_server_binary: Path, bench_model: Path
 ) -> None:

@@ -15,12 +15,14 @@ from paddler.metrics.recorder import Recorder
 from paddler.prefixes.index import (
     BUSY_HORIZON,
     PROBE_EVERY,
+    SAVE_TRUSTED,
     TRUSTED,
     WAYS,
     Holder,
     PrefixIndex,
 )
 from paddler.prefixes.keys import BLOCK, LIMIT, MAX_KEYS, prefix_keys, session_key
+from paddler.prefixes.slots import SlotContents
 from paddler.slots import SlotTable, UpstreamState
 from paddler.slots.policy import Policy
 from tests.unit.test_slot_table import REPORT as SLOT_TABLE_REPORT
@@ -325,6 +327,21 @@ def test_a_prefix_that_prompts_branched_off_on_a_row_has_a_copy_for_each(
     assert index.holders(carol, now=100.0 + PROBE_EVERY)[0].spare
     index.copy_trust = 1.0
     assert index.holders(carol, now=12.5)[0].spare
+    # Copies saved from idle slots count apart, by a trust of their own: with both
+    # branch copies in use, the saved one is spare, until its trust falls.
+    index.saved([bob[0][0]], 3, 7, 1)
+    # (Kept as another prompt branches off the prefix: a copy more of either kind.)
+    index.remember([], 3, 7, 1, 12.0, False, 0, [bob[0][0]], bob[0][1], 100)
+    assert (index.copies(bob[0][0], 3), index.saved_copies(bob[0][0], 3)) == (3, 1)
+    for _ in range(2):
+        index.remember([bob[0][0]], 3, 7, 1, 12.0, True)
+    (saved,) = index.holders(carol, now=12.5)
+    assert (saved.spare, saved.saved) == (True, True)
+    index.save_trust = SAVE_TRUSTED - 0.01
+    assert index.holders(carol, now=12.5) == []
+    index.vacate([bob[0][0]], 3, 7)
+    (branch,) = index.holders(carol, now=12.5)
+    assert (branch.spare, branch.saved) == (True, False)
 
 
 def test_a_plain_prompt_continued_past_its_last_whole_block_is_no_branch(
@@ -512,6 +529,76 @@ def test_a_stream_sent_to_its_prefix_holds_that_copy_from_the_start(tmp_path: Pa
     other: list[int] = []
     assert affinity.occupy_held(first, row, other) == 0
     assert other == []
+
+
+def test_an_idle_slot_saved_to_the_host_cache_is_a_spare_copy_of_its_prompt(
+    tmp_path: Path,
+) -> None:
+    """Bench W2, llama.cpp's default host cache: a group's request waited up to 0.9 s for
+    the slot holding the group's system prompt, while the other slot of that server was
+    idle and the prompt was in its host cache, saved there when that slot's last task
+    started (llama.cpp saves every idle slot's prompt then): sent to the idle slot at
+    once, it loads it."""
+    table = SlotTable.create(tmp_path / "slots", max_upstreams=4, max_owners=4)
+    table.apply_report(replace(REPORT, build="b0-unknown"), now=100.0)
+    table.join()
+    row = table.rows()[0]
+    index = PrefixIndex.create(tmp_path / "prefixes", sets=64)
+    affinity = Affinity(
+        BalancerSettings(routing_policy="cache_aware", cache_max_wait=2.0),
+        table,
+        index,
+        Recorder(CounterFile.create(tmp_path / "1.counters")),
+        SlotContents.create(tmp_path / "contents", rows=4),
+    )
+    system = "be brief " * 200
+
+    def request(*contents: str) -> tuple[Plan, int]:
+        plan = affinity.plan(None, chat(*contents))
+        slot = affinity.pin(plan, row)[0]
+        affinity.holds(plan, row, False, 0)
+        return plan, slot
+
+    first, slot = request(system, "hello")
+    affinity.learn(first, False, row, timings(0, 400, 800.0))  # (prefill measured)
+    affinity.unpin(row, slot)
+    # While a request goes on from that slot, one copy of the system prompt: the next
+    # waits for it.
+    occupied: list[int] = []
+    affinity.occupy_held(affinity.plan(None, chat(system, "one")), row, occupied)
+    assert affinity.plan(None, chat(system, "two")).waits
+    affinity.vacate(occupied, row)
+    # A request with another prompt takes the other slot: llama.cpp saves the first
+    # slot's prompt as it starts, a second copy of the system prompt.
+    _, other = request("Something else entirely. " * 40, "hello")
+    assert other != slot
+    system_key = first.keys[0][0]
+    assert (index.copies(system_key, row.index), index.saved_copies(system_key, row.index)) == (
+        1,
+        1,
+    )
+    affinity.unpin(row, other)
+    occupied = []
+    affinity.occupy_held(affinity.plan(None, chat(system, "one")), row, occupied)
+    spare = affinity.plan(None, chat(system, "two"))
+    assert spare.waits == ()
+    assert spare.prefer == (row.index,)
+    assert (spare.expected[0].spare, spare.expected[0].saved) == (True, True)
+    # Only what the upstream holds gains a copy.
+    index.saved([12345], row.index, row.generation, row.cache_epoch)
+    index.saved([system_key], row.index, row.generation, row.cache_epoch + 1)
+    assert (index.saved_copies(12345, row.index), index.saved_copies(system_key, row.index)) == (
+        0,
+        1,
+    )
+    # A saved copy that was not found (the host cache dropped it) turns saved copies off:
+    # a small host cache keeps the latest prompt saved and drops the rest, so those
+    # found now and then say little. The next request waits for the holder.
+    affinity.learn(spare, True, row, timings(0, 400, 800.0))
+    assert (index.save_trust, index.copy_trust) == (0.75, 1.0)
+    assert affinity.plan(None, chat(system, "two")).waits == ()  # a probe
+    assert affinity.plan(None, chat(system, "two")).waits
+    affinity.vacate(occupied, row)
 
 
 def test_spare_copies_count_while_requests_sent_to_them_find_them_cached(tmp_path: Path) -> None:

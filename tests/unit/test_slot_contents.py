@@ -212,6 +212,37 @@ def test_another_upstream_in_the_row_or_a_lost_cache_forgets_the_slots(tmp_path:
     assert contents.take(0, 2, 0, 2, keys, chars, 5.05) == (0, True)  # slot 1 just taken
 
 
+def taking(
+    contents: SlotContents, keys: list[tuple[int, int]], chars: int, now: float
+) -> tuple[tuple[int, bool], list[int]]:
+    """take() on row 0 of 3 slots: its answer, and the keys of the prompts it saved."""
+    saved: list[int] = []
+    return contents.take(0, 1, 0, 3, keys, chars, now, saved), saved
+
+
+def test_the_idle_slots_a_request_starts_beside_are_reported_saved_once_per_prompt(
+    tmp_path: Path,
+) -> None:
+    """llama.cpp saves every idle slot's prompt to its host cache as a task starts
+    (--cache-idle-slots): each prompt once, until a request takes its slot again."""
+    contents = SlotContents.create(tmp_path / "contents", rows=4)
+    group, chars = keys_of(SYSTEM, "a group's question")
+    assert taking(contents, group, chars, 1.0) == ((2, False), [])  # none other used
+    contents.release(0, 1, 2, 2.0)
+    other, other_chars = keys_of("Something else entirely. " * 40, "hello")
+    assert taking(contents, other, other_chars, 3.0) == ((1, False), [k for k, _ in group])
+    # Saved already, and the slot busy with the request just sent: nothing more.
+    assert taking(contents, other, other_chars, 3.05) == ((0, True), [])
+    contents.release(0, 1, 1, 4.0)
+    contents.release(0, 1, 0, 4.0)
+    # The group's slot taken again, in place, by its next question: a new prompt there,
+    # saved at the next task that starts beside it. The two others hold a copy each.
+    again, again_chars = keys_of(SYSTEM, "a group's question", "answer", "more")
+    assert taking(contents, again, again_chars, 5.0) == ((2, True), [k for k, _ in other] * 2)
+    contents.release(0, 1, 2, 6.0)
+    assert taking(contents, other, other_chars, 7.0) == ((0, True), [k for k, _ in again])
+
+
 def test_upstreams_with_more_slots_than_recorded_choose_their_own(tmp_path: Path) -> None:
     contents = SlotContents.create(tmp_path / "contents", rows=4)
     keys, chars = keys_of(SYSTEM, "a")

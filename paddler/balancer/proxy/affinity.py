@@ -18,8 +18,10 @@ the request goes to the least busy upstream, which then holds the prefix as well
 popular prompt ends up cached on as many servers as its traffic needs. Unless the
 holder has another copy: a new conversation that branched off a shared system prompt
 where a much longer one ran had llama.cpp save that one to its host-memory cache
-first (paddler/prefixes/index.py). Those count while requests sent to them keep
-finding them cached (the copy trust).
+first (paddler/prefixes/index.py); and llama.cpp saves every idle slot's prompt there as
+another task starts (paddler/prefixes/slots.py: _save_idle). Those count while
+requests sent to them keep finding them cached (the copy trust; the saved-copy trust
+for the latter).
 
 Among equally free upstreams, cache_aware takes the one given a request longest ago,
 so that new prompts spread over the fleet's caches instead of all filling the first
@@ -338,7 +340,8 @@ class Affinity:
         keys = plan.keys
         if keys and keys[-1][1] >= SESSION_LENGTH:
             keys = keys[:-1]  # a session's key is no prefix of the prompt
-        return contents.take(
+        saved: list[int] = []
+        taken = contents.take(
             row.index,
             row.generation,
             row.cache_epoch,
@@ -346,7 +349,11 @@ class Affinity:
             keys,
             plan.chars,
             time.monotonic(),
+            saved,
         )
+        if saved and self.index is not None:
+            self.index.saved(saved, row.index, row.generation, row.cache_epoch)
+        return taken
 
     def begun(self, row: UpstreamRow, slot: int) -> None:
         """llama.cpp began answering the request that pin() gave ``slot`` of ``row``."""
@@ -389,8 +396,12 @@ class Affinity:
                 # there came from cache (in tokens: the prompt's, per character).
                 wanted = holder.length * (processed + cached) / chars
                 found = 1.0 if 2 * cached >= wanted else 0.0
-                trust = self.index.copy_trust
-                self.index.copy_trust = trust + TRUST_RATE * (found - trust)
+                if holder.saved:
+                    trust = self.index.save_trust
+                    self.index.save_trust = trust + TRUST_RATE * (found - trust)
+                else:
+                    trust = self.index.copy_trust
+                    self.index.copy_trust = trust + TRUST_RATE * (found - trust)
             if processed >= TOKENS_TO_LEARN:
                 # Seconds per token processed, times tokens per character of prompt.
                 rate = timings.seconds / processed * (processed + cached) / chars
