@@ -33,12 +33,18 @@ cache, which the balancer cannot see: it learns it (the copy trust in the header
 llama.cpp's timings of the requests that relied on one), and counts them only while
 they keep being found.
 
-Copies saved from idle slots are counted apart (saved copies), with a trust of their
-own that must stay near 1 (SAVE_TRUSTED). llama.cpp saves them as every task starts,
-so a host cache that holds a few prompts keeps the latest and has dropped the rest: a
-copy saved a while ago is found now and then, and the requests that find the latest
-one would keep a shared, lenient trust up (bench W2 with a 32 MiB host cache: 9
-requests a repetition sent to copies long gone, 1.8 s each).
+Copies saved from idle slots are counted apart (saved copies: llama.cpp saves every
+idle slot's prompt as a task starts; paddler/prefixes/slots.py sees it), and only while
+the host trust in the header is at least HOST_TRUSTED. It measures the host cache as
+every request that relied on it found it, not only those sent to a saved copy: a request
+the slot record gave a slot that llama.cpp refills from its host cache, where the
+prefix expected on the upstream is in no slot (its slot was overwritten meanwhile). A
+request sent to a saved copy overwrites another slot, whose prompt then lives in the
+host cache alone; a small cache keeps the latest saves and drops the rest, so that the
+copy sent to is found and the prompt it displaced is lost (bench W2 with a 32 MiB host
+cache: with a trust of the copies sent to alone, one miss led to three more, each a
+full prefill of 1.8 s). There is no probe: any request that relies on the host cache
+measures it, and saved copies are only a gain where it keeps what is saved there.
 
 File layout, little-endian:
     offset 0   8s   magic b"PDLRPRFX"
@@ -50,9 +56,9 @@ File layout, little-endian:
                     beyond an upstream's first found it cached (1 at start)
     offset 32  f64  when a spare copy was last offered while the trust was too low
                     (CLOCK_MONOTONIC seconds): a probe, one every PROBE_EVERY seconds
-    offset 40  f64  saved-copy trust: as the copy trust, for copies saved from idle
-                    slots (1 at start)
-    offset 48  f64  when a saved copy was last offered while its trust was too low
+    offset 40  f64  host trust: a moving average of whether requests that relied on
+                    llama.cpp's host cache found there what they expected (HOST_START at
+                    start); saved copies count while it is at least HOST_TRUSTED
     then sets x WAYS entries of 32 bytes:
                u64 key (0: free), u16 row, u16 requests in flight, u32 row generation,
                u32 cache epoch, u32 last used (CLOCK_MONOTONIC seconds), u16 copies
@@ -91,15 +97,15 @@ HEADER_F64: Final = struct.Struct("<d")  # the header's f64 fields: prefill rate
 PREFILL_OFFSET: Final = 16
 TRUST_OFFSET: Final = 24
 PROBE_OFFSET: Final = 32
-SAVE_TRUST_OFFSET: Final = 40
-SAVE_PROBE_OFFSET: Final = 48
+HOST_TRUST_OFFSET: Final = 40
 # Below this copy trust, an upstream's copies beyond the first do not count, but for
 # one request every PROBE_EVERY seconds: without one, nothing could raise it again.
 TRUSTED: Final = 0.5
-# Saved copies: one miss (at the trust's rate, affinity.py's TRUST_RATE) turns them off
-# until a probe finds one again.
-SAVE_TRUSTED: Final = 0.8
-PROBING: Final = 2  # _offered(): copies of a kind count for this request alone
+# Saved copies count from the first request found in the host cache (at the trusts'
+# rate, affinity.py's TRUST_RATE), and one miss turns them off until three are found.
+HOST_TRUSTED: Final = 0.8
+HOST_START: Final = 0.75
+PROBING: Final = 2  # _offered(): copies beyond the first count for this request alone
 PROBE_EVERY: Final = 60.0
 BUSY_HORIZON: Final = 600  # seconds: longer than llama.cpp answers run
 DEFAULT_SETS: Final = 16384  # 65,536 prefixes, 2 MB
@@ -151,7 +157,7 @@ class PrefixIndex:
         header = bytearray(HEADER_SIZE)
         HEADER.pack_into(header, 0, MAGIC, VERSION, sets)
         HEADER_F64.pack_into(header, TRUST_OFFSET, 1.0)
-        HEADER_F64.pack_into(header, SAVE_TRUST_OFFSET, 1.0)
+        HEADER_F64.pack_into(header, HOST_TRUST_OFFSET, HOST_START)
         create_mapped(path, HEADER_SIZE + sets * SET.size, bytes(header))
         return cls.open(path)
 
@@ -191,14 +197,17 @@ class PrefixIndex:
         HEADER_F64.pack_into(self._map, TRUST_OFFSET, trust)
 
     @property
-    def save_trust(self) -> float:
-        """The copy trust of copies saved from idle slots (saved())."""
-        trust: float = HEADER_F64.unpack_from(self._map, SAVE_TRUST_OFFSET)[0]
+    def host_trust(self) -> float:
+        """How often requests that relied on llama.cpp's host cache found there what
+        they expected: a moving average, shared by every worker (saved copies count
+        while it is at least HOST_TRUSTED). (Written without the lock, as
+        prefill_rate.)"""
+        trust: float = HEADER_F64.unpack_from(self._map, HOST_TRUST_OFFSET)[0]
         return trust
 
-    @save_trust.setter
-    def save_trust(self, trust: float) -> None:
-        HEADER_F64.pack_into(self._map, SAVE_TRUST_OFFSET, trust)
+    @host_trust.setter
+    def host_trust(self, trust: float) -> None:
+        HEADER_F64.pack_into(self._map, HOST_TRUST_OFFSET, trust)
 
     def copies(self, key: int, row: int) -> int:
         """Copies of this prefix on ``row`` (0: not held there), saved ones apart."""
@@ -240,13 +249,14 @@ class PrefixIndex:
         copies of a prefix are all busy does not hold it (it may hold a shorter one idle);
         given ``busy`` too, such holders of prefixes longer than any idle one are added
         to it. Copies beyond an upstream's first count while the copy trust is high
-        enough, and for one request every PROBE_EVERY seconds while it is not; saved
-        copies likewise, by their own trust."""
+        enough, and for one request every PROBE_EVERY seconds while it is not (a holder
+        of the longest prefix found, which the request is sent to); saved copies while
+        the host trust is high enough."""
         found: list[Holder] = []
         rows: set[int] = set()
         rank = 0
-        branched = self._offered(now, TRUST_OFFSET, TRUSTED, PROBE_OFFSET)
-        saving = self._offered(now, SAVE_TRUST_OFFSET, SAVE_TRUSTED, SAVE_PROBE_OFFSET)
+        branched = self._offered(now)
+        saving = now is not None and self.host_trust >= HOST_TRUSTED
         for key, length in reversed(keys):
             fields = SET.unpack_from(self._map, HEADER_SIZE + (key % self.sets) * SET.size)
             hit = False
@@ -258,13 +268,15 @@ class PrefixIndex:
                 saved = False
                 in_flight = fields[way + 2]
                 if now is not None and in_flight and now - fields[way + 5] < BUSY_HORIZON:
-                    copies = fields[way + 6] if branched else 1
+                    # (A probe only for the longest prefix's holders: a request is sent
+                    # to one of them, so that it measures what it spends.)
+                    counted = branched == 1 or (branched == PROBING and rank == 0)
+                    copies = fields[way + 6] if counted else 1
                     if in_flight < copies:
                         spare = True  # one copy is in use, another is not
-                        branched = self._spend(branched, now, PROBE_OFFSET)
+                        branched = self._spend(branched, now)
                     elif saving and in_flight < copies + fields[way + 8]:
                         spare = saved = True  # as above, a copy saved from an idle slot
-                        saving = self._spend(saving, now, SAVE_PROBE_OFFSET)
                     else:
                         # Busy: requests with this prefix are in flight there, on every
                         # copy. (Only the holders of the longest busy prefix are of use
@@ -295,23 +307,23 @@ class PrefixIndex:
                     break
         return found[:most]
 
-    def _offered(self, now: float | None, trust: int, trusted: float, probe: int) -> int:
-        """Whether copies of a kind count: 0 no, 1 yes (their trust, at offset ``trust``
-        of the header, is at least ``trusted``), PROBING for one request (the last was
-        PROBE_EVERY seconds ago, as the time at offset ``probe`` says). Never without
-        ``now``."""
+    def _offered(self, now: float | None) -> int:
+        """Whether copies beyond an upstream's first count: 0 no, 1 yes (the copy trust
+        is at least TRUSTED), PROBING for one request (the last probe was PROBE_EVERY
+        seconds ago). Never without ``now``."""
         if now is None:
             return 0
-        if HEADER_F64.unpack_from(self._map, trust)[0] >= trusted:
+        if self.copy_trust >= TRUSTED:
             return 1
-        return PROBING if now - HEADER_F64.unpack_from(self._map, probe)[0] >= PROBE_EVERY else 0
+        last = HEADER_F64.unpack_from(self._map, PROBE_OFFSET)[0]
+        return PROBING if now - last >= PROBE_EVERY else 0
 
-    def _spend(self, offered: int, now: float, probe: int) -> int:
-        """A copy of a kind that _offered() said counts was offered now: if as a probe,
-        copies of that kind count no more, until PROBE_EVERY seconds from now."""
+    def _spend(self, offered: int, now: float) -> int:
+        """A copy beyond the first was offered now: if as a probe, such copies count no
+        more until PROBE_EVERY seconds from now."""
         if offered != PROBING:
             return offered
-        HEADER_F64.pack_into(self._map, probe, now)
+        HEADER_F64.pack_into(self._map, PROBE_OFFSET, now)
         return 0
 
     def remember(

@@ -25,7 +25,7 @@ Overwriting a slot loses nothing while llama.cpp's host-memory prompt cache has 
 it saves the slot's prompt there before overwriting most of it, and (from the builds
 with --cache-idle-slots, on by default) saves every idle slot's prompt whenever a task
 starts (take() reports those prompts, once each, for the prefix index to count as
-copies: a request whose prefix is busy in one slot can load it into another); a
+saved copies: a request whose prefix is busy in one slot can load it into another); a
 request that goes on from a saved prompt loads it into whatever slot it is given,
 unless that slot is empty or already holds at least half of what the request would
 keep. (Measured on one llama-server, 2 slots, the default 8 GiB cache: prompt A
@@ -66,7 +66,7 @@ process; writers hold an flock on it. Layout, little-endian:
             f64 busy since (when a request took it; 0: idle; negative, -(when it
                 took it): llama.cpp began answering it, so it has its slot)
             u16 keys held, u8 1 once its prompt was saved to llama.cpp's host cache
-                (save_idle), 1 spare, u32 the length of that prompt in characters
+                (_save_idle), 1 spare, u32 the length of that prompt in characters
             MAX_KEYS x u64: the prefix keys of the prompt it last took, shortest first
 """
 
@@ -151,12 +151,18 @@ class SlotContents:
         chars: int,
         now: float,
         saved: list[int] | None = None,
+        refilled: list[bool] | None = None,
     ) -> tuple[int, bool]:
         """The slot of ``row`` (``total`` slots) that a request whose prompt has these
         prefix keys (shortest first) and is ``chars`` long takes, recorded as taken by
         it until release() (-1: none that the record can tell), and whether to name it.
         Given ``saved``, the prefix keys of the other idle slots' prompts that llama.cpp
-        saves to its host cache as the request starts are added to it (save_idle).
+        saves to its host cache as the request starts are added to it (_save_idle).
+        Given ``refilled``, whether llama.cpp refills the slot from its host cache is
+        added to it: it does for a slot whose prompt the request mostly overwrites
+        (saving that prompt first, then loading the best match of the request's), and
+        for an empty slot it picks itself; not for one the request goes on from in
+        place, nor for an empty slot that is named (llama.cpp #28139).
 
         The idle slot holding the longest prefix of the prompt (more than a tenth of
         it, as llama.cpp counts) that is at least half of the slot's prompt, which the
@@ -197,13 +203,15 @@ class SlotContents:
                 # prompts are unknown (and what was in flight there is not ours).
                 mapping[base : base + ROW_SIZE] = _NOTHING
                 ROW.pack_into(mapping, base, generation, epoch)
-            chosen, named = self._choose(base, total, lengths, chars, now)
+            chosen, named, in_place = self._choose(base, total, lengths, chars, now)
             if chosen < 0:
                 return -1, False
             if saved is not None:
                 self._save_idle(base, total, chosen, now, saved)
             offset = base + ROW.size + chosen * RECORD_SIZE
-            used = TIMES.unpack_from(mapping, offset)[0]
+            used, _, held, _, _ = STATE.unpack_from(mapping, offset)
+            if refilled is not None:
+                refilled.append(not in_place and (held > 0 or not named))
             prompt = [key for key, _ in keys[-MAX_KEYS:]]
             STATE.pack_into(mapping, offset, used, now, len(prompt), 0, min(chars, 0xFFFFFFFF))
             prompt.extend([0] * (MAX_KEYS - len(prompt)))
@@ -217,9 +225,9 @@ class SlotContents:
         builds with --cache-idle-slots, on by default with a host cache) saves every
         idle slot's prompt to its host cache as the task starts, where a request sent
         to any slot it mostly overwrites loads it. The prefix keys of those prompts not
-        saved since they were taken go to ``saved``: a copy more of each on the
-        upstream (paddler/prefixes/index.py counts it only while copies keep being
-        found). (Under the lock.)"""
+        saved since they were taken go to ``saved``: a saved copy more of each on the
+        upstream (paddler/prefixes/index.py counts those only while the host cache is
+        trusted to keep what is saved there). (Under the lock.)"""
         mapping = self._map
         for slot in range(total):
             if slot == chosen:
@@ -233,15 +241,17 @@ class SlotContents:
 
     def _choose(
         self, base: int, total: int, lengths: dict[int, int], chars: int, now: float
-    ) -> tuple[int, bool]:
-        """take()'s choice among the slots of the row at ``base``, and whether to name
-        it (under the lock)."""
+    ) -> tuple[int, bool, bool]:
+        """take()'s choice among the slots of the row at ``base``, whether to name it,
+        and whether the request goes on from its prompt in place (under the lock)."""
         mapping = self._map
         chosen = -1
         chosen_depth = 0
         chosen_used = 0.0
         chosen_past = 0
-        sharing: list[tuple[int, int, float]] = []  # idle slots sharing: depth, slot, use
+        # Idle slots sharing a prefix with the prompt: depth, slot, last used, and
+        # whether the request would go on from the slot's prompt in place.
+        sharing: list[tuple[int, int, float, bool]] = []
         oldest = -1
         oldest_used = 0.0
         in_flight = False  # a slot taken by a request llama.cpp may not have seen yet
@@ -267,8 +277,9 @@ class SlotContents:
                 at -= KEY.size
             if depth <= SIMILARITY * chars:
                 continue
-            sharing.append((depth, slot, used))
-            if 2 * depth < length:
+            in_place = 2 * depth >= length
+            sharing.append((depth, slot, used, in_place))
+            if not in_place:
                 continue  # it would overwrite most of the slot's prompt
             clean = past <= IN_PLACE_PAST
             if depth > chosen_depth or (
@@ -283,14 +294,13 @@ class SlotContents:
             # A conversation of several turns past what the request shares with it: where
             # another idle slot shares as much, the one used longest ago of them is taken
             # (its prompt saved first if most of it is overwritten).
-            for depth, slot, used in sharing:
-                if depth >= chosen_depth and used < chosen_used:
-                    chosen = slot
-                    chosen_used = used
-        chosen = chosen if chosen >= 0 else _overwritten(sharing)
+            return _used_longest_ago(sharing, chosen, chosen_depth, chosen_used)
         if chosen >= 0:
-            return chosen, True
-        return oldest, oldest >= 0 and (oldest_used > 0.0 or in_flight)
+            return chosen, True, True
+        chosen = _overwritten(sharing)
+        if chosen >= 0:
+            return chosen, True, False
+        return oldest, oldest >= 0 and (oldest_used > 0.0 or in_flight), False
 
     def begun(self, row: int, generation: int, slot: int) -> None:
         """llama.cpp began answering the request that took ``slot`` of ``row``: it has
@@ -328,16 +338,30 @@ class SlotContents:
         return list(KEYS.unpack_from(self._map, offset + STATE.size)[:count])
 
 
-def _overwritten(sharing: list[tuple[int, int, float]]) -> int:
+def _used_longest_ago(
+    sharing: list[tuple[int, int, float, bool]], chosen: int, depth: int, used: float
+) -> tuple[int, bool, bool]:
+    """Of ``chosen`` (in place, sharing ``depth`` characters, last ``used``) and the
+    idle slots sharing as much, the one used longest ago; named, and whether in place."""
+    in_place = True
+    for shared, slot, last, slot_in_place in sharing:
+        if shared >= depth and last < used:
+            chosen = slot
+            used = last
+            in_place = slot_in_place
+    return chosen, True, in_place
+
+
+def _overwritten(sharing: list[tuple[int, int, float, bool]]) -> int:
     """With no slot to go on from in place, the idle slot the request overwrites of those
-    sharing a prefix with it (depth, slot, last used; -1: none): the one sharing the
+    sharing a prefix with it (depth, slot, last used, in place; -1: none): the one sharing the
     most, used longest ago of several. It keeps what it shares, and llama.cpp saves its
     prompt to the host-memory cache first; a slot never used would process the whole
     prompt, and could load nothing from that cache (llama.cpp #28139)."""
     chosen = -1
     chosen_depth = 0
     chosen_used = 0.0
-    for depth, slot, used in sharing:
+    for depth, slot, used, _ in sharing:
         if depth > chosen_depth or (depth == chosen_depth and used < chosen_used):
             chosen = slot
             chosen_depth = depth

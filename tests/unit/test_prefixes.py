@@ -14,8 +14,9 @@ from paddler.metrics.counters import CounterFile
 from paddler.metrics.recorder import Recorder
 from paddler.prefixes.index import (
     BUSY_HORIZON,
+    HOST_START,
+    HOST_TRUSTED,
     PROBE_EVERY,
-    SAVE_TRUSTED,
     TRUSTED,
     WAYS,
     Holder,
@@ -327,8 +328,10 @@ def test_a_prefix_that_prompts_branched_off_on_a_row_has_a_copy_for_each(
     assert index.holders(carol, now=100.0 + PROBE_EVERY)[0].spare
     index.copy_trust = 1.0
     assert index.holders(carol, now=12.5)[0].spare
-    # Copies saved from idle slots count apart, by a trust of their own: with both
-    # branch copies in use, the saved one is spare, until its trust falls.
+    # Copies saved from idle slots count apart, while the host cache is trusted: with
+    # both branch copies in use, the saved one is spare, until that trust falls.
+    assert index.host_trust == HOST_START < HOST_TRUSTED
+    index.host_trust = 1.0
     index.saved([bob[0][0]], 3, 7, 1)
     # (Kept as another prompt branches off the prefix: a copy more of either kind.)
     index.remember([], 3, 7, 1, 12.0, False, 0, [bob[0][0]], bob[0][1], 100)
@@ -337,7 +340,7 @@ def test_a_prefix_that_prompts_branched_off_on_a_row_has_a_copy_for_each(
         index.remember([bob[0][0]], 3, 7, 1, 12.0, True)
     (saved,) = index.holders(carol, now=12.5)
     assert (saved.spare, saved.saved) == (True, True)
-    index.save_trust = SAVE_TRUSTED - 0.01
+    index.host_trust = HOST_TRUSTED - 0.01
     assert index.holders(carol, now=12.5) == []
     index.vacate([bob[0][0]], 3, 7)
     (branch,) = index.holders(carol, now=12.5)
@@ -578,6 +581,17 @@ def test_an_idle_slot_saved_to_the_host_cache_is_a_spare_copy_of_its_prompt(
         1,
     )
     affinity.unpin(row, other)
+    # Saved copies count once a request that relied on the host cache (given a slot
+    # that llama.cpp refills from it) found there what it expected: not yet.
+    occupied = []
+    affinity.occupy_held(affinity.plan(None, chat(system, "one")), row, occupied)
+    assert affinity.plan(None, chat(system, "two")).waits
+    affinity.vacate(occupied, row)
+    relied = affinity.plan(None, chat(system, "three"))
+    affinity.learn(relied, True, row, timings(380, 20, 40.0), False)  # in place
+    assert index.host_trust == HOST_START
+    affinity.learn(relied, True, row, timings(380, 20, 40.0), True)
+    assert index.host_trust == 0.8125
     occupied = []
     affinity.occupy_held(affinity.plan(None, chat(system, "one")), row, occupied)
     spare = affinity.plan(None, chat(system, "two"))
@@ -591,12 +605,13 @@ def test_an_idle_slot_saved_to_the_host_cache_is_a_spare_copy_of_its_prompt(
         0,
         1,
     )
-    # A saved copy that was not found (the host cache dropped it) turns saved copies off:
-    # a small host cache keeps the latest prompt saved and drops the rest, so those
-    # found now and then say little. The next request waits for the holder.
-    affinity.learn(spare, True, row, timings(0, 400, 800.0))
-    assert (index.save_trust, index.copy_trust) == (0.75, 1.0)
-    assert affinity.plan(None, chat(system, "two")).waits == ()  # a probe
+    # Sent to it but given the holder's own slot (freed meanwhile): nothing measured.
+    affinity.learn(spare, True, row, timings(380, 20, 40.0), False)
+    assert index.host_trust == 0.8125
+    # One that was not found (the host cache dropped it) turns saved copies off, and
+    # leaves the trust of branch copies be: the next request waits for the holder.
+    affinity.learn(spare, True, row, timings(0, 400, 800.0), True)
+    assert (index.host_trust, index.copy_trust) == (0.609375, 1.0)
     assert affinity.plan(None, chat(system, "two")).waits
     affinity.vacate(occupied, row)
 
@@ -625,6 +640,10 @@ def test_spare_copies_count_while_requests_sent_to_them_find_them_cached(tmp_pat
     assert third.waits == ()
     assert third.prefer == (row.index,)
     assert third.expected[0].spare
+    # Taking it makes no copy more: llama.cpp moves the copy from its host cache into
+    # the slot the request takes.
+    affinity.holds(third, row, False, 0)
+    assert index.copies(plan.keys[0][0], row.index) == 2
     # llama.cpp served the system prompt from its cache: trusted as before (and the
     # row's cache is there: the misses before count no more).
     affinity.learn(third, True, row, timings(380, 20, 40.0))
@@ -634,8 +653,8 @@ def test_spare_copies_count_while_requests_sent_to_them_find_them_cached(tmp_pat
         affinity.learn(third, True, row, timings(0, 400, 800.0))
     assert index.copy_trust < TRUSTED
     # One more request is sent to the spare copy, a probe; the next waits for its holder.
-    assert affinity.plan(None, chat(system, "two")).waits == ()
-    assert affinity.plan(None, chat(system, "two")).waits
+    assert affinity.plan(None, chat(system, "four")).waits == ()
+    assert affinity.plan(None, chat(system, "four")).waits
     # Which is not the upstream losing its cache: everything else it holds still counts
     # (two misses of its own more, since the hit, are not the three that say so).
     for _ in range(2):

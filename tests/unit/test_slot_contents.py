@@ -243,6 +243,44 @@ def test_the_idle_slots_a_request_starts_beside_are_reported_saved_once_per_prom
     assert taking(contents, other, other_chars, 7.0) == ((0, True), [k for k, _ in again])
 
 
+def refilling(
+    contents: SlotContents, slots: int, now: float, *turn: str
+) -> tuple[tuple[int, bool], bool]:
+    """take() on row 0: its answer, and whether llama.cpp refills the slot from its host
+    cache; the request ends at once."""
+    keys, chars = keys_of(*turn)
+    refilled: list[bool] = []
+    taken = contents.take(0, 1, 0, slots, keys, chars, now, None, refilled)
+    contents.release(0, 1, taken[0], now + 0.5)
+    (refills,) = refilled
+    return taken, refills
+
+
+def test_the_record_says_which_slots_llama_cpp_refills_from_its_host_cache(
+    tmp_path: Path,
+) -> None:
+    """llama.cpp looks in its host cache for a slot whose prompt the request mostly
+    overwrites, and for an empty slot it picks itself; not for one the request goes on
+    from in place, nor for an empty slot named (llama.cpp #28139). A request whose
+    prefix is expected on the upstream but is in no slot relies on the host cache."""
+    contents = SlotContents.create(tmp_path / "contents", rows=4)
+    long_chat = ("hello", "a long answer " * 60, "and then?", "another long answer " * 60)
+    # The first request: an empty slot, llama.cpp's to pick.
+    assert refilling(contents, 2, 1.0, SYSTEM, *long_chat) == ((1, False), True)
+    # Its next turn goes on from its prompt in place.
+    assert refilling(contents, 2, 2.0, SYSTEM, *long_chat, "more") == ((1, True), False)
+    # While that slot is busy, a new conversation is named the empty one: no refill.
+    keys, chars = keys_of(SYSTEM, *long_chat, "more", "ok", "again")
+    assert contents.take(0, 1, 0, 2, keys, chars, 3.0) == (1, True)
+    assert refilling(contents, 2, 3.01, SYSTEM, "a short question") == ((0, True), False)
+    contents.release(0, 1, 1, 3.5)
+    # The long conversation's slot, overwritten by a new one that shares only the system
+    # prompt with it (the short one's slot busy): refilled, its prompt saved first.
+    keys, chars = keys_of(SYSTEM, "a short question", "yes", "why?")
+    assert contents.take(0, 1, 0, 2, keys, chars, 4.0) == (0, True)
+    assert refilling(contents, 2, 4.01, SYSTEM, "another question") == ((1, True), True)
+
+
 def test_upstreams_with_more_slots_than_recorded_choose_their_own(tmp_path: Path) -> None:
     contents = SlotContents.create(tmp_path / "contents", rows=4)
     keys, chars = keys_of(SYSTEM, "a")

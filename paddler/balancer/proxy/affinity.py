@@ -20,8 +20,10 @@ holder has another copy: a new conversation that branched off a shared system pr
 where a much longer one ran had llama.cpp save that one to its host-memory cache
 first (paddler/prefixes/index.py); and llama.cpp saves every idle slot's prompt there as
 another task starts (paddler/prefixes/slots.py: _save_idle). Those count while
-requests sent to them keep finding them cached (the copy trust; the saved-copy trust
-for the latter).
+requests sent to them keep finding them cached (the copy trust), the latter while
+requests that rely on llama.cpp's host cache find what they expect there (the host
+trust: a request given a slot llama.cpp refills from its host cache, as the slot
+record says, where the prefix expected on the upstream is in no slot).
 
 Among equally free upstreams, cache_aware takes the one given a request longest ago,
 so that new prompts spread over the fleet's caches instead of all filling the first
@@ -60,7 +62,7 @@ from paddler.prefixes.slots import SlotContents
 from paddler.slots import SlotTable, UpstreamRow
 
 MISSES_TO_FORGET: Final = 3
-TRUST_RATE: Final = 0.25  # weight of each request sent to a spare copy, in the copy trust
+TRUST_RATE: Final = 0.25  # weight of each request measured, in the copy and host trusts
 # The policies that send a request where its prefix or session went: they need the index.
 REMEMBERING: Final = ("cache_aware", "session")
 ANY_IMBALANCE: Final = 1 << 15
@@ -289,11 +291,15 @@ class Affinity:
         if not plan.keys or self.index is None:
             return []
         now = time.monotonic()
-        known = _held_on(plan, row)
+        holder = _holder_on(plan, row)
+        known = 0 if holder is None else holder.length
         held: list[int] | None = None
-        if plan.spread and 0 < known < SESSION_LENGTH and plan.chars > known:
+        spare = holder is not None and holder.spare
+        if plan.spread and 0 < known < SESSION_LENGTH and plan.chars > known and not spare:
             # cache_aware: the prompt goes on past what the row holds, continuing the
             # prompt that ended there or branching off (a copy more of what it held).
+            # (Not from a spare copy: llama.cpp moves that copy from its host cache into
+            # the slot the request takes: no copy more.)
             held = [key for key, length in plan.keys if length <= known]
         if plan.spread and streaming:  # cache_aware: every prefix counts the request
             keys = [key for key, length in plan.keys if length > early]
@@ -328,12 +334,15 @@ class Affinity:
             )
         return []
 
-    def pin(self, plan: Plan, row: UpstreamRow) -> tuple[int, bool]:
+    def pin(
+        self, plan: Plan, row: UpstreamRow, refilled: list[bool] | None = None
+    ) -> tuple[int, bool]:
         """The slot of ``row`` that the request takes, as the slot record has it
         (paddler/prefixes/slots.py; -1: none), and whether to name it. None on an
         upstream that runs requests this balancer did not send (the record cannot know
         what they did to its slots), nor on a build that would skip its prompt cache for
-        a named slot."""
+        a named slot. Given ``refilled``, whether llama.cpp refills that slot from its
+        host cache is added to it (for learn())."""
         contents = self.contents
         if contents is None or row.foreign_busy or not self._pinning_build(row.build):
             return -1, False
@@ -350,6 +359,7 @@ class Affinity:
             plan.chars,
             time.monotonic(),
             saved,
+            refilled,
         )
         if saved and self.index is not None:
             self.index.saved(saved, row.index, row.generation, row.cache_epoch)
@@ -381,8 +391,17 @@ class Affinity:
         if keys and self.index is not None:
             self.index.vacate(keys, row.index, row.generation)
 
-    def learn(self, plan: Plan, expected: bool, row: UpstreamRow, timings: PromptTimings) -> None:
-        """What llama.cpp's timings say of the guess, and of how long prefill takes."""
+    def learn(
+        self,
+        plan: Plan,
+        expected: bool,
+        row: UpstreamRow,
+        timings: PromptTimings,
+        refilled: bool = False,
+    ) -> None:
+        """What llama.cpp's timings say of the guess, and of how long prefill takes;
+        ``refilled``: pin() said llama.cpp refills the request's slot from its host
+        cache."""
         cached = timings.cached
         processed = timings.processed
         hit = cached > 0
@@ -390,18 +409,22 @@ class Affinity:
         holder = _holder_on(plan, row)
         spare = holder is not None and holder.spare
         if processed >= 0 and chars > 0 and self.index is not None:
-            if spare and holder is not None and chars < LIMIT:
+            branch = spare and holder is not None and not holder.saved
+            hosted = refilled and holder is not None and holder.length < SESSION_LENGTH
+            if (branch or hosted) and holder is not None and chars < LIMIT:
                 # (Not past LIMIT: the tokens count the whole prompt, chars only LIMIT.)
-                # Sent to a copy beyond the first: found if most of the prefix expected
-                # there came from cache (in tokens: the prompt's, per character).
+                # Sent to a copy beyond the first, or to a slot refilled from the host
+                # cache: found if most of the prefix expected there came from cache (in
+                # tokens: the prompt's, per character). A request sent to a saved copy
+                # but given the holder's own slot (it freed meanwhile) measures nothing.
                 wanted = holder.length * (processed + cached) / chars
                 found = 1.0 if 2 * cached >= wanted else 0.0
-                if holder.saved:
-                    trust = self.index.save_trust
-                    self.index.save_trust = trust + TRUST_RATE * (found - trust)
-                else:
+                if branch:
                     trust = self.index.copy_trust
                     self.index.copy_trust = trust + TRUST_RATE * (found - trust)
+                else:
+                    trust = self.index.host_trust
+                    self.index.host_trust = trust + TRUST_RATE * (found - trust)
             if processed >= TOKENS_TO_LEARN:
                 # Seconds per token processed, times tokens per character of prompt.
                 rate = timings.seconds / processed * (processed + cached) / chars

@@ -94,6 +94,8 @@ class Exchange:
         # the request names it (id_slot) or leaves it to llama.cpp, which takes the same.
         self.slot = -1
         self.slot_named = False
+        # Whether llama.cpp refills that slot from its host-memory prompt cache.
+        self.slot_refilled = False
         self.response_started = False
         self.response_complete = False
         self.event_stream = False
