@@ -107,6 +107,11 @@ HOST_TRUSTED: Final = 0.8
 HOST_START: Final = 0.75
 PROBING: Final = 2  # _offered(): copies beyond the first count for this request alone
 PROBE_EVERY: Final = 60.0
+# llama.cpp loads no prompt from its host cache for a request that shares less than a
+# quarter of it ("don't trash large prompts"): a copy saved there in a prompt more than
+# this many times a prefix's length is no copy of that prefix. (Measured against reach,
+# the longest prompt that went on from the prefix: the copy is at most that long.)
+UNTRASHED: Final = 4
 BUSY_HORIZON: Final = 600  # seconds: longer than llama.cpp answers run
 DEFAULT_SETS: Final = 16384  # 65,536 prefixes, 2 MB
 
@@ -275,7 +280,11 @@ class PrefixIndex:
                     if in_flight < copies:
                         spare = True  # one copy is in use, another is not
                         branched = self._spend(branched, now)
-                    elif saving and in_flight < copies + fields[way + 8]:
+                    elif (
+                        saving
+                        and in_flight < copies + fields[way + 8]
+                        and length * UNTRASHED >= fields[way + 9]
+                    ):
                         spare = saved = True  # as above, a copy saved from an idle slot
                     else:
                         # Busy: requests with this prefix are in flight there, on every
@@ -454,7 +463,8 @@ class PrefixIndex:
         if way is None:
             return
         continues = bool(fields[FIELDS * way + 7] & TAIL)
-        copy = not continues and 2 * known < fields[FIELDS * way + 9]
+        reach = fields[FIELDS * way + 9]
+        copy = not continues and 2 * known < reach <= UNTRASHED * known
         for key in held:
             offset, fields = self._set(key)
             way = self._own_way(fields, key, row, generation, epoch)

@@ -269,6 +269,9 @@ def test_busy_holders_of_a_longer_prefix_than_any_idle_one_are_reported(tmp_path
     assert [(h.row, h.length) for h in busy] == [(3, first[1][1])]
 
 
+BRIEF = "be brief " * 30  # a system prompt over a quarter of the conversations after it
+
+
 def test_a_prefix_that_prompts_branched_off_on_a_row_has_a_copy_for_each(
     tmp_path: Path,
 ) -> None:
@@ -280,20 +283,26 @@ def test_a_prefix_that_prompts_branched_off_on_a_row_has_a_copy_for_each(
         fresh = [key for key, length in keys if length > known]
         index.remember(fresh, row, 7, 1, 10.0, False, keys[-1][0], held, known, keys[-1][1])
 
-    alice = prefix_keys(chat("be brief", "tell me a long story " * 20))
+    alice = prefix_keys(chat(BRIEF, "tell me a long story " * 20))
     send(alice, 3)
     assert [index.copies(key, 3) for key, _ in alice] == [1, 1]
     # Alice's next turn continues her prompt, in its slot: no copy of anything more.
-    again = prefix_keys(chat("be brief", "tell me a long story " * 20, "Once...", "Go on."))
+    again = prefix_keys(chat(BRIEF, "tell me a long story " * 20, "Once...", "Go on."))
     assert again[:2] == alice
     send(again, 3, alice[1][1])
     assert [index.copies(key, 3) for key, _ in again] == [1, 1, 1, 1]
     # Bob's conversation begins with the same system prompt, where Alice's, far longer,
     # went on: llama.cpp saves hers to its host cache before reusing her slot, so row 3
     # has the system prompt twice.
-    bob = prefix_keys(chat("be brief", "good day"))
+    bob = prefix_keys(chat(BRIEF, "good day"))
     send(bob, 3, bob[0][1])
     assert index.copies(bob[0][0], 3) == 2
+    # Not where the prompt that went on is over four times the prefix: llama.cpp loads
+    # nothing from its host cache for a request sharing less than a quarter of a prompt.
+    tiny = prefix_keys(chat("be brief", "tell me a long story " * 20))
+    send(tiny, 5)
+    send(prefix_keys(chat("be brief", "good day")), 5, tiny[0][1])
+    assert index.copies(tiny[0][0], 5) == 1
     assert index.copies(again[1][0], 3) == 1
     # A group's second question after a long system prompt keeps most of the first's
     # slot: reused in place, no copy saved.
@@ -308,7 +317,7 @@ def test_a_prefix_that_prompts_branched_off_on_a_row_has_a_copy_for_each(
     assert index.copies(bob[0][0], 3) == 2
     # One request in flight with it uses one copy: the other is offered, as spare, to
     # the next conversation.
-    carol = prefix_keys(chat("be brief", "hi there"))
+    carol = prefix_keys(chat(BRIEF, "hi there"))
     index.remember([bob[0][0]], 3, 7, 1, 12.0, True)
     (spare,) = index.holders(carol, now=12.5)
     assert (spare.row, spare.spare) == (3, True)
@@ -345,6 +354,12 @@ def test_a_prefix_that_prompts_branched_off_on_a_row_has_a_copy_for_each(
     index.vacate([bob[0][0]], 3, 7)
     (branch,) = index.holders(carol, now=12.5)
     assert (branch.spare, branch.saved) == (True, False)
+    # Nor is a saved prompt over four times the prefix a copy of it (as above).
+    index.host_trust = 1.0
+    index.saved([tiny[0][0]], 5, 7, 1)
+    index.remember([tiny[0][0]], 5, 7, 1, 12.0, True)
+    assert index.saved_copies(tiny[0][0], 5) == 1
+    assert index.holders(prefix_keys(chat("be brief", "hey")), now=12.5) == []
 
 
 def test_a_plain_prompt_continued_past_its_last_whole_block_is_no_branch(
