@@ -5,10 +5,12 @@ import logging
 import time
 from pathlib import Path
 
+from paddler.balancer.proxy.affinity import REMEMBERING
 from paddler.config import BalancerSettings
-from paddler.config.model import slot_table_path
+from paddler.config.model import prefix_index_path, slot_table_path
 from paddler.metrics.demand import demand
-from paddler.metrics.exposition import FleetSnapshot
+from paddler.metrics.exposition import FleetSnapshot, Learned
+from paddler.prefixes.index import PrefixIndex
 from paddler.slots import SlotTable, UpstreamRow, UpstreamState
 from paddler.slots.view import state_name
 
@@ -21,6 +23,7 @@ class Fleet:
     def __init__(self, settings: BalancerSettings) -> None:
         self.settings = settings
         self._table: SlotTable | None = None
+        self._index: PrefixIndex | None = None  # what cache_aware learned, for the gauges
 
     @property
     def table(self) -> SlotTable:
@@ -32,11 +35,16 @@ class Fleet:
         """Open the table with this process's own descriptor (never one inherited by fork)."""
         self._table = SlotTable.open(Path(slot_table_path(self.settings)))
         self._table.join()
+        if self.settings.routing_policy in REMEMBERING:
+            self._index = PrefixIndex.open(Path(prefix_index_path(self.settings)))
 
     def detach(self) -> None:
         if self._table is not None:
             self._table.close()
             self._table = None
+        if self._index is not None:
+            self._index.close()
+            self._index = None
 
     def state_name(self, row: UpstreamRow, now: float) -> str:
         return state_name(row, now, self.settings.missed_reports)
@@ -53,7 +61,14 @@ class Fleet:
             oldest_wait=self.table.oldest_wait(now),
             demand=demand(rows, queued, now, self.settings.missed_reports),
             now=now,
+            learned=self._learned(),
         )
+
+    def _learned(self) -> Learned | None:
+        index = self._index
+        if index is None:
+            return None
+        return Learned(index.copy_trust, index.host_trust, index.prefill_rate)
 
     async def maintain(self) -> None:
         """Forget silent upstreams and reclaim dead processes' reservations, forever.

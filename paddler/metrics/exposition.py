@@ -9,9 +9,12 @@ from dataclasses import dataclass
 
 from paddler.metrics.demand import Demand
 from paddler.metrics.families import (
+    COPY_TRUST,
     COUNTERS,
     DESIRED,
     HISTOGRAMS,
+    HOST_TRUST,
+    PREFILL_RATE,
     QUEUE_DEPTH,
     QUEUE_OLDEST,
     QUEUE_REJECTIONS,
@@ -34,6 +37,15 @@ UNLABELLED = (QUEUE_TIMEOUTS, QUEUE_REJECTIONS)
 
 
 @dataclass(frozen=True)
+class Learned:
+    """What cache_aware learned from llama.cpp's timings (paddler/prefixes/index.py)."""
+
+    copy_trust: float
+    host_trust: float
+    prefill_rate: float
+
+
+@dataclass(frozen=True)
 class FleetSnapshot:
     """What the gauges say, read from the slot table at the scrape."""
 
@@ -43,6 +55,7 @@ class FleetSnapshot:
     oldest_wait: float
     demand: Demand
     now: float
+    learned: Learned | None = None  # None: the routing policy keeps no prefix index
 
 
 def render(counters: dict[str, float], fleet: FleetSnapshot) -> str:
@@ -128,3 +141,12 @@ def _gauges(lines: list[str], fleet: FleetSnapshot) -> None:
     for row in fleet.rows:
         text = labels(upstream=row.name, address=row.address, state=fleet.states[row.index])
         lines.append(f"{UPSTREAM_STATE.name}{{{text}}} 1")
+    learned = fleet.learned
+    if learned is not None:
+        for family, value in (
+            (COPY_TRUST, learned.copy_trust),
+            (HOST_TRUST, learned.host_trust),
+            (PREFILL_RATE, learned.prefill_rate),
+        ):
+            _header(lines, family)
+            lines.append(f"{family.name} {_number(value)}")

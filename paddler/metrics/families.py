@@ -62,6 +62,26 @@ QUEUE_OLDEST = Family(
     "gauge",
     "How long the oldest waiting request has waited (0: none waits).",
 )
+COPY_TRUST = Family(
+    "paddler_cache_copy_trust",
+    "gauge",
+    "cache_aware: how often requests sent to a copy of a prefix that llama.cpp saved to "
+    "its host cache as a prompt branched off found it there (moving average, 1 at "
+    "start); such copies count while it is 0.5 or more.",
+)
+HOST_TRUST = Family(
+    "paddler_cache_host_trust",
+    "gauge",
+    "cache_aware: how often requests that relied on llama.cpp's host cache found there "
+    "the prefix expected (moving average, 0.75 at start); copies saved from idle slots "
+    "count while it is 0.8 or more.",
+)
+PREFILL_RATE = Family(
+    "paddler_cache_prefill_seconds_per_character",
+    "gauge",
+    "cache_aware: seconds of prefill per prompt character, learned from llama.cpp's "
+    "timings (0: not yet); it bounds the wait for a busy holder (cache_max_wait).",
+)
 SLOTS_TOTAL = Family(
     "paddler_upstream_slots_total", "gauge", "Slots of each upstream, as its agent reported."
 )
@@ -168,5 +188,8 @@ GAUGES = (
     RESERVATIONS,
     REPORT_AGE,
     UPSTREAM_STATE,
+    COPY_TRUST,
+    HOST_TRUST,
+    PREFILL_RATE,
 )
 ALL = (*COUNTERS, *HISTOGRAMS, *GAUGES)

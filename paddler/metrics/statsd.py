@@ -52,7 +52,14 @@ def gauges(fleet: FleetSnapshot) -> dict[str, float]:
         "upstreams_desired": fleet.demand.desired_upstreams,
         "slots_utilization": fleet.demand.utilization,
         "queue_oldest_wait_ms": round(fleet.oldest_wait * 1000),
-    }
+    } | _learned(fleet)
+
+
+def _learned(fleet: FleetSnapshot) -> dict[str, float]:
+    learned = fleet.learned
+    if learned is None:
+        return {}
+    return {"cache_copy_trust": learned.copy_trust, "cache_host_trust": learned.host_trust}
 
 
 def counts(values: dict[str, float]) -> dict[str, float]:

@@ -1,17 +1,21 @@
 """The balancer's metrics: counter files, Prometheus's format, demand, StatsD packets."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from paddler.balancer.fleet import Fleet
+from paddler.config import BalancerSettings
 from paddler.metrics import counters
 from paddler.metrics.counters import CounterFile, read_all, read_file
 from paddler.metrics.demand import demand
 from paddler.metrics.exposition import FleetSnapshot, render
 from paddler.metrics.recorder import Recorder
-from paddler.metrics.statsd import StatsdSender
-from paddler.slots import UpstreamRow, UpstreamState
+from paddler.metrics.statsd import StatsdSender, gauges
+from paddler.prefixes.index import PrefixIndex
+from paddler.slots import SlotTable, UpstreamRow, UpstreamState
 from paddler.slots.view import in_rotation, state_name
 
 
@@ -250,3 +254,36 @@ def test_statsd_packets_carry_gauges_and_only_new_counts(tmp_path: Path) -> None
     third = sender.next_packet().decode().splitlines()
     assert "paddler.prompt_tokens_processed:10|c" in third
     assert not [line for line in third if line.startswith("paddler.prompt_tokens_cached")]
+
+
+def test_what_cache_aware_learned_is_a_gauge_of_every_worker(tmp_path: Path) -> None:
+    """The trusts that turn spare copies on and off, and the prefill rate that bounds a
+    wait for a busy holder, as the prefix index has them: an operator sees why requests
+    wait for a holder or go to a copy. None under a policy that keeps no index."""
+    table_path = tmp_path / "slots"
+    SlotTable.create(table_path, max_upstreams=4, max_owners=4).close()
+    index = PrefixIndex.create(Path(f"{table_path}.prefixes"), sets=64)
+    index.copy_trust = 0.375
+    index.prefill_rate = 0.0005
+    settings = BalancerSettings(routing_policy="cache_aware", slot_table=str(table_path))
+    fleet = Fleet(settings)
+    fleet.attach()
+    try:
+        snapshot = fleet.snapshot()
+        text = render({}, snapshot)
+        assert "paddler_cache_copy_trust 0.375\n" in text
+        assert "paddler_cache_host_trust 0.75\n" in text
+        assert "paddler_cache_prefill_seconds_per_character 0.0005\n" in text
+        assert "# TYPE paddler_cache_host_trust gauge" in text
+        sent = gauges(snapshot)
+        assert (sent["cache_copy_trust"], sent["cache_host_trust"]) == (0.375, 0.75)
+    finally:
+        fleet.detach()
+    least_busy = Fleet(replace(settings, routing_policy="least_busy"))
+    least_busy.attach()
+    try:
+        assert "paddler_cache_host_trust" not in render({}, least_busy.snapshot())
+        assert "cache_host_trust" not in gauges(least_busy.snapshot())
+    finally:
+        least_busy.detach()
+    index.close()
