@@ -43,8 +43,12 @@ request sent to a saved copy overwrites another slot, whose prompt then lives in
 host cache alone; a small cache keeps the latest saves and drops the rest, so that the
 copy sent to is found and the prompt it displaced is lost (bench W2 with a 32 MiB host
 cache: with a trust of the copies sent to alone, one miss led to three more, each a
-full prefill of 1.8 s). There is no probe: any request that relies on the host cache
-measures it, and saved copies are only a gain where it keeps what is saved there.
+full prefill of 1.8 s). The trust starts at 1: a fleet's requests may never rely on
+the host cache until a saved copy is used (bench W2 with llama.cpp's default 8 GB
+cache: every group's request found its system prompt in a slot, and saved copies that
+waited for a request found in the host cache never counted), while with a small cache
+the first request displaced by one misses and turns them off. There is no probe: any
+request that relies on the host cache measures it.
 
 File layout, little-endian:
     offset 0   8s   magic b"PDLRPRFX"
@@ -101,10 +105,11 @@ HOST_TRUST_OFFSET: Final = 40
 # Below this copy trust, an upstream's copies beyond the first do not count, but for
 # one request every PROBE_EVERY seconds: without one, nothing could raise it again.
 TRUSTED: Final = 0.5
-# Saved copies count from the first request found in the host cache (at the trusts'
-# rate, affinity.py's TRUST_RATE), and one miss turns them off until three are found.
+# Saved copies count until a request that relied on the host cache misses (at the
+# trusts' rate, affinity.py's TRUST_RATE: one miss from 1 takes it to 0.75), and again
+# once requests found raise it (one after a single miss, three after two).
 HOST_TRUSTED: Final = 0.8
-HOST_START: Final = 0.75
+HOST_START: Final = 1.0
 PROBING: Final = 2  # _offered(): copies beyond the first count for this request alone
 PROBE_EVERY: Final = 60.0
 # llama.cpp loads no prompt from its host cache for a request that shares less than a

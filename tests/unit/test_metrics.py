@@ -264,6 +264,7 @@ def test_what_cache_aware_learned_is_a_gauge_of_every_worker(tmp_path: Path) -> 
     SlotTable.create(table_path, max_upstreams=4, max_owners=4).close()
     index = PrefixIndex.create(Path(f"{table_path}.prefixes"), sets=64)
     index.copy_trust = 0.375
+    index.host_trust = 0.625
     index.prefill_rate = 0.0005
     settings = BalancerSettings(routing_policy="cache_aware", slot_table=str(table_path))
     fleet = Fleet(settings)
@@ -272,11 +273,11 @@ def test_what_cache_aware_learned_is_a_gauge_of_every_worker(tmp_path: Path) -> 
         snapshot = fleet.snapshot()
         text = render({}, snapshot)
         assert "paddler_cache_copy_trust 0.375\n" in text
-        assert "paddler_cache_host_trust 0.75\n" in text
+        assert "paddler_cache_host_trust 0.625\n" in text
         assert "paddler_cache_prefill_seconds_per_character 0.0005\n" in text
         assert "# TYPE paddler_cache_host_trust gauge" in text
         sent = gauges(snapshot)
-        assert (sent["cache_copy_trust"], sent["cache_host_trust"]) == (0.375, 0.75)
+        assert (sent["cache_copy_trust"], sent["cache_host_trust"]) == (0.375, 0.625)
     finally:
         fleet.detach()
     least_busy = Fleet(replace(settings, routing_policy="least_busy"))

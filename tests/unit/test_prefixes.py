@@ -339,8 +339,7 @@ def test_a_prefix_that_prompts_branched_off_on_a_row_has_a_copy_for_each(
     assert index.holders(carol, now=12.5)[0].spare
     # Copies saved from idle slots count apart, while the host cache is trusted: with
     # both branch copies in use, the saved one is spare, until that trust falls.
-    assert index.host_trust == HOST_START < HOST_TRUSTED
-    index.host_trust = 1.0
+    assert index.host_trust == HOST_START >= HOST_TRUSTED
     index.saved([bob[0][0]], 3, 7, 1)
     # (Kept as another prompt branches off the prefix: a copy more of either kind.)
     index.remember([], 3, 7, 1, 12.0, False, 0, [bob[0][0]], bob[0][1], 100)
@@ -596,17 +595,6 @@ def test_an_idle_slot_saved_to_the_host_cache_is_a_spare_copy_of_its_prompt(
         1,
     )
     affinity.unpin(row, other)
-    # Saved copies count once a request that relied on the host cache (given a slot
-    # that llama.cpp refills from it) found there what it expected: not yet.
-    occupied = []
-    affinity.occupy_held(affinity.plan(None, chat(system, "one")), row, occupied)
-    assert affinity.plan(None, chat(system, "two")).waits
-    affinity.vacate(occupied, row)
-    relied = affinity.plan(None, chat(system, "three"))
-    affinity.learn(relied, True, row, timings(380, 20, 40.0), False)  # in place
-    assert index.host_trust == HOST_START
-    affinity.learn(relied, True, row, timings(380, 20, 40.0), True)
-    assert index.host_trust == 0.8125
     occupied = []
     affinity.occupy_held(affinity.plan(None, chat(system, "one")), row, occupied)
     spare = affinity.plan(None, chat(system, "two"))
@@ -621,13 +609,23 @@ def test_an_idle_slot_saved_to_the_host_cache_is_a_spare_copy_of_its_prompt(
         1,
     )
     # Sent to it but given the holder's own slot (freed meanwhile): nothing measured.
-    affinity.learn(spare, True, row, timings(380, 20, 40.0), False)
-    assert index.host_trust == 0.8125
-    # One that was not found (the host cache dropped it) turns saved copies off, and
-    # leaves the trust of branch copies be: the next request waits for the holder.
-    affinity.learn(spare, True, row, timings(0, 400, 800.0), True)
-    assert (index.host_trust, index.copy_trust) == (0.609375, 1.0)
+    affinity.learn(spare, True, row, timings(0, 400, 800.0), False)
+    assert index.host_trust == HOST_START
+    # A request that relied on the host cache (given a slot llama.cpp refills from it:
+    # the group whose slot a spare took, say) and did not find its prefix there turns
+    # saved copies off, and leaves the trust of branch copies be: the next request
+    # waits for the holder.
+    displaced = affinity.plan(None, chat(system, "three"))
+    affinity.learn(displaced, True, row, timings(0, 400, 800.0), True)
+    assert (index.host_trust, index.copy_trust) == (0.75, 1.0)
     assert affinity.plan(None, chat(system, "two")).waits
+    # One found in a slot it goes on from in place says nothing of the host cache; one
+    # found in a refilled slot does, and saved copies count again.
+    affinity.learn(displaced, True, row, timings(380, 20, 40.0), False)
+    assert index.host_trust == 0.75
+    affinity.learn(displaced, True, row, timings(380, 20, 40.0), True)
+    assert index.host_trust == 0.8125
+    assert affinity.plan(None, chat(system, "two")).waits == ()
     affinity.vacate(occupied, row)
 
 
