@@ -5,7 +5,6 @@ import logging
 import time
 from pathlib import Path
 
-from paddler.balancer.proxy.affinity import REMEMBERING
 from paddler.config import BalancerSettings
 from paddler.config.model import prefix_index_path, slot_table_path
 from paddler.metrics.demand import demand
@@ -35,7 +34,7 @@ class Fleet:
         """Open the table with this process's own descriptor (never one inherited by fork)."""
         self._table = SlotTable.open(Path(slot_table_path(self.settings)))
         self._table.join()
-        if self.settings.routing_policy in REMEMBERING:
+        if self.settings.routing_policy == "cache_aware":  # (session learns nothing)
             self._index = PrefixIndex.open(Path(prefix_index_path(self.settings)))
 
     def detach(self) -> None:

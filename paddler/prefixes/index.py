@@ -43,12 +43,14 @@ request sent to a saved copy overwrites another slot, whose prompt then lives in
 host cache alone; a small cache keeps the latest saves and drops the rest, so that the
 copy sent to is found and the prompt it displaced is lost (bench W2 with a 32 MiB host
 cache: with a trust of the copies sent to alone, one miss led to three more, each a
-full prefill of 1.8 s). The trust starts at 1: a fleet's requests may never rely on
-the host cache until a saved copy is used (bench W2 with llama.cpp's default 8 GB
-cache: every group's request found its system prompt in a slot, and saved copies that
-waited for a request found in the host cache never counted), while with a small cache
-the first request displaced by one misses and turns them off. There is no probe: any
-request that relies on the host cache measures it.
+full prefill of 1.8 s). The trust starts below HOST_TRUSTED: saved copies count once a
+request found in the host cache what it relied on. Started at 1 (bench W2, 32 MiB, one
+repetition of two), the first copies sent to displaced groups whose prompts the small
+cache then lost, and those groups' requests displaced others in turn, to the end of the
+run: 15 full prefills where 4 were due. There is no probe: a request sent to a saved
+copy risks what it displaces, and any request that relies on the host cache measures
+it. So traffic that never relies on it (every request finds its prefix in a slot, as
+bench W2 with the default 8 GB cache) never turns saved copies on.
 
 File layout, little-endian:
     offset 0   8s   magic b"PDLRPRFX"
@@ -105,11 +107,12 @@ HOST_TRUST_OFFSET: Final = 40
 # Below this copy trust, an upstream's copies beyond the first do not count, but for
 # one request every PROBE_EVERY seconds: without one, nothing could raise it again.
 TRUSTED: Final = 0.5
-# Saved copies count until a request that relied on the host cache misses (at the
-# trusts' rate, affinity.py's TRUST_RATE: one miss from 1 takes it to 0.75), and again
-# once requests found raise it (one after a single miss, three after two).
+# Saved copies count once a request that relied on the host cache found what it relied
+# on there (at the trusts' rate, affinity.py's TRUST_RATE: 0.75 to 0.8125), and no more
+# after a miss, until requests found raise it again (one after a single miss from 1,
+# three after two).
 HOST_TRUSTED: Final = 0.8
-HOST_START: Final = 1.0
+HOST_START: Final = 0.75
 PROBING: Final = 2  # _offered(): copies beyond the first count for this request alone
 PROBE_EVERY: Final = 60.0
 # llama.cpp loads no prompt from its host cache for a request that shares less than a
@@ -131,7 +134,7 @@ class Holder:
     plain class: several are made for every request, and compiled a native class costs
     a fraction of a NamedTuple, whose constructor is Python code.)"""
 
-    __slots__ = ("epoch", "generation", "length", "rank", "row", "saved", "spare")
+    __slots__ = ("epoch", "generation", "length", "rank", "row", "saved", "spare", "whole")
 
     def __init__(
         self,
@@ -142,6 +145,7 @@ class Holder:
         rank: int = 0,
         spare: bool = False,
         saved: bool = False,
+        whole: bool = True,
     ) -> None:
         self.row = row
         self.generation = generation
@@ -150,9 +154,12 @@ class Holder:
         self.rank = rank
         # Free only by a copy beyond the first: one copy is in use by a request.
         self.spare = spare
-        # That copy is one saved from an idle slot (the saved-copy trust's, not the
-        # copy trust's).
+        # That copy is one saved from an idle slot (the host trust's, not the copy
+        # trust's).
         self.saved = saved
+        # No prompt that went on from the prefix there is over UNTRASHED times its
+        # length: one saved in llama.cpp's host cache can give the prefix back.
+        self.whole = whole
 
 
 class PrefixIndex:
@@ -310,6 +317,7 @@ class PrefixIndex:
                         rank,
                         spare,
                         saved,
+                        length * UNTRASHED >= fields[way + 9],
                     )
                 )
                 hit = True
@@ -352,13 +360,16 @@ class PrefixIndex:
         held: list[int] | None = None,
         known: int = 0,
         chars: int = 0,
+        branches: bool = True,
     ) -> None:
         """The upstream in ``row`` takes these prefixes now; ``occupy``: and a request
         with them is in flight there until vacate(). ``tail``: the key a next turn of
         the request's prompt would share with it (its last message's; a plain prompt's
         last whole block). ``held``: the prefixes it found there (shortest first),
         ``known`` characters long, which it goes on from: a continuation of the prompt
-        that ended there, or a branch. ``chars``: the prompt's length."""
+        that ended there, or a branch (``branches``: one that may add a copy; not one
+        sent to a spare copy, which llama.cpp moves from its host cache into the slot the
+        request takes). ``chars``: the prompt's length."""
         if not keys and not held:
             return
         used = int(now)
@@ -368,7 +379,7 @@ class PrefixIndex:
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
             if held:
-                self._branch(held, row, generation, epoch, known, chars, tail)
+                self._branch(held, row, generation, epoch, known, chars, tail, branches)
             for key in keys:
                 offset, fields = self._set(key)
                 in_flight = 0
@@ -455,6 +466,7 @@ class PrefixIndex:
         known: int,
         chars: int,
         tail: int,
+        branches: bool,
     ) -> None:
         """A prompt ``chars`` long that begins with the prefixes ``held`` (shortest
         first, ``known`` characters), which ``row`` holds, goes on past them there. Past
@@ -469,7 +481,7 @@ class PrefixIndex:
             return
         continues = bool(fields[FIELDS * way + 7] & TAIL)
         reach = fields[FIELDS * way + 9]
-        copy = not continues and 2 * known < reach <= UNTRASHED * known
+        copy = branches and not continues and 2 * known < reach <= UNTRASHED * known
         for key in held:
             offset, fields = self._set(key)
             way = self._own_way(fields, key, row, generation, epoch)

@@ -151,18 +151,19 @@ class SlotContents:
         chars: int,
         now: float,
         saved: list[int] | None = None,
-        refilled: list[bool] | None = None,
+        refilled: list[int] | None = None,
     ) -> tuple[int, bool]:
         """The slot of ``row`` (``total`` slots) that a request whose prompt has these
         prefix keys (shortest first) and is ``chars`` long takes, recorded as taken by
         it until release() (-1: none that the record can tell), and whether to name it.
         Given ``saved``, the prefix keys of the other idle slots' prompts that llama.cpp
         saves to its host cache as the request starts are added to it (_save_idle).
-        Given ``refilled``, whether llama.cpp refills the slot from its host cache is
-        added to it: it does for a slot whose prompt the request mostly overwrites
-        (saving that prompt first, then loading the best match of the request's), and
-        for an empty slot it picks itself; not for one the request goes on from in
-        place, nor for an empty slot that is named (llama.cpp #28139).
+        Given ``refilled``, what llama.cpp refills the slot from is added to it: the
+        characters of the prompt that the slot shares with it, where llama.cpp looks in
+        its host cache for more (a slot whose prompt the request mostly overwrites: it
+        saves that prompt first, then loads the best match of the request's; an empty
+        slot it picks itself: 0); else -1 (a slot the request goes on from in place; an
+        empty slot that is named, llama.cpp #28139).
 
         The idle slot holding the longest prefix of the prompt (more than a tenth of
         it, as llama.cpp counts) that is at least half of the slot's prompt, which the
@@ -203,7 +204,7 @@ class SlotContents:
                 # prompts are unknown (and what was in flight there is not ours).
                 mapping[base : base + ROW_SIZE] = _NOTHING
                 ROW.pack_into(mapping, base, generation, epoch)
-            chosen, named, in_place = self._choose(base, total, lengths, chars, now)
+            chosen, named, in_place, depth = self._choose(base, total, lengths, chars, now)
             if chosen < 0:
                 return -1, False
             if saved is not None:
@@ -211,7 +212,7 @@ class SlotContents:
             offset = base + ROW.size + chosen * RECORD_SIZE
             used, _, held, _, _ = STATE.unpack_from(mapping, offset)
             if refilled is not None:
-                refilled.append(not in_place and (held > 0 or not named))
+                refilled.append(depth if not in_place and (held > 0 or not named) else -1)
             prompt = [key for key, _ in keys[-MAX_KEYS:]]
             STATE.pack_into(mapping, offset, used, now, len(prompt), 0, min(chars, 0xFFFFFFFF))
             prompt.extend([0] * (MAX_KEYS - len(prompt)))
@@ -241,9 +242,10 @@ class SlotContents:
 
     def _choose(
         self, base: int, total: int, lengths: dict[int, int], chars: int, now: float
-    ) -> tuple[int, bool, bool]:
+    ) -> tuple[int, bool, bool, int]:
         """take()'s choice among the slots of the row at ``base``, whether to name it,
-        and whether the request goes on from its prompt in place (under the lock)."""
+        whether the request goes on from its prompt in place, and how many characters
+        of the prompt it shares (under the lock)."""
         mapping = self._map
         chosen = -1
         chosen_depth = 0
@@ -296,11 +298,11 @@ class SlotContents:
             # (its prompt saved first if most of it is overwritten).
             return _used_longest_ago(sharing, chosen, chosen_depth, chosen_used)
         if chosen >= 0:
-            return chosen, True, True
-        chosen = _overwritten(sharing)
+            return chosen, True, True, chosen_depth
+        chosen, depth = _overwritten(sharing)
         if chosen >= 0:
-            return chosen, True, False
-        return oldest, oldest >= 0 and (oldest_used > 0.0 or in_flight), False
+            return chosen, True, False, depth
+        return oldest, oldest >= 0 and (oldest_used > 0.0 or in_flight), False, 0
 
     def begun(self, row: int, generation: int, slot: int) -> None:
         """llama.cpp began answering the request that took ``slot`` of ``row``: it has
@@ -340,24 +342,28 @@ class SlotContents:
 
 def _used_longest_ago(
     sharing: list[tuple[int, int, float, bool]], chosen: int, depth: int, used: float
-) -> tuple[int, bool, bool]:
+) -> tuple[int, bool, bool, int]:
     """Of ``chosen`` (in place, sharing ``depth`` characters, last ``used``) and the
-    idle slots sharing as much, the one used longest ago; named, and whether in place."""
+    idle slots sharing as much, the one used longest ago; named, whether in place, and
+    how much it shares."""
     in_place = True
+    chosen_depth = depth
     for shared, slot, last, slot_in_place in sharing:
         if shared >= depth and last < used:
             chosen = slot
             used = last
             in_place = slot_in_place
-    return chosen, True, in_place
+            chosen_depth = shared
+    return chosen, True, in_place, chosen_depth
 
 
-def _overwritten(sharing: list[tuple[int, int, float, bool]]) -> int:
+def _overwritten(sharing: list[tuple[int, int, float, bool]]) -> tuple[int, int]:
     """With no slot to go on from in place, the idle slot the request overwrites of those
-    sharing a prefix with it (depth, slot, last used, in place; -1: none): the one sharing the
-    most, used longest ago of several. It keeps what it shares, and llama.cpp saves its
-    prompt to the host-memory cache first; a slot never used would process the whole
-    prompt, and could load nothing from that cache (llama.cpp #28139)."""
+    sharing a prefix with it (depth, slot, last used, in place), and how much it shares
+    (-1, 0: none): the one sharing the most, used longest ago of several. It keeps what
+    it shares, and llama.cpp saves its prompt to the host-memory cache first; a slot
+    never used would process the whole prompt, and could load nothing from that cache
+    (llama.cpp #28139)."""
     chosen = -1
     chosen_depth = 0
     chosen_used = 0.0
@@ -366,4 +372,4 @@ def _overwritten(sharing: list[tuple[int, int, float, bool]]) -> int:
             chosen = slot
             chosen_depth = depth
             chosen_used = used
-    return chosen
+    return chosen, chosen_depth

@@ -73,6 +73,7 @@ def start_fleet(
     agents: bool = True,
     aliases: dict[str, str] | None = None,
     llama_api_key: str | None = None,
+    llama_extra: tuple[str, ...] = (),
 ) -> Fleet:
     """Start a fleet with one llama-server (and agent) per entry of ``models``."""
     fleet = Fleet(paddlerd, proxy=free_port(), management=free_port())
@@ -93,7 +94,7 @@ def start_fleet(
             )
             if llama_api_key:
                 text += f'local_llamacpp_api_key = "{llama_api_key}"\n'
-        extra = ("--api-key", llama_api_key) if llama_api_key else ()
+        extra = (*llama_extra, *(("--api-key", llama_api_key) if llama_api_key else ()))
         entry = llamacpp_entry(name, binary, model, port, slots=slots, extra_args=extra)
         text += entry.replace(
             f"context_size = {256 * slots}",

@@ -350,8 +350,25 @@ def test_a_prompt_saved_from_an_idle_slot_is_loaded_instead_of_waiting_for_its_h
     the holder keeps a second copy of the system prompt there, and a request with it,
     sent while the first copy is in use, goes to the other slot at once, where llama.cpp
     loads it (bench W2, default host cache: such requests waited up to 0.9 s for the
-    busy slot, where the test above waits)."""
+    busy slot, where the test above waits). Such copies count once a request that relied
+    on the host cache found there what it expected: here, on upstream b, a conversation
+    whose slot two other prompts took meanwhile."""
     fleet = slow_prefill_fleet(paddlerd, llama_server_binary, bench_model)
+    management = f"http://127.0.0.1:{fleet.management}/api/v1/upstreams"
+    httpx.post(f"{management}/a/drain", timeout=5).raise_for_status()
+    try:
+        danube = [{"role": "user", "content": "Tell me about the Danube. " * 30}]
+        assert turn(fleet, danube)[:2] == ("b", "miss")
+        for other in ("Name a colour. ", "Name a number. "):  # the second takes its slot
+            assert turn(fleet, [{"role": "user", "content": other * 30}])[0] == "b"
+        danube.append({"role": "user", "content": "And the Rhine?"})
+        upstream, expected, timings = turn(fleet, danube)
+        assert (upstream, expected) == ("b", "hit")
+        assert timings["cache_n"] > 5 * timings["prompt_n"], timings  # from the host cache
+    finally:
+        httpx.delete(f"{management}/a/drain", timeout=5).raise_for_status()
+    assert fleet.wait_idle(4, timeout=10)
+
     system = " ".join(f"river{number} carries boats to the sea." for number in range(120))
     opening = [{"role": "system", "content": system}, {"role": "user", "content": "Hello."}]
     home, expected, timings = turn(fleet, opening)
@@ -359,7 +376,6 @@ def test_a_prompt_saved_from_an_idle_slot_is_loaded_instead_of_waiting_for_its_h
     assert timings["prompt_ms"] > 300, timings  # as above: processing it takes a while
     # Another prompt on home's other slot (the other upstream drained meanwhile).
     away = "b" if home == "a" else "a"
-    management = f"http://127.0.0.1:{fleet.management}/api/v1/upstreams"
     httpx.post(f"{management}/{away}/drain", timeout=5).raise_for_status()
     try:
         unrelated = conversation("Tell me about the Elbe.")
@@ -384,6 +400,32 @@ def test_a_prompt_saved_from_an_idle_slot_is_loaded_instead_of_waiting_for_its_h
     timings = answer.json()["timings"]
     assert timings["cache_n"] > 10 * timings["prompt_n"], timings
     assert "paddler_cache_holder_waits_total" not in scrape(fleet)
+
+
+def test_a_host_cache_that_keeps_nothing_turns_saved_copies_off(
+    paddlerd: PaddlerdRunner, llama_server_binary: Path, tiny_model: Path
+) -> None:
+    """With llama.cpp's host-memory cache off (--cache-ram 0), a conversation whose slot
+    two other prompts took finds nothing of its prompt at its next turn, where the
+    balancer expected it from that cache: the host trust falls (paddler_cache_host_trust),
+    and copies saved from idle slots do not count."""
+    fleet = start_fleet(
+        paddlerd,
+        llama_server_binary,
+        {"a": tiny_model},
+        balancer='routing_policy = "cache_aware"\n',
+        llama_extra=("--cache-ram", "0"),
+    )
+    assert fleet.wait_idle(2, timeout=30)
+    assert scrape(fleet)["paddler_cache_host_trust"][()] == 0.75
+    danube = [{"role": "user", "content": "Tell me about the Danube. " * 30}]
+    assert turn(fleet, danube)[:2] == ("a", "miss")
+    for other in ("Name a colour. ", "Name a number. "):  # the second takes its slot
+        turn(fleet, [{"role": "user", "content": other * 30}])
+    danube.append({"role": "user", "content": "And the Rhine?"})
+    timings = turn(fleet, danube)[2]
+    assert timings["cache_n"] < timings["prompt_n"], timings  # nothing kept for it
+    assert scrape(fleet)["paddler_cache_host_trust"][()] == 0.5625
 
 
 def test_a_new_conversation_takes_a_free_copy_of_a_shared_system_prompt_at_once(

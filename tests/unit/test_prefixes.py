@@ -339,7 +339,8 @@ def test_a_prefix_that_prompts_branched_off_on_a_row_has_a_copy_for_each(
     assert index.holders(carol, now=12.5)[0].spare
     # Copies saved from idle slots count apart, while the host cache is trusted: with
     # both branch copies in use, the saved one is spare, until that trust falls.
-    assert index.host_trust == HOST_START >= HOST_TRUSTED
+    assert index.host_trust == HOST_START < HOST_TRUSTED
+    index.host_trust = 1.0
     index.saved([bob[0][0]], 3, 7, 1)
     # (Kept as another prompt branches off the prefix: a copy more of either kind.)
     index.remember([], 3, 7, 1, 12.0, False, 0, [bob[0][0]], bob[0][1], 100)
@@ -595,6 +596,24 @@ def test_an_idle_slot_saved_to_the_host_cache_is_a_spare_copy_of_its_prompt(
         1,
     )
     affinity.unpin(row, other)
+
+    def waits() -> bool:
+        occupied: list[int] = []
+        affinity.occupy_held(affinity.plan(None, chat(system, "one")), row, occupied)
+        waiting = bool(affinity.plan(None, chat(system, "two")).waits)
+        affinity.vacate(occupied, row)
+        return waiting
+
+    # Saved copies count once a request that relied on llama.cpp's host cache (pin()
+    # says so) found there what it relied on: not yet. One found in a slot it goes on
+    # from in place says nothing of the host cache.
+    assert waits()
+    relied = affinity.plan(None, chat(system, "three"))
+    assert not relied.expected[0].spare
+    affinity.learn(relied, True, row, timings(380, 20, 40.0), False)
+    assert index.host_trust == HOST_START
+    affinity.learn(relied, True, row, timings(380, 20, 40.0), True)
+    assert index.host_trust == 0.8125
     occupied = []
     affinity.occupy_held(affinity.plan(None, chat(system, "one")), row, occupied)
     spare = affinity.plan(None, chat(system, "two"))
@@ -610,23 +629,58 @@ def test_an_idle_slot_saved_to_the_host_cache_is_a_spare_copy_of_its_prompt(
     )
     # Sent to it but given the holder's own slot (freed meanwhile): nothing measured.
     affinity.learn(spare, True, row, timings(0, 400, 800.0), False)
-    assert index.host_trust == HOST_START
-    # A request that relied on the host cache (given a slot llama.cpp refills from it:
-    # the group whose slot a spare took, say) and did not find its prefix there turns
-    # saved copies off, and leaves the trust of branch copies be: the next request
-    # waits for the holder.
-    displaced = affinity.plan(None, chat(system, "three"))
-    affinity.learn(displaced, True, row, timings(0, 400, 800.0), True)
-    assert (index.host_trust, index.copy_trust) == (0.75, 1.0)
-    assert affinity.plan(None, chat(system, "two")).waits
-    # One found in a slot it goes on from in place says nothing of the host cache; one
-    # found in a refilled slot does, and saved copies count again.
-    affinity.learn(displaced, True, row, timings(380, 20, 40.0), False)
-    assert index.host_trust == 0.75
-    affinity.learn(displaced, True, row, timings(380, 20, 40.0), True)
     assert index.host_trust == 0.8125
-    assert affinity.plan(None, chat(system, "two")).waits == ()
     affinity.vacate(occupied, row)
+    # Any request that relied on the host cache (the group whose slot a spare took,
+    # say) and did not find its prefix there turns saved copies off, and leaves the
+    # trust of branch copies be: the next request waits for the holder.
+    affinity.learn(relied, True, row, timings(0, 400, 800.0), True)
+    assert (index.host_trust, index.copy_trust) == (0.609375, 1.0)
+    assert waits()
+    # Until requests that relied on it find it again: three, after that miss.
+    for found in (0.70703125, 0.7802734375):
+        affinity.learn(relied, True, row, timings(380, 20, 40.0), True)
+        assert index.host_trust == found
+        assert waits()
+    affinity.learn(relied, True, row, timings(380, 20, 40.0), True)
+    assert not waits()
+
+
+def test_a_request_relies_on_the_host_cache_where_no_slot_keeps_its_prefix(
+    tmp_path: Path,
+) -> None:
+    """What pin() tells learn(): a conversation whose slot two other prompts took relies
+    on llama.cpp's host cache for its next turn (the slot it gets shares nothing with
+    it); a new conversation that overwrites a long one after the same system prompt
+    keeps that prompt in its slot, whatever the host cache holds."""
+    table = SlotTable.create(tmp_path / "slots", max_upstreams=4, max_owners=4)
+    table.apply_report(replace(REPORT, build="b0-unknown"), now=100.0)
+    table.join()
+    row = table.rows()[0]
+    affinity = Affinity(
+        BalancerSettings(routing_policy="cache_aware"),
+        table,
+        PrefixIndex.create(tmp_path / "prefixes", sets=64),
+        Recorder(CounterFile.create(tmp_path / "1.counters")),
+        SlotContents.create(tmp_path / "contents", rows=4),
+    )
+    system = "be brief " * 40
+    story = "tell me a long story " * 40
+
+    def request(*contents: str) -> bool:
+        plan = affinity.plan(None, chat(*contents))
+        hosted: list[bool] = []
+        slot = affinity.pin(plan, row, hosted)[0]
+        affinity.holds(plan, row, False, 0)
+        affinity.unpin(row, slot)
+        (relies,) = hosted
+        return relies
+
+    assert not request(system, story)  # nothing expected anywhere
+    assert not request("Something else entirely. " * 40, "hello")
+    assert not request("Yet another thing. " * 40, "hi")  # takes the story's slot
+    assert request(system, story, "Once...", "Go on.")
+    assert not request(system, "a short question")
 
 
 def test_spare_copies_count_while_requests_sent_to_them_find_them_cached(tmp_path: Path) -> None:

@@ -245,11 +245,12 @@ def test_the_idle_slots_a_request_starts_beside_are_reported_saved_once_per_prom
 
 def refilling(
     contents: SlotContents, slots: int, now: float, *turn: str
-) -> tuple[tuple[int, bool], bool]:
-    """take() on row 0: its answer, and whether llama.cpp refills the slot from its host
-    cache; the request ends at once."""
+) -> tuple[tuple[int, bool], int]:
+    """take() on row 0: its answer, and what llama.cpp refills the slot from its host
+    cache after (the characters the slot shares with the prompt; -1: no refill); the
+    request ends at once."""
     keys, chars = keys_of(*turn)
-    refilled: list[bool] = []
+    refilled: list[int] = []
     taken = contents.take(0, 1, 0, slots, keys, chars, now, None, refilled)
     contents.release(0, 1, taken[0], now + 0.5)
     (refills,) = refilled
@@ -266,19 +267,23 @@ def test_the_record_says_which_slots_llama_cpp_refills_from_its_host_cache(
     contents = SlotContents.create(tmp_path / "contents", rows=4)
     long_chat = ("hello", "a long answer " * 60, "and then?", "another long answer " * 60)
     # The first request: an empty slot, llama.cpp's to pick.
-    assert refilling(contents, 2, 1.0, SYSTEM, *long_chat) == ((1, False), True)
+    assert refilling(contents, 2, 1.0, SYSTEM, *long_chat) == ((1, False), 0)
     # Its next turn goes on from its prompt in place.
-    assert refilling(contents, 2, 2.0, SYSTEM, *long_chat, "more") == ((1, True), False)
+    assert refilling(contents, 2, 2.0, SYSTEM, *long_chat, "more") == ((1, True), -1)
     # While that slot is busy, a new conversation is named the empty one: no refill.
     keys, chars = keys_of(SYSTEM, *long_chat, "more", "ok", "again")
     assert contents.take(0, 1, 0, 2, keys, chars, 3.0) == (1, True)
-    assert refilling(contents, 2, 3.01, SYSTEM, "a short question") == ((0, True), False)
+    assert refilling(contents, 2, 3.01, SYSTEM, "a short question") == ((0, True), -1)
     contents.release(0, 1, 1, 3.5)
     # The long conversation's slot, overwritten by a new one that shares only the system
     # prompt with it (the short one's slot busy): refilled, its prompt saved first.
     keys, chars = keys_of(SYSTEM, "a short question", "yes", "why?")
     assert contents.take(0, 1, 0, 2, keys, chars, 4.0) == (0, True)
-    assert refilling(contents, 2, 4.01, SYSTEM, "another question") == ((1, True), True)
+    system_length = keys_of(SYSTEM, "another question")[0][0][1]
+    assert refilling(contents, 2, 4.01, SYSTEM, "another question") == (
+        (1, True),
+        system_length,
+    )
 
 
 def test_upstreams_with_more_slots_than_recorded_choose_their_own(tmp_path: Path) -> None:

@@ -294,12 +294,12 @@ class Affinity:
         holder = _holder_on(plan, row)
         known = 0 if holder is None else holder.length
         held: list[int] | None = None
-        spare = holder is not None and holder.spare
-        if plan.spread and 0 < known < SESSION_LENGTH and plan.chars > known and not spare:
+        # (Not a copy more from a spare copy: llama.cpp moves that copy from its host
+        # cache into the slot the request takes.)
+        branches = holder is None or not holder.spare
+        if plan.spread and 0 < known < SESSION_LENGTH and plan.chars > known:
             # cache_aware: the prompt goes on past what the row holds, continuing the
             # prompt that ended there or branching off (a copy more of what it held).
-            # (Not from a spare copy: llama.cpp moves that copy from its host cache into
-            # the slot the request takes: no copy more.)
             held = [key for key, length in plan.keys if length <= known]
         if plan.spread and streaming:  # cache_aware: every prefix counts the request
             keys = [key for key, length in plan.keys if length > early]
@@ -315,6 +315,7 @@ class Affinity:
                     held,
                     known,
                     plan.chars,
+                    branches,
                 )
             return keys
         # Prefixes it already took need no new write; the rest do.
@@ -331,18 +332,20 @@ class Affinity:
                 held,
                 known,
                 plan.chars,
+                branches,
             )
         return []
 
     def pin(
-        self, plan: Plan, row: UpstreamRow, refilled: list[bool] | None = None
+        self, plan: Plan, row: UpstreamRow, hosted: list[bool] | None = None
     ) -> tuple[int, bool]:
         """The slot of ``row`` that the request takes, as the slot record has it
         (paddler/prefixes/slots.py; -1: none), and whether to name it. None on an
         upstream that runs requests this balancer did not send (the record cannot know
         what they did to its slots), nor on a build that would skip its prompt cache for
-        a named slot. Given ``refilled``, whether llama.cpp refills that slot from its
-        host cache is added to it (for learn())."""
+        a named slot. Given ``hosted``, whether the request relies on llama.cpp's host
+        cache is added to it (for learn()): most of the prefix expected on ``row`` is in
+        no slot but there, and the slot is one llama.cpp refills from there."""
         contents = self.contents
         if contents is None or row.foreign_busy or not self._pinning_build(row.build):
             return -1, False
@@ -350,6 +353,7 @@ class Affinity:
         if keys and keys[-1][1] >= SESSION_LENGTH:
             keys = keys[:-1]  # a session's key is no prefix of the prompt
         saved: list[int] = []
+        refilled: list[int] = []
         taken = contents.take(
             row.index,
             row.generation,
@@ -363,6 +367,15 @@ class Affinity:
         )
         if saved and self.index is not None:
             self.index.saved(saved, row.index, row.generation, row.cache_epoch)
+        if hosted is not None:
+            holder = _holder_on(plan, row)
+            shared = refilled[0] if refilled else -1
+            hosted.append(
+                holder is not None
+                and holder.whole  # (else llama.cpp would not load it from there)
+                and holder.length < SESSION_LENGTH
+                and 0 <= 2 * shared < holder.length
+            )
         return taken
 
     def begun(self, row: UpstreamRow, slot: int) -> None:
@@ -397,11 +410,10 @@ class Affinity:
         expected: bool,
         row: UpstreamRow,
         timings: PromptTimings,
-        refilled: bool = False,
+        hosted: bool = False,
     ) -> None:
         """What llama.cpp's timings say of the guess, and of how long prefill takes;
-        ``refilled``: pin() said llama.cpp refills the request's slot from its host
-        cache."""
+        ``hosted``: pin() said the request relies on llama.cpp's host cache."""
         cached = timings.cached
         processed = timings.processed
         hit = cached > 0
@@ -410,7 +422,6 @@ class Affinity:
         spare = holder is not None and holder.spare
         if processed >= 0 and chars > 0 and self.index is not None:
             branch = spare and holder is not None and not holder.saved
-            hosted = refilled and holder is not None and holder.length < SESSION_LENGTH
             if (branch or hosted) and holder is not None and chars < LIMIT:
                 # (Not past LIMIT: the tokens count the whole prompt, chars only LIMIT.)
                 # Sent to a copy beyond the first, or to a slot refilled from the host

@@ -356,16 +356,16 @@ class Proxy:
             return
         self.recorder.prompt_tokens(row.name, prompt.cached, prompt.processed)
         if self.affinity.watches_timings:
-            self.affinity.learn(plan, expected, row, prompt, exchange.slot_refilled)
+            self.affinity.learn(plan, expected, row, prompt, exchange.from_host_cache)
 
     def _naming_slot(self, exchange: Exchange, plan: Plan, row: UpstreamRow, body: bytes) -> bytes:
         """The body to send to ``row``: naming the llama.cpp slot the request takes there,
         if the slot record says to. (exchange.slot: the slot recorded, named or not.)"""
-        refilled: list[bool] = []
-        slot, named = self.affinity.pin(plan, row, refilled)
+        hosted: list[bool] = []
+        slot, named = self.affinity.pin(plan, row, hosted)
         exchange.slot = slot
         exchange.slot_named = named
-        exchange.slot_refilled = bool(refilled) and refilled[0]
+        exchange.from_host_cache = bool(hosted) and hosted[0]
         self.recorder.slot_naming("off" if slot < 0 else "named" if named else "unnamed")
         return naming(body, slot) if named else body
 

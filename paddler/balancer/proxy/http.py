@@ -94,8 +94,9 @@ class Exchange:
         # the request names it (id_slot) or leaves it to llama.cpp, which takes the same.
         self.slot = -1
         self.slot_named = False
-        # Whether llama.cpp refills that slot from its host-memory prompt cache.
-        self.slot_refilled = False
+        # Whether the request relies on llama.cpp's host-memory prompt cache there for
+        # most of the prefix expected (Affinity.pin).
+        self.from_host_cache = False
         self.response_started = False
         self.response_complete = False
         self.event_stream = False
