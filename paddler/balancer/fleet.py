@@ -5,6 +5,7 @@ import logging
 import time
 from pathlib import Path
 
+from paddler.balancer.proxy.affinity import REMEMBERING
 from paddler.config import BalancerSettings
 from paddler.config.model import prefix_index_path, slot_table_path
 from paddler.metrics.demand import demand
@@ -22,7 +23,9 @@ class Fleet:
     def __init__(self, settings: BalancerSettings) -> None:
         self.settings = settings
         self._table: SlotTable | None = None
-        self._index: PrefixIndex | None = None  # what cache_aware learned, for the gauges
+        # The prefix index of the policies that keep one: the proxy's, and what
+        # cache_aware learned, for the gauges.
+        self.index: PrefixIndex | None = None
 
     @property
     def table(self) -> SlotTable:
@@ -34,16 +37,16 @@ class Fleet:
         """Open the table with this process's own descriptor (never one inherited by fork)."""
         self._table = SlotTable.open(Path(slot_table_path(self.settings)))
         self._table.join()
-        if self.settings.routing_policy == "cache_aware":  # (session learns nothing)
-            self._index = PrefixIndex.open(Path(prefix_index_path(self.settings)))
+        if self.settings.routing_policy in REMEMBERING:
+            self.index = PrefixIndex.open(Path(prefix_index_path(self.settings)))
 
     def detach(self) -> None:
         if self._table is not None:
             self._table.close()
             self._table = None
-        if self._index is not None:
-            self._index.close()
-            self._index = None
+        if self.index is not None:
+            self.index.close()
+            self.index = None
 
     def state_name(self, row: UpstreamRow, now: float) -> str:
         return state_name(row, now, self.settings.missed_reports)
@@ -64,9 +67,9 @@ class Fleet:
         )
 
     def _learned(self) -> Learned | None:
-        index = self._index
-        if index is None:
-            return None
+        index = self.index
+        if index is None or self.settings.routing_policy != "cache_aware":
+            return None  # (session learns nothing)
         return Learned(index.copy_trust, index.host_trust, index.prefill_rate)
 
     async def maintain(self) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from paddler.balancer.fleet import Fleet
-from paddler.balancer.proxy.affinity import REMEMBERING, Affinity, Plan
+from paddler.balancer.proxy.affinity import Affinity, Plan
 from paddler.balancer.proxy.connections import ConnectionPool
 from paddler.balancer.proxy.http import Exchange, error_payload
 from paddler.balancer.proxy.routing import ModelLines, eligible, fleet_models
@@ -30,9 +30,8 @@ from paddler.balancer.proxy.waiting import (
     QueueTimeoutError,
     SlotWaiter,
 )
-from paddler.config.model import names_slots, prefix_index_path, slot_contents_path
+from paddler.config.model import names_slots, slot_contents_path
 from paddler.metrics.recorder import Recorder
-from paddler.prefixes.index import PrefixIndex
 from paddler.prefixes.slots import SlotContents
 from paddler.slots import SlotTable, UpstreamRow, UpstreamState
 from paddler.slots.policy import Policy, model_names
@@ -98,9 +97,7 @@ class Proxy:
         self.recorder = recorder
         self._tracer = tracer
         self.table = self.fleet.table
-        index = None
-        if self.settings.routing_policy in REMEMBERING:
-            index = PrefixIndex.open(Path(prefix_index_path(self.settings)))
+        index = self.fleet.index  # (the fleet's: one mapping per worker)
         contents = None
         if names_slots(self.settings):
             contents = SlotContents.open(Path(slot_contents_path(self.settings)))
