@@ -4,7 +4,12 @@ PUT /api/v1/agents/{agent_id}
 {"sequence": 7, "interval": 1.0, "name": "gpu0",
  "upstream": {"host": "10.0.0.5", "port": 8081},
  "state": "ready", "slots": {"total": 4, "idle": 3, "processing": 1},
- "model": "tiny.gguf", "build": "b7000-abc", "error": ""}
+ "model": "tiny.gguf", "build": "b7000-abc", "error": "",
+ "host_cache_tokens": 524288}
+
+host_cache_tokens (optional; agents before it send none): how many tokens of idle
+slots' prompts llama.cpp's host-memory prompt cache keeps (paddler/llamacpp/
+host_cache.py); 0 or absent: none, or the agent cannot tell.
 """
 
 import re
@@ -24,8 +29,20 @@ REPORTED_STATES = {
 
 
 KNOWN_FIELDS = frozenset(
-    ("sequence", "interval", "name", "upstream", "state", "slots", "model", "build", "error")
+    (
+        "sequence",
+        "interval",
+        "name",
+        "upstream",
+        "state",
+        "slots",
+        "model",
+        "build",
+        "error",
+        "host_cache_tokens",
+    )
 )
+MAX_HOST_CACHE_TOKENS = 0xFFFFFFFF
 
 
 class ReportError(ValueError):
@@ -33,9 +50,16 @@ class ReportError(ValueError):
 
 
 def build_report(
-    status: UpstreamStatus, *, sequence: int, interval: float, name: str, host: str, port: int
+    status: UpstreamStatus,
+    *,
+    sequence: int,
+    interval: float,
+    name: str,
+    host: str,
+    port: int,
+    host_cache_tokens: int | None = None,
 ) -> dict[str, Any]:
-    return {
+    report: dict[str, Any] = {
         "sequence": sequence,
         "interval": interval,
         "name": name,
@@ -50,6 +74,9 @@ def build_report(
         "build": status.build,
         "error": status.error,
     }
+    if host_cache_tokens is not None:
+        report["host_cache_tokens"] = host_cache_tokens
+    return report
 
 
 def parse_report(agent_id: str, payload: Any) -> UpstreamReport:
@@ -88,6 +115,15 @@ def parse_report(agent_id: str, payload: Any) -> UpstreamReport:
     sequence = payload.get("sequence")
     if not isinstance(sequence, int) or isinstance(sequence, bool) or not 0 < sequence < 2**63:
         raise ReportError("field 'sequence' must be a positive integer")
+    host_cache = payload.get("host_cache_tokens", 0)
+    if (
+        not isinstance(host_cache, int)
+        or isinstance(host_cache, bool)
+        or not 0 <= host_cache <= MAX_HOST_CACHE_TOKENS
+    ):
+        raise ReportError(
+            f"field 'host_cache_tokens' must be a whole number from 0 to {MAX_HOST_CACHE_TOKENS}"
+        )
     return UpstreamReport(
         agent_id=agent_id,
         name=_string(payload, "name", "name"),
@@ -102,6 +138,7 @@ def parse_report(agent_id: str, payload: Any) -> UpstreamReport:
         error=_string(payload, "error", "error"),
         sequence=sequence,
         interval=float(interval),
+        host_cache_tokens=host_cache,
     )
 
 

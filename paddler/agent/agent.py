@@ -11,7 +11,9 @@ from paddler.agent.reporter import Reporter
 from paddler.config import AgentSettings
 from paddler.config.addresses import AWS_LOCAL_IPV4, format_address
 from paddler.llamacpp.client import LlamaCppClient, UpstreamStatus
+from paddler.llamacpp.host_cache import HostCacheError, describe, host_cache_tokens
 from paddler.reports import build_report
+from paddler.slots.layout import UpstreamState
 
 log = logging.getLogger("paddler.agent")
 
@@ -24,6 +26,22 @@ def external_address(settings: AgentSettings) -> tuple[str, int]:
         host = local_ipv4(settings.aws_metadata_url)
         log.info("%s is %s", AWS_LOCAL_IPV4, host)
     return host, settings.external_llamacpp_port or settings.local_llamacpp_port
+
+
+def _host_cache(host: str, port: int, model_path: str) -> int | None:
+    """What llama-server's host cache keeps of idle slots' prompts (None: unknown, said
+    in the log)."""
+    try:
+        tokens = host_cache_tokens(host, port, model_path)
+    except HostCacheError as error:
+        log.warning(
+            "the size of llama-server's host-memory prompt cache is unknown (%s): the "
+            "balancer will not count its saves of idle slots as copies of a prompt",
+            error,
+        )
+        return None
+    log.info("llama-server's host-memory prompt cache keeps %s of idle slots", describe(tokens))
+    return tokens
 
 
 def run(settings: AgentSettings) -> int:
@@ -54,6 +72,7 @@ def run(settings: AgentSettings) -> int:
     )
     sequence = 0
     last: UpstreamStatus | None = None
+    host_cache: int | None = None
     rng = random.Random()
     try:
         while True:
@@ -68,6 +87,13 @@ def run(settings: AgentSettings) -> int:
                     status.slots_total,
                     status.slots_processing,
                 )
+            if status.state is UpstreamState.READY and (
+                last is None or last.state is not UpstreamState.READY
+            ):
+                # Started or restarted, maybe with other settings.
+                host_cache = _host_cache(
+                    settings.local_llamacpp_host, settings.local_llamacpp_port, status.model_path
+                )
             last = status
             sequence += 1
             reporter.send(
@@ -78,6 +104,7 @@ def run(settings: AgentSettings) -> int:
                     name=name,
                     host=host,
                     port=port,
+                    host_cache_tokens=host_cache,
                 )
             )
             # Jitter keeps a fleet of agents started together from reporting in lockstep.

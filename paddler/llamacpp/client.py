@@ -22,6 +22,7 @@ class UpstreamStatus:
     model: str = ""
     build: str = ""
     error: str = ""
+    model_path: str = ""  # the model file, as /props names it
 
 
 class LlamaCppClient:
@@ -71,6 +72,7 @@ class LlamaCppClient:
             slots_total=props.total_slots,
             model=props.model,
             build=props.build,
+            model_path=props.model_path,
         )
         if props.is_sleeping:
             # Asking /slots would wake it: report what /props says and leave it asleep.

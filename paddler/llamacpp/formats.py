@@ -20,6 +20,7 @@ class Props:
     build: str
     model: str
     is_sleeping: bool
+    model_path: str = ""
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ def parse_props(payload: Any) -> Props:
         build=build if isinstance(build, str) else "",
         model=model,
         is_sleeping=payload.get("is_sleeping") is True,
+        model_path=path if isinstance(path, str) else "",
     )
 
 

@@ -34,23 +34,23 @@ llama.cpp's timings of the requests that relied on one), and counts them only wh
 they keep being found.
 
 Copies saved from idle slots are counted apart (saved copies: llama.cpp saves every
-idle slot's prompt as a task starts; paddler/prefixes/slots.py sees it), and only while
-the host trust in the header is at least HOST_TRUSTED. It measures the host cache as
-every request that relied on it found it, not only those sent to a saved copy: a request
-the slot record gave a slot that llama.cpp refills from its host cache, where the
-prefix expected on the upstream is in no slot (its slot was overwritten meanwhile). A
-request sent to a saved copy overwrites another slot, whose prompt then lives in the
-host cache alone; a small cache keeps the latest saves and drops the rest, so that the
-copy sent to is found and the prompt it displaced is lost (bench W2 with a 32 MiB host
-cache: with a trust of the copies sent to alone, one miss led to three more, each a
-full prefill of 1.8 s). The trust starts below HOST_TRUSTED: saved copies count once a
-request found in the host cache what it relied on. Started at 1 (bench W2, 32 MiB, one
-repetition of two), the first copies sent to displaced groups whose prompts the small
-cache then lost, and those groups' requests displaced others in turn, to the end of the
-run: 15 full prefills where 4 were due. There is no probe: a request sent to a saved
-copy risks what it displaces, and any request that relies on the host cache measures
-it. So traffic that never relies on it (every request finds its prefix in a slot, as
-bench W2 with the default 8 GB cache) never turns saved copies on.
+idle slot's prompt as a task starts; paddler/prefixes/slots.py sees it). llama.cpp drops
+the oldest saves once its host cache is full, so a saved copy counts only while what the
+upstream saved since leaves room for it: the characters saved since (the slot record
+counts them) in tokens (TOKENS_PER_CHAR_OFFSET) at most HOST_HEADROOM of the host
+cache's size, which the upstream's agent reports (paddler/llamacpp/host_cache.py; an
+upstream whose agent cannot tell has none counted). affinity.py checks it on the holders
+found. A request sent to a saved copy overwrites another slot, whose prompt then lives
+in the host cache alone: a cache that keeps one or two prompts keeps the latest saves
+and drops the rest, so that the copy sent to is found and the prompt it displaced is
+lost (bench W2 with a 32 MiB host cache, 2,048 tokens of the bench model, saved copies
+counted without knowing the size: 15 full prefills where 4 were due, displaced groups
+displacing others to the end of the run). And only while the host trust in the header
+is at least HOST_TRUSTED: it measures what every request that relied on the host cache
+found there, not only those sent to a saved copy (a request the slot record gave a slot
+that llama.cpp refills from its host cache, where the prefix expected on the upstream
+is in no slot), and turns saved copies off where the size misleads (docs/routing.md:
+--kv-unified, a model whose KV cache is not a standard attention one's).
 
 File layout, little-endian:
     offset 0   8s   magic b"PDLRPRFX"
@@ -65,14 +65,17 @@ File layout, little-endian:
     offset 40  f64  host trust: a moving average of whether requests that relied on
                     llama.cpp's host cache found there what they expected (HOST_START at
                     start); saved copies count while it is at least HOST_TRUSTED
-    then sets x WAYS entries of 32 bytes:
+    offset 48  f64  prompt tokens per character, as llama.cpp's timings count them (0: not
+                    measured yet): what a host cache's size in tokens holds of prompts
+    then sets x WAYS entries of 40 bytes:
                u64 key (0: free), u16 row, u16 requests in flight, u32 row generation,
                u32 cache epoch, u32 last used (CLOCK_MONOTONIC seconds), u16 copies
                (of the prefix on the row: in slots, or in llama.cpp's host cache), u8
                flags (1: a prompt ended here, its next turn is a continuation, not a
                branch), u8 saved copies (in llama.cpp's host cache, saved from an idle
                slot: saved()), u32 reach (the longest prompt that went on from the
-               prefix on the row, in characters)
+               prefix on the row, in characters), u64 the row's characters saved to
+               its host cache before the last saved copy was (saved())
 """
 
 import fcntl
@@ -85,13 +88,13 @@ from typing import Final
 from paddler.prefixes.mapped import create_mapped, open_mapped
 
 MAGIC: Final = b"PDLRPRFX"
-VERSION: Final = 4
+VERSION: Final = 5
 HEADER: Final = struct.Struct("<8sII")
 HEADER_SIZE: Final = 64
 WAYS: Final = 4
-ENTRY: Final = struct.Struct("<QHHIIIHBBI")
-SET: Final = struct.Struct("<" + "QHHIIIHBBI" * WAYS)
-FIELDS: Final = 10  # per entry, as SET unpacks them
+ENTRY: Final = struct.Struct("<QHHIIIHBBIQ")
+SET: Final = struct.Struct("<" + "QHHIIIHBBIQ" * WAYS)
+FIELDS: Final = 11  # per entry, as SET unpacks them
 # copies, flags, saved copies, reach: written together (a pad byte would be written too)
 TAIL_FIELDS: Final = struct.Struct("<HBBI")
 TAIL_OFFSET: Final = 24
@@ -99,20 +102,22 @@ TAIL: Final = 1  # flags: a prompt on the row ended with this prefix
 COUNT: Final = struct.Struct("<H")  # an entry's requests in flight, written alone
 SAVED: Final = struct.Struct("<B")  # an entry's saved copies, written alone
 SAVED_OFFSET: Final = 27
+SAVED_AT: Final = struct.Struct("<Q")  # an entry's last save, written with SAVED
+SAVED_AT_OFFSET: Final = 32
 HEADER_F64: Final = struct.Struct("<d")  # the header's f64 fields: prefill rate, trusts, probes
 PREFILL_OFFSET: Final = 16
 TRUST_OFFSET: Final = 24
 PROBE_OFFSET: Final = 32
 HOST_TRUST_OFFSET: Final = 40
+TOKENS_PER_CHAR_OFFSET: Final = 48
 # Below this copy trust, an upstream's copies beyond the first do not count, but for
 # one request every PROBE_EVERY seconds: without one, nothing could raise it again.
 TRUSTED: Final = 0.5
-# Saved copies count once a request that relied on the host cache found what it relied
-# on there (at the trusts' rate, affinity.py's TRUST_RATE: 0.75 to 0.8125), and no more
-# after a miss, until requests found raise it again (one after a single miss from 1,
-# three after two).
+# Saved copies count until a request that relied on the host cache missed what it relied
+# on there (at the trusts' rate, affinity.py's TRUST_RATE: 1 to 0.75), and again once
+# requests found raise it (one after a single miss from 1, three after two).
 HOST_TRUSTED: Final = 0.8
-HOST_START: Final = 0.75
+HOST_START: Final = 1.0
 PROBING: Final = 2  # _offered(): copies beyond the first count for this request alone
 PROBE_EVERY: Final = 60.0
 # llama.cpp loads no prompt from its host cache for a request that shares less than a
@@ -120,8 +125,12 @@ PROBE_EVERY: Final = 60.0
 # this many times a prefix's length is no copy of that prefix. (Measured against reach,
 # the longest prompt that went on from the prefix: the copy is at most that long.)
 UNTRASHED: Final = 4
+# A saved copy counts while the prompts saved since, and it, take at most this part of
+# the host cache: llama.cpp's saves hold the answers too, tokens per character vary, and
+# the next save makes room first.
+HOST_HEADROOM: Final = 0.5
 BUSY_HORIZON: Final = 600  # seconds: longer than llama.cpp answers run
-DEFAULT_SETS: Final = 16384  # 65,536 prefixes, 2 MB
+DEFAULT_SETS: Final = 16384  # 65,536 prefixes, 2.5 MB
 
 
 class PrefixIndexError(Exception):
@@ -134,7 +143,17 @@ class Holder:
     plain class: several are made for every request, and compiled a native class costs
     a fraction of a NamedTuple, whose constructor is Python code.)"""
 
-    __slots__ = ("epoch", "generation", "length", "rank", "row", "saved", "spare", "whole")
+    __slots__ = (
+        "epoch",
+        "generation",
+        "length",
+        "rank",
+        "row",
+        "saved",
+        "saved_at",
+        "spare",
+        "whole",
+    )
 
     def __init__(
         self,
@@ -146,6 +165,7 @@ class Holder:
         spare: bool = False,
         saved: bool = False,
         whole: bool = True,
+        saved_at: int = 0,
     ) -> None:
         self.row = row
         self.generation = generation
@@ -157,6 +177,9 @@ class Holder:
         # That copy is one saved from an idle slot (the host trust's, not the copy
         # trust's).
         self.saved = saved
+        # The upstream's characters saved to its host cache before that copy was
+        # (paddler/prefixes/slots.py: saved_chars()).
+        self.saved_at = saved_at
         # No prompt that went on from the prefix there is over UNTRASHED times its
         # length: one saved in llama.cpp's host cache can give the prefix back.
         self.whole = whole
@@ -226,6 +249,17 @@ class PrefixIndex:
     def host_trust(self, trust: float) -> None:
         HEADER_F64.pack_into(self._map, HOST_TRUST_OFFSET, trust)
 
+    @property
+    def tokens_per_char(self) -> float:
+        """Prompt tokens per character, as llama.cpp's timings count them (0: not
+        measured yet). (Written without the lock, as prefill_rate.)"""
+        ratio: float = HEADER_F64.unpack_from(self._map, TOKENS_PER_CHAR_OFFSET)[0]
+        return ratio
+
+    @tokens_per_char.setter
+    def tokens_per_char(self, ratio: float) -> None:
+        HEADER_F64.pack_into(self._map, TOKENS_PER_CHAR_OFFSET, ratio)
+
     def copies(self, key: int, row: int) -> int:
         """Copies of this prefix on ``row`` (0: not held there), saved ones apart."""
         return self._field(key, row, 6)
@@ -259,6 +293,7 @@ class PrefixIndex:
         most: int = 4,
         now: float | None = None,
         busy: list[Holder] | None = None,
+        saving: bool = True,
     ) -> list[Holder]:
         """The upstreams holding these prefixes (keys shortest first, as prefix_keys
         gives them): those of the longest prefix found first (rank 0), then those of
@@ -268,12 +303,12 @@ class PrefixIndex:
         to it. Copies beyond an upstream's first count while the copy trust is high
         enough, and for one request every PROBE_EVERY seconds while it is not (a holder
         of the longest prefix found, which the request is sent to); saved copies while
-        the host trust is high enough."""
+        the host trust is high enough (and ``saving``)."""
         found: list[Holder] = []
         rows: set[int] = set()
         rank = 0
         branched = self._offered(now)
-        saving = now is not None and self.host_trust >= HOST_TRUSTED
+        saving = saving and now is not None and self.host_trust >= HOST_TRUSTED
         for key, length in reversed(keys):
             fields = SET.unpack_from(self._map, HEADER_SIZE + (key % self.sets) * SET.size)
             hit = False
@@ -318,6 +353,7 @@ class PrefixIndex:
                         spare,
                         saved,
                         length * UNTRASHED >= fields[way + 9],
+                        fields[way + 10],
                     )
                 )
                 hit = True
@@ -386,6 +422,7 @@ class PrefixIndex:
                 copies = 1
                 flags = 0
                 saved = 0
+                saved_at = 0
                 reach = chars
                 # Its own way, else a free one, else the one used longest ago.
                 way = self._way(fields, key, row)
@@ -399,6 +436,7 @@ class PrefixIndex:
                     flags = fields[FIELDS * way + 7]
                     saved = fields[FIELDS * way + 8]
                     reach = max(reach, fields[FIELDS * way + 9])
+                    saved_at = fields[FIELDS * way + 10]
                 if occupy:
                     in_flight = min(0xFFFF, in_flight + 1)
                 if key == tail:
@@ -416,15 +454,19 @@ class PrefixIndex:
                     flags,
                     saved,
                     min(0xFFFFFFFF, reach),
+                    saved_at,
                 )
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
-    def saved(self, keys: list[int], row: int, generation: int, epoch: int) -> None:
+    def saved(
+        self, keys: list[int], row: int, generation: int, epoch: int, saved_at: int = 0
+    ) -> None:
         """llama.cpp saved an idle slot's prompt, which has these prefix keys, to the
-        host cache of the upstream in ``row``: one saved copy more of each of them that
-        the upstream holds (paddler/prefixes/slots.py: _save_idle). A key it does not
-        hold is left out: the prompt went there without this balancer."""
+        host cache of the upstream in ``row``, which had ``saved_at`` characters saved
+        before (paddler/prefixes/slots.py: saved_chars()): one saved copy more of each
+        of them that the upstream holds (_save_idle), the latest saved then. A key it
+        does not hold is left out: the prompt went there without this balancer."""
         if not keys:
             return
         fcntl.flock(self._fd, fcntl.LOCK_EX)  # as in remember()
@@ -436,6 +478,7 @@ class PrefixIndex:
                     continue
                 saved = min(0xFF, fields[FIELDS * way + 8] + 1)
                 SAVED.pack_into(self._map, offset + way * ENTRY.size + SAVED_OFFSET, saved)
+                SAVED_AT.pack_into(self._map, offset + way * ENTRY.size + SAVED_AT_OFFSET, saved_at)
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 

@@ -60,7 +60,8 @@ process; writers hold an flock on it. Layout, little-endian:
     offset 12  u32  rows (as the slot table's)
     then rows x ROW_SIZE bytes, each
         u32 the row's generation, u32 its cache epoch, when its slots were last
-            recorded (either moved: nothing is known of its slots), 8 bytes spare
+            recorded (either moved: nothing is known of its slots), u64 characters of
+            prompts llama.cpp saved to its host cache since (saved_chars())
         then SLOTS records of RECORD_SIZE bytes:
             f64 last used (CLOCK_MONOTONIC seconds: when its last request ended; 0 never)
             f64 busy since (when a request took it; 0: idle; negative, -(when it
@@ -81,11 +82,13 @@ from paddler.prefixes.keys import MAX_KEYS
 from paddler.prefixes.mapped import create_mapped, open_mapped
 
 MAGIC: Final = b"PDLRSLTS"
-VERSION: Final = 2
+VERSION: Final = 3
 HEADER: Final = struct.Struct("<8sII")
 HEADER_SIZE: Final = 64
 SLOTS: Final = 32  # upstreams with more slots are left to choose their own
-ROW: Final = struct.Struct("<II8x")
+ROW: Final = struct.Struct("<IIQ")
+SAVED_CHARS: Final = struct.Struct("<Q")  # the row's characters saved, written alone
+SAVED_CHARS_OFFSET: Final = 8
 # last used, busy since, keys held, saved, prompt length
 STATE: Final = struct.Struct("<ddHBxI")
 SAVED: Final = struct.Struct("<B")  # saved, written alone
@@ -152,6 +155,7 @@ class SlotContents:
         now: float,
         saved: list[int] | None = None,
         refilled: list[int] | None = None,
+        saved_at: list[int] | None = None,
     ) -> tuple[int, bool]:
         """The slot of ``row`` (``total`` slots) that a request whose prompt has these
         prefix keys (shortest first) and is ``chars`` long takes, recorded as taken by
@@ -163,7 +167,10 @@ class SlotContents:
         its host cache for more (a slot whose prompt the request mostly overwrites: it
         saves that prompt first, then loads the best match of the request's; an empty
         slot it picks itself: 0); else -1 (a slot the request goes on from in place; an
-        empty slot that is named, llama.cpp #28139).
+        empty slot that is named, llama.cpp #28139). Given ``saved_at``, the row's
+        characters saved (saved_chars()) before the prompts added to ``saved`` is added
+        to it: those saves are still in the host cache while what is saved after them
+        leaves room for them.
 
         The idle slot holding the longest prefix of the prompt (more than a tenth of
         it, as llama.cpp counts) that is at least half of the slot's prompt, which the
@@ -198,19 +205,25 @@ class SlotContents:
         mapping = self._map
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
-            known_generation, known_epoch = ROW.unpack_from(mapping, base)
+            known_generation, known_epoch, _ = ROW.unpack_from(mapping, base)
             if known_generation != generation or known_epoch != epoch:
                 # Another upstream in the row, or this one lost its cache: its slots'
                 # prompts are unknown (and what was in flight there is not ours).
                 mapping[base : base + ROW_SIZE] = _NOTHING
-                ROW.pack_into(mapping, base, generation, epoch)
+                ROW.pack_into(mapping, base, generation, epoch, 0)
             chosen, named, in_place, depth = self._choose(base, total, lengths, chars, now)
             if chosen < 0:
                 return -1, False
+            saved_chars = SAVED_CHARS.unpack_from(mapping, base + SAVED_CHARS_OFFSET)[0]
+            if saved_at is not None:
+                saved_at.append(saved_chars)
             if saved is not None:
-                self._save_idle(base, total, chosen, now, saved)
+                saved_chars += self._save_idle(base, total, chosen, now, saved)
             offset = base + ROW.size + chosen * RECORD_SIZE
-            used, _, held, _, _ = STATE.unpack_from(mapping, offset)
+            used, _, held, done, length = STATE.unpack_from(mapping, offset)
+            if held > 0 and not in_place and not done:
+                saved_chars += length  # llama.cpp saves what the request overwrites
+            SAVED_CHARS.pack_into(mapping, base + SAVED_CHARS_OFFSET, saved_chars)
             if refilled is not None:
                 refilled.append(depth if not in_place and (held > 0 or not named) else -1)
             prompt = [key for key, _ in keys[-MAX_KEYS:]]
@@ -221,24 +234,27 @@ class SlotContents:
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
-    def _save_idle(self, base: int, total: int, chosen: int, now: float, saved: list[int]) -> None:
+    def _save_idle(self, base: int, total: int, chosen: int, now: float, saved: list[int]) -> int:
         """A request takes slot ``chosen`` of the row at ``base``: llama.cpp (from the
         builds with --cache-idle-slots, on by default with a host cache) saves every
         idle slot's prompt to its host cache as the task starts, where a request sent
         to any slot it mostly overwrites loads it. The prefix keys of those prompts not
         saved since they were taken go to ``saved``: a saved copy more of each on the
         upstream (paddler/prefixes/index.py counts those only while the host cache is
-        trusted to keep what is saved there). (Under the lock.)"""
+        trusted to keep what is saved there). The characters saved. (Under the lock.)"""
         mapping = self._map
+        added = 0
         for slot in range(total):
             if slot == chosen:
                 continue
             offset = base + ROW.size + slot * RECORD_SIZE
-            _, busy, held, done, _ = STATE.unpack_from(mapping, offset)
+            _, busy, held, done, length = STATE.unpack_from(mapping, offset)
             if held == 0 or done or (busy != 0.0 and now - abs(busy) < BUSY_HORIZON):
                 continue
             saved.extend(KEYS.unpack_from(mapping, offset + STATE.size)[:held])
             SAVED.pack_into(mapping, offset + SAVED_OFFSET, 1)
+            added += length
+        return added
 
     def _choose(
         self, base: int, total: int, lengths: dict[int, int], chars: int, now: float
@@ -331,6 +347,18 @@ class SlotContents:
                 TIMES.pack_into(self._map, base + ROW.size + slot * RECORD_SIZE, now, 0.0)
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def saved_chars(self, row: int, generation: int) -> int:
+        """Characters of prompts llama.cpp saved to the host cache of the upstream in
+        ``row`` since the record began with it (as take() counts them; -1: the row is
+        another upstream's). (Read without the lock: an aligned 8-byte load.)"""
+        if row < 0 or row >= self.rows:
+            return -1
+        base = HEADER_SIZE + row * ROW_SIZE
+        if ROW.unpack_from(self._map, base)[0] != generation:
+            return -1
+        chars: int = SAVED_CHARS.unpack_from(self._map, base + SAVED_CHARS_OFFSET)[0]
+        return chars
 
     def held(self, row: int, slot: int) -> list[int]:
         """The prefix keys of the prompt ``slot`` of ``row`` last took (for paddlerctl and

@@ -35,9 +35,11 @@ Rows, from offset 4096, max_upstreams x row size, each
     offset 32   f64  the agent's report interval in seconds
     offset 40   u64  sequence number of the last accepted report
     offset 48   f64  first report (CLOCK_MONOTONIC)
-    offset 56   32s  agent id          88   64s name       152  128s host
-    offset 280  128s model             408  64s llama.cpp build
-    offset 472  160s error
+    offset 56   u32  tokens of idle slots' prompts its host-memory prompt cache keeps, as
+                     the agent reported them (0: none, or unknown; 0xFFFFFFFF: no limit)
+    offset 60   32s  agent id          92   64s name       156  128s host
+    offset 284  128s model             412  64s llama.cpp build
+    offset 476  156s error
     (offsets 4 to 632 are the report fields, rewritten whole by every report)
     offset 632  f64  ejected until (CLOCK_MONOTONIC; 0: not ejected)
     offset 640  u32  ejections in a row (the next ejection lasts longer)
@@ -73,7 +75,7 @@ import struct
 from typing import Final
 
 MAGIC: Final = b"PDLRSLOT"
-LAYOUT_VERSION: Final = 7
+LAYOUT_VERSION: Final = 8
 HEADER_SIZE: Final = 4096
 HEADER: Final = struct.Struct("<8sIIIIdIIQII")
 NEXT_TICKET_OFFSET: Final = 40
@@ -82,14 +84,16 @@ ROWS_USED_OFFSET: Final = 52
 STRUCTURE_OFFSET: Final = 56
 OWNERS_OFFSET: Final = 64
 OWNER: Final = struct.Struct("<IIQ")
-ROW_META: Final = struct.Struct("<IBxxxIHHHHHxxddQd32s64s128s128s64s160s")
+ROW_META: Final = struct.Struct("<IBxxxIHHHHHxxddQdI32s64s128s128s64s156s")
 # The same row in two parts: numbers read on every request, texts once per report.
-ROW_NUMBERS: Final = struct.Struct("<IBxxxIHHHHHxxddQd")
-ROW_TEXTS: Final = struct.Struct("<32s64s128s128s64s160s")
+ROW_NUMBERS: Final = struct.Struct("<IBxxxIHHHHHxxddQdI")
+ROW_TEXTS: Final = struct.Struct("<32s64s128s128s64s156s")
 EJECTION: Final = struct.Struct("<dI4x")  # read whole; written without the counters after it
 EJECTION_FIELDS: Final = struct.Struct("<dI")
 EJECTION_OFFSET: Final = 632
 FREE_OFFSET: Final = 644
+HOST_CACHE_OFFSET: Final = 56
+UNLIMITED_HOST_CACHE: Final = 0xFFFFFFFF  # host cache tokens: llama-server --cache-ram -1
 RESERVED_OFFSET: Final = 646
 DRAINED_OFFSET: Final = 648
 RELEASED_OFFSET: Final = 650
@@ -104,6 +108,7 @@ DEFAULT_MAX_UPSTREAMS: Final = 256
 assert ROW_META.size == EJECTION_OFFSET == ROW_NUMBERS.size + ROW_TEXTS.size
 assert EJECTION_OFFSET + EJECTION.size == DRAINED_OFFSET
 assert CHOSEN_OFFSET % 8 == 0
+assert ROW_NUMBERS.size == HOST_CACHE_OFFSET + 4
 assert CHOSEN_OFFSET + 8 == RESERVATIONS_OFFSET
 assert WAITER.size == 32
 # The owners table fills the rest of the header page.

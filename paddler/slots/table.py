@@ -30,6 +30,7 @@ from paddler.slots.layout import (
     FREE_OFFSET,
     HEADER,
     HEADER_SIZE,
+    HOST_CACHE_OFFSET,
     LAYOUT_VERSION,
     MAGIC,
     NEXT_TICKET_OFFSET,
@@ -74,6 +75,8 @@ class UpstreamReport:
     error: str
     sequence: int
     interval: float
+    # Tokens of idle slots' prompts llama.cpp's host cache keeps (0: none, or unknown).
+    host_cache_tokens: int = 0
 
 
 @dataclass(init=False)
@@ -104,6 +107,7 @@ class UpstreamRow:
     ejections: int
     drained: bool
     cache_epoch: int
+    host_cache_tokens: int
 
     def __init__(
         self,
@@ -130,6 +134,7 @@ class UpstreamRow:
         ejections: int = 0,
         drained: bool = False,
         cache_epoch: int = 0,
+        host_cache_tokens: int = 0,
     ) -> None:
         self.index = index
         self.generation = generation
@@ -154,6 +159,7 @@ class UpstreamRow:
         self.ejections = ejections
         self.drained = drained
         self.cache_epoch = cache_epoch
+        self.host_cache_tokens = host_cache_tokens
 
     @property
     def address(self) -> str:
@@ -425,6 +431,7 @@ class SlotTable:
             interval,
             sequence,
             first_report,
+            host_cache_tokens,
         ) = ROW_NUMBERS.unpack_from(self._map, offset)
         # The texts change only with a report, which moves the row's write counter:
         # decoded once per report, not once per request.
@@ -460,6 +467,7 @@ class SlotTable:
             ejections,
             bool(self._map[offset + DRAINED_OFFSET]),
             int(self._u32[(offset + CACHE_EPOCH_OFFSET) // 4]),
+            host_cache_tokens,
         )
 
     def _rows_used(self) -> int:
@@ -524,6 +532,7 @@ class SlotTable:
                 0.0,
                 0,
                 0.0,
+                0,
                 b"",
                 b"",
                 b"",
@@ -545,6 +554,7 @@ class SlotTable:
                 report.interval,
                 report.sequence,
                 first_report,
+                report.host_cache_tokens,
             ) + self._texts_of(report)
         # By slice: one copy, never a zeroed row in between (struct.pack_into clears first).
         self._map[offset + 4 : offset + ROW_META.size] = fields[4:]
@@ -569,7 +579,7 @@ class SlotTable:
                 _bytes(report.host, 128),
                 _bytes(report.model, 128),
                 _bytes(report.build, 64),
-                _bytes(report.error, 160),
+                _bytes(report.error, 156),
             )
         return packed
 
@@ -1150,6 +1160,13 @@ class SlotTable:
             and self._u32[(offset + 8) // 4] == generation
             and self._u32[(offset + CACHE_EPOCH_OFFSET) // 4] == epoch
         )
+
+    def host_cache_tokens(self, row: int) -> int:
+        """Tokens of idle slots' prompts the host cache of ``row``'s upstream keeps, as
+        its agent reported them (0: none, or unknown); read without the lock."""
+        if row >= self._u32[ROWS_USED_OFFSET // 4]:
+            return 0
+        return int(self._u32[(HEADER_SIZE + row * self.row_size + HOST_CACHE_OFFSET) // 4])
 
     def cache_epochs(self) -> list[int]:
         """Every row's cache epoch, in one strided read (row index -> epoch)."""

@@ -47,6 +47,8 @@ def describe(row: UpstreamRow, now: float, missed_reports: int) -> dict[str, Any
             "free": row.free_slots,
         },
         "reservations": row.reservations,
+        # Tokens of idle slots' prompts llama.cpp's host cache keeps (0: none, or unknown).
+        "host_cache_tokens": row.host_cache_tokens,
         "last_report_age": round(row.age(now), 3),
         "report_interval": row.interval,
     }

@@ -391,3 +391,44 @@ def test_a_missing_or_foreign_file_is_refused_with_its_name(tmp_path: Path) -> N
     index = PrefixIndex.create(tmp_path / "prefixes", sets=8)
     assert (index.copy_trust, index.prefill_rate) == (1.0, 0.0)
     assert SlotContents.create(tmp_path / "contents", rows=2).held(1, SLOTS - 1) == []
+
+
+def test_the_record_counts_the_characters_llama_cpp_saves_to_its_host_cache(
+    tmp_path: Path,
+) -> None:
+    """What the balancer knows of how full llama.cpp's host cache is: every prompt saved
+    there (an idle slot's as a task starts beside it, once; a slot's the request mostly
+    overwrites, unless saved already), and where that count stood before a request's
+    saves (they are kept while what is saved after them leaves room)."""
+    contents = SlotContents.create(tmp_path / "contents", rows=4)
+
+    def take(row: int, slots: int, now: float, *turn: str) -> tuple[int, int]:
+        keys, chars = keys_of(*turn)
+        before: list[int] = []
+        slot, _ = contents.take(row, 1, 0, slots, keys, chars, now, [], None, before)
+        contents.release(row, 1, slot, now + 0.5)
+        (stamp,) = before
+        return slot, stamp
+
+    group = keys_of(SYSTEM, "a group's question")[1]
+    other = keys_of("Something else entirely. " * 40, "hello")[1]
+    assert take(0, 3, 1.0, SYSTEM, "a group's question") == (2, 0)
+    assert contents.saved_chars(0, 1) == 0
+    # The group's idle slot is saved as the next task starts.
+    assert take(0, 3, 2.0, "Something else entirely. " * 40, "hello") == (1, 0)
+    assert contents.saved_chars(0, 1) == group
+    # The other's now; the group's not again.
+    assert take(0, 3, 3.0, "A third thing. " * 30, "hi") == (0, group)
+    assert contents.saved_chars(0, 1) == group + other
+    # One slot: no idle one beside it, but what the request overwrites is saved first.
+    assert take(1, 1, 4.0, SYSTEM, "a group's question") == (0, 0)
+    assert take(1, 1, 5.0, "A third thing. " * 30, "hi") == (0, 0)
+    assert contents.saved_chars(1, 1) == group
+    # Not a prompt the request goes on from in place.
+    assert take(1, 1, 6.0, "A third thing. " * 30, "hi", "yes", "and?") == (0, group)
+    assert contents.saved_chars(1, 1) == group
+    # Another upstream in the row: its count is its own, from 0.
+    assert contents.saved_chars(0, 2) == -1
+    keys, chars = keys_of(SYSTEM, "a group's question")
+    contents.take(0, 2, 0, 3, keys, chars, 7.0)
+    assert contents.saved_chars(0, 2) == 0

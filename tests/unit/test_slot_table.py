@@ -235,7 +235,18 @@ def test_a_read_only_reader_sees_rows_and_changes_nothing(table: SlotTable) -> N
 
 def test_long_texts_are_cut_on_character_boundaries(table: SlotTable) -> None:
     table.apply_report(replace(REPORT, error="é" * 200), now=1.0)
-    assert table.rows()[0].error == "é" * 80
+    assert table.rows()[0].error == "é" * 78  # 156 bytes
+
+
+def test_a_reported_host_cache_size_is_kept_beside_the_texts(table: SlotTable) -> None:
+    report = replace(REPORT, host_cache_tokens=0xFFFFFFFF, error="x" * 300)
+    table.apply_report(report, now=1.0)
+    (row,) = table.rows()
+    assert (row.host_cache_tokens, row.error, row.name) == (0xFFFFFFFF, "x" * 156, REPORT.name)
+    assert table.host_cache_tokens(row.index) == 0xFFFFFFFF
+    table.apply_report(replace(REPORT, sequence=REPORT.sequence + 1), now=2.0)
+    assert table.host_cache_tokens(row.index) == table.rows()[0].host_cache_tokens == 0
+    assert table.host_cache_tokens(5) == 0  # a row never used
 
 
 def test_a_row_left_mid_write_by_a_dead_writer_is_repaired_by_the_next_report(

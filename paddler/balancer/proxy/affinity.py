@@ -56,10 +56,11 @@ from typing import Any, Final
 from paddler.balancer.proxy.timings import PromptTimings
 from paddler.config import BalancerSettings
 from paddler.metrics.recorder import Recorder
-from paddler.prefixes.index import Holder, PrefixIndex
+from paddler.prefixes.index import HOST_HEADROOM, Holder, PrefixIndex
 from paddler.prefixes.keys import BLOCK, LIMIT, prefix_keys, session_key
 from paddler.prefixes.slots import SlotContents
 from paddler.slots import SlotTable, UpstreamRow
+from paddler.slots.layout import UNLIMITED_HOST_CACHE
 
 MISSES_TO_FORGET: Final = 3
 TRUST_RATE: Final = 0.25  # weight of each request measured, in the copy and host trusts
@@ -184,7 +185,15 @@ class Affinity:
         # Only cache_aware leaves busy holders out: a session sticks to its upstream.
         busy: list[Holder] | None = [] if spread and self.max_wait > 0 else None
         # (Positional arguments: compiled, a call with keywords costs more.)
-        holders = self.index.holders(keys, 4, time.monotonic() if spread else None, busy)
+        now = time.monotonic() if spread else None
+        holders = self.index.holders(keys, 4, now, busy)
+        for holder in holders:
+            if holder.saved and not self._kept(holder):
+                # A saved copy the host cache may have dropped since: as if it had none.
+                if busy is not None:
+                    busy.clear()
+                holders = self.index.holders(keys, 4, now, busy, False)
+                break
         if not holders and not busy:
             return Plan(keys, (), 0, (), (), spread, (), 0, end)
         table = self.table
@@ -221,6 +230,21 @@ class Affinity:
             saves,
             end,
         )
+
+    def _kept(self, holder: Holder) -> bool:
+        """Whether llama.cpp's host cache still keeps ``holder``'s saved copy: what its
+        upstream saved there since (as the slot record counts it, in tokens as learned)
+        leaves room for it, with HOST_HEADROOM to spare."""
+        capacity = self.table.host_cache_tokens(holder.row)
+        if capacity == UNLIMITED_HOST_CACHE:
+            return True
+        contents = self.contents
+        index = self.index
+        if capacity <= 0 or contents is None or index is None:
+            return False
+        saved = contents.saved_chars(holder.row, holder.generation) - holder.saved_at
+        ratio = index.tokens_per_char  # (0 until a response measured it)
+        return ratio > 0 and 0 <= saved * ratio <= HOST_HEADROOM * capacity
 
     @property
     def seconds_per_char(self) -> float:
@@ -354,6 +378,7 @@ class Affinity:
             keys = keys[:-1]  # a session's key is no prefix of the prompt
         saved: list[int] = []
         refilled: list[int] = []
+        saved_at: list[int] = []
         taken = contents.take(
             row.index,
             row.generation,
@@ -364,9 +389,10 @@ class Affinity:
             time.monotonic(),
             saved,
             refilled,
+            saved_at,
         )
-        if saved and self.index is not None:
-            self.index.saved(saved, row.index, row.generation, row.cache_epoch)
+        if saved and saved_at and self.index is not None:
+            self.index.saved(saved, row.index, row.generation, row.cache_epoch, saved_at[0])
         if hosted is not None:
             holder = _holder_on(plan, row)
             shared = refilled[0] if refilled else -1
@@ -436,14 +462,7 @@ class Affinity:
                 else:
                     trust = self.index.host_trust
                     self.index.host_trust = trust + TRUST_RATE * (found - trust)
-            if processed >= TOKENS_TO_LEARN:
-                # Seconds per token processed, times tokens per character of prompt.
-                rate = timings.seconds / processed * (processed + cached) / chars
-                known = self.index.prefill_rate
-                if 0.0 < rate < 1.0:  # (not NaN, nor a second a character)
-                    self.index.prefill_rate = (
-                        rate if not known else known + LEARNING_RATE * (rate - known)
-                    )
+            self._learn_rates(timings, chars)
         self.recorder.cache_guess("none" if not expected else "hit" if hit else "miss")
         if not expected:
             return
@@ -463,6 +482,26 @@ class Affinity:
             if len(self._misses) > 4096:
                 self._misses.clear()  # long-gone upstreams: a bound, not a reset rule
             self._misses[key] = misses
+
+    def _learn_rates(self, timings: PromptTimings, chars: int) -> None:
+        """What a request's timings say of prompt tokens per character (below LIMIT:
+        the tokens count the whole prompt, chars only LIMIT) and of seconds of prefill
+        per character."""
+        index = self.index
+        if index is None:
+            return
+        processed = timings.processed
+        cached = timings.cached
+        if chars < LIMIT and processed + cached > 0:
+            ratio = (processed + cached) / chars
+            known = index.tokens_per_char
+            index.tokens_per_char = ratio if not known else known + LEARNING_RATE * (ratio - known)
+        if processed >= TOKENS_TO_LEARN:
+            # Seconds per token processed, times tokens per character of prompt.
+            rate = timings.seconds / processed * (processed + cached) / chars
+            known = index.prefill_rate
+            if 0.0 < rate < 1.0:  # (not NaN, nor a second a character)
+                index.prefill_rate = rate if not known else known + LEARNING_RATE * (rate - known)
 
 
 def continued_at(keys: list[tuple[int, int]], chat: bool) -> int:
