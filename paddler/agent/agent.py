@@ -33,7 +33,9 @@ def _host_cache(host: str, port: int, model_path: str) -> int | None:
     in the log)."""
     try:
         tokens = host_cache_tokens(host, port, model_path)
-    except HostCacheError as error:
+    except Exception as error:  # an optional figure must not stop the agent
+        if not isinstance(error, HostCacheError):
+            error = HostCacheError(f"{type(error).__name__}: {error}")
         log.warning(
             "the size of llama-server's host-memory prompt cache is unknown (%s): the "
             "balancer will not count its saves of idle slots as copies of a prompt",

@@ -73,7 +73,7 @@ HOST_TRUST = Family(
     "paddler_cache_host_trust",
     "gauge",
     "cache_aware: how often requests that relied on llama.cpp's host cache found there "
-    "the prefix expected (moving average, 0.75 at start); copies saved from idle slots "
+    "the prefix expected (moving average, 1 at start); copies saved from idle slots "
     "count while it is 0.8 or more.",
 )
 PREFILL_RATE = Family(

@@ -36,12 +36,13 @@ they keep being found.
 Copies saved from idle slots are counted apart (saved copies: llama.cpp saves every
 idle slot's prompt as a task starts; paddler/prefixes/slots.py sees it). llama.cpp drops
 the oldest saves once its host cache is full, so a saved copy counts only while what the
-upstream saved since leaves room for it: the characters saved since (the slot record
-counts them) in tokens (TOKENS_PER_CHAR_OFFSET) at most HOST_HEADROOM of the host
-cache's size, which the upstream's agent reports (paddler/llamacpp/host_cache.py; an
-upstream whose agent cannot tell has none counted). affinity.py checks it on the holders
-found. A request sent to a saved copy overwrites another slot, whose prompt then lives
-in the host cache alone: a cache that keeps one or two prompts keeps the latest saves
+upstream saved since leaves room for it: the tokens saved since (the slot record counts
+them, with the answers', as llama.cpp's timings give them) at most HOST_HEADROOM of the
+host cache's size, which the upstream's agent reports (paddler/llamacpp/host_cache.py;
+an upstream whose agent cannot tell has none counted). holders() asks the caller
+(affinity.py) whether that holds, for each saved copy it would count. A request sent to
+a saved copy overwrites another slot, whose prompt then lives in the host cache alone: a
+cache that keeps one or two prompts keeps the latest saves
 and drops the rest, so that the copy sent to is found and the prompt it displaced is
 lost (bench W2 with a 32 MiB host cache, 2,048 tokens of the bench model, saved copies
 counted without knowing the size: 15 full prefills where 4 were due, displaced groups
@@ -66,7 +67,8 @@ File layout, little-endian:
                     llama.cpp's host cache found there what they expected (HOST_START at
                     start); saved copies count while it is at least HOST_TRUSTED
     offset 48  f64  prompt tokens per character, as llama.cpp's timings count them (0: not
-                    measured yet): what a host cache's size in tokens holds of prompts
+                    measured yet): the slot record's estimate of a prompt's tokens until
+                    its answer says
     then sets x WAYS entries of 40 bytes:
                u64 key (0: free), u16 row, u16 requests in flight, u32 row generation,
                u32 cache epoch, u32 last used (CLOCK_MONOTONIC seconds), u16 copies
@@ -74,14 +76,15 @@ File layout, little-endian:
                flags (1: a prompt ended here, its next turn is a continuation, not a
                branch), u8 saved copies (in llama.cpp's host cache, saved from an idle
                slot: saved()), u32 reach (the longest prompt that went on from the
-               prefix on the row, in characters), u64 the row's characters saved to
-               its host cache before the last saved copy was (saved())
+               prefix on the row, in characters), u64 the row's tokens saved to its
+               host cache before the last saved copy was (saved())
 """
 
 import fcntl
 import mmap
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -177,8 +180,8 @@ class Holder:
         # That copy is one saved from an idle slot (the host trust's, not the copy
         # trust's).
         self.saved = saved
-        # The upstream's characters saved to its host cache before that copy was
-        # (paddler/prefixes/slots.py: saved_chars()).
+        # The upstream's tokens saved to its host cache before that copy was
+        # (paddler/prefixes/slots.py: saved_tokens()).
         self.saved_at = saved_at
         # No prompt that went on from the prefix there is over UNTRASHED times its
         # length: one saved in llama.cpp's host cache can give the prefix back.
@@ -293,7 +296,7 @@ class PrefixIndex:
         most: int = 4,
         now: float | None = None,
         busy: list[Holder] | None = None,
-        saving: bool = True,
+        keeps: Callable[[int, int, int], bool] | None = None,
     ) -> list[Holder]:
         """The upstreams holding these prefixes (keys shortest first, as prefix_keys
         gives them): those of the longest prefix found first (rank 0), then those of
@@ -303,12 +306,14 @@ class PrefixIndex:
         to it. Copies beyond an upstream's first count while the copy trust is high
         enough, and for one request every PROBE_EVERY seconds while it is not (a holder
         of the longest prefix found, which the request is sent to); saved copies while
-        the host trust is high enough (and ``saving``)."""
+        the host trust is high enough, and ``keeps`` (row, generation, tokens saved on
+        the row before the copy) says the host cache still keeps them (none without
+        it)."""
         found: list[Holder] = []
         rows: set[int] = set()
         rank = 0
         branched = self._offered(now)
-        saving = saving and now is not None and self.host_trust >= HOST_TRUSTED
+        saving = keeps is not None and now is not None and self.host_trust >= HOST_TRUSTED
         for key, length in reversed(keys):
             fields = SET.unpack_from(self._map, HEADER_SIZE + (key % self.sets) * SET.size)
             hit = False
@@ -329,8 +334,10 @@ class PrefixIndex:
                         branched = self._spend(branched, now)
                     elif (
                         saving
+                        and keeps is not None
                         and in_flight < copies + fields[way + 8]
                         and length * UNTRASHED >= fields[way + 9]
+                        and keeps(fields[way + 1], fields[way + 3], fields[way + 10])
                     ):
                         spare = saved = True  # as above, a copy saved from an idle slot
                     else:
@@ -463,8 +470,8 @@ class PrefixIndex:
         self, keys: list[int], row: int, generation: int, epoch: int, saved_at: int = 0
     ) -> None:
         """llama.cpp saved an idle slot's prompt, which has these prefix keys, to the
-        host cache of the upstream in ``row``, which had ``saved_at`` characters saved
-        before (paddler/prefixes/slots.py: saved_chars()): one saved copy more of each
+        host cache of the upstream in ``row``, which had ``saved_at`` tokens saved
+        before (paddler/prefixes/slots.py: saved_tokens()): one saved copy more of each
         of them that the upstream holds (_save_idle), the latest saved then. A key it
         does not hold is left out: the prompt went there without this balancer."""
         if not keys:

@@ -60,14 +60,16 @@ process; writers hold an flock on it. Layout, little-endian:
     offset 12  u32  rows (as the slot table's)
     then rows x ROW_SIZE bytes, each
         u32 the row's generation, u32 its cache epoch, when its slots were last
-            recorded (either moved: nothing is known of its slots), u64 characters of
-            prompts llama.cpp saved to its host cache since (saved_chars())
+            recorded (either moved: nothing is known of its slots), u64 tokens of
+            prompts llama.cpp saved to its host cache since (saved_tokens())
         then SLOTS records of RECORD_SIZE bytes:
             f64 last used (CLOCK_MONOTONIC seconds: when its last request ended; 0 never)
             f64 busy since (when a request took it; 0: idle; negative, -(when it
                 took it): llama.cpp began answering it, so it has its slot)
             u16 keys held, u8 1 once its prompt was saved to llama.cpp's host cache
-                (_save_idle), 1 spare, u32 the length of that prompt in characters
+                (_save_idle), 1 spare, u32 the length of that prompt in characters,
+                u32 the tokens the slot holds (its prompt's and answer's, as llama.cpp's
+                timings count them: measured(); estimated from the characters until then)
             MAX_KEYS x u64: the prefix keys of the prompt it last took, shortest first
 """
 
@@ -87,10 +89,15 @@ HEADER: Final = struct.Struct("<8sII")
 HEADER_SIZE: Final = 64
 SLOTS: Final = 32  # upstreams with more slots are left to choose their own
 ROW: Final = struct.Struct("<IIQ")
-SAVED_CHARS: Final = struct.Struct("<Q")  # the row's characters saved, written alone
-SAVED_CHARS_OFFSET: Final = 8
-# last used, busy since, keys held, saved, prompt length
-STATE: Final = struct.Struct("<ddHBxI")
+SAVED_TOKENS: Final = struct.Struct("<Q")  # the row's tokens saved, written alone
+SAVED_TOKENS_OFFSET: Final = 8
+# Tokens saved on a row where requests this balancer did not send may have run: every
+# saved copy recorded before is out of room (saved_tokens()).
+UNKNOWN_SAVES: Final = 1 << 40
+# last used, busy since, keys held, saved, prompt length, tokens held
+STATE: Final = struct.Struct("<ddHBxII")
+TOKENS: Final = struct.Struct("<I")  # tokens held, written alone
+TOKENS_OFFSET: Final = 24
 SAVED: Final = struct.Struct("<B")  # saved, written alone
 SAVED_OFFSET: Final = 18
 TIMES: Final = struct.Struct("<dd")  # last used, busy since: written alone
@@ -156,6 +163,7 @@ class SlotContents:
         saved: list[int] | None = None,
         refilled: list[int] | None = None,
         saved_at: list[int] | None = None,
+        tokens: int = 0,
     ) -> tuple[int, bool]:
         """The slot of ``row`` (``total`` slots) that a request whose prompt has these
         prefix keys (shortest first) and is ``chars`` long takes, recorded as taken by
@@ -168,9 +176,10 @@ class SlotContents:
         saves that prompt first, then loads the best match of the request's; an empty
         slot it picks itself: 0); else -1 (a slot the request goes on from in place; an
         empty slot that is named, llama.cpp #28139). Given ``saved_at``, the row's
-        characters saved (saved_chars()) before the prompts added to ``saved`` is added
-        to it: those saves are still in the host cache while what is saved after them
-        leaves room for them.
+        tokens saved (saved_tokens()) before the prompts added to ``saved`` is added to
+        it: those saves are still in the host cache while what is saved after them
+        leaves room for them. ``tokens``: what the slot will hold, as far as known
+        before the answer (measured() says after).
 
         The idle slot holding the longest prefix of the prompt (more than a tenth of
         it, as llama.cpp counts) that is at least half of the slot's prompt, which the
@@ -214,20 +223,31 @@ class SlotContents:
             chosen, named, in_place, depth = self._choose(base, total, lengths, chars, now)
             if chosen < 0:
                 return -1, False
-            saved_chars = SAVED_CHARS.unpack_from(mapping, base + SAVED_CHARS_OFFSET)[0]
+            saved_tokens = SAVED_TOKENS.unpack_from(mapping, base + SAVED_TOKENS_OFFSET)[0]
             if saved_at is not None:
-                saved_at.append(saved_chars)
+                saved_at.append(saved_tokens)
             if saved is not None:
-                saved_chars += self._save_idle(base, total, chosen, now, saved)
+                saved_tokens += self._save_idle(base, total, chosen, now, saved)
             offset = base + ROW.size + chosen * RECORD_SIZE
-            used, _, held, done, length = STATE.unpack_from(mapping, offset)
+            used, _, held, done, _, before = STATE.unpack_from(mapping, offset)
             if held > 0 and not in_place and not done:
-                saved_chars += length  # llama.cpp saves what the request overwrites
-            SAVED_CHARS.pack_into(mapping, base + SAVED_CHARS_OFFSET, saved_chars)
+                saved_tokens += before  # llama.cpp saves what the request overwrites
+            SAVED_TOKENS.pack_into(
+                mapping, base + SAVED_TOKENS_OFFSET, min(saved_tokens, 0xFFFFFFFFFFFFFFFF)
+            )
             if refilled is not None:
                 refilled.append(depth if not in_place and (held > 0 or not named) else -1)
             prompt = [key for key, _ in keys[-MAX_KEYS:]]
-            STATE.pack_into(mapping, offset, used, now, len(prompt), 0, min(chars, 0xFFFFFFFF))
+            STATE.pack_into(
+                mapping,
+                offset,
+                used,
+                now,
+                len(prompt),
+                0,
+                min(chars, 0xFFFFFFFF),
+                min(max(tokens, 0), 0xFFFFFFFF),
+            )
             prompt.extend([0] * (MAX_KEYS - len(prompt)))
             KEYS.pack_into(mapping, offset + STATE.size, *prompt)
             return chosen, named
@@ -241,19 +261,19 @@ class SlotContents:
         to any slot it mostly overwrites loads it. The prefix keys of those prompts not
         saved since they were taken go to ``saved``: a saved copy more of each on the
         upstream (paddler/prefixes/index.py counts those only while the host cache is
-        trusted to keep what is saved there). The characters saved. (Under the lock.)"""
+        trusted to keep what is saved there). The tokens saved. (Under the lock.)"""
         mapping = self._map
         added = 0
         for slot in range(total):
             if slot == chosen:
                 continue
             offset = base + ROW.size + slot * RECORD_SIZE
-            _, busy, held, done, length = STATE.unpack_from(mapping, offset)
+            _, busy, held, done, _, tokens = STATE.unpack_from(mapping, offset)
             if held == 0 or done or (busy != 0.0 and now - abs(busy) < BUSY_HORIZON):
                 continue
             saved.extend(KEYS.unpack_from(mapping, offset + STATE.size)[:held])
             SAVED.pack_into(mapping, offset + SAVED_OFFSET, 1)
-            added += length
+            added += tokens
         return added
 
     def _choose(
@@ -275,7 +295,7 @@ class SlotContents:
         in_flight = False  # a slot taken by a request llama.cpp may not have seen yet
         for slot in range(total):
             offset = base + ROW.size + slot * RECORD_SIZE
-            used, busy, held, _, length = STATE.unpack_from(mapping, offset)
+            used, busy, held, _, length, _ = STATE.unpack_from(mapping, offset)
             if busy != 0.0 and now - abs(busy) < BUSY_HORIZON:
                 # Just sent and not begun: llama.cpp may not have queued it yet.
                 in_flight = in_flight or (busy > 0.0 and now - busy < PLACING)
@@ -348,17 +368,51 @@ class SlotContents:
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
-    def saved_chars(self, row: int, generation: int) -> int:
-        """Characters of prompts llama.cpp saved to the host cache of the upstream in
-        ``row`` since the record began with it (as take() counts them; -1: the row is
-        another upstream's). (Read without the lock: an aligned 8-byte load.)"""
+    def measured(self, row: int, generation: int, slot: int, tokens: int) -> None:
+        """The request that took ``slot`` of ``row`` ended with the slot holding
+        ``tokens`` (its prompt's and answer's, as llama.cpp's timings count them), if
+        it has not been released yet: what llama.cpp saves of it later."""
+        if slot < 0 or slot >= SLOTS or row < 0 or row >= self.rows or tokens < 0:
+            return
+        base = HEADER_SIZE + row * ROW_SIZE
+        offset = base + ROW.size + slot * RECORD_SIZE
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            if (
+                ROW.unpack_from(self._map, base)[0] == generation
+                and BUSY.unpack_from(self._map, offset + TIMES.size - BUSY.size)[0]
+            ):
+                TOKENS.pack_into(self._map, offset + TOKENS_OFFSET, min(tokens, 0xFFFFFFFF))
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def unseen(self, row: int, generation: int) -> None:
+        """Requests this balancer did not send may run on ``row`` now, and llama.cpp may
+        save what it likes to its host cache meanwhile: no saved copy recorded before
+        is known to be kept (UNKNOWN_SAVES more tokens saved)."""
+        if row < 0 or row >= self.rows:
+            return
+        base = HEADER_SIZE + row * ROW_SIZE
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            if ROW.unpack_from(self._map, base)[0] == generation:
+                saved = SAVED_TOKENS.unpack_from(self._map, base + SAVED_TOKENS_OFFSET)[0]
+                saved = min(saved + UNKNOWN_SAVES, 0xFFFFFFFFFFFFFFFF)
+                SAVED_TOKENS.pack_into(self._map, base + SAVED_TOKENS_OFFSET, saved)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def saved_tokens(self, row: int, generation: int) -> int:
+        """Tokens of prompts llama.cpp saved to the host cache of the upstream in ``row``
+        since the record began with it (as take() counts them; -1: the row is another
+        upstream's). (Read without the lock: an aligned 8-byte load.)"""
         if row < 0 or row >= self.rows:
             return -1
         base = HEADER_SIZE + row * ROW_SIZE
         if ROW.unpack_from(self._map, base)[0] != generation:
             return -1
-        chars: int = SAVED_CHARS.unpack_from(self._map, base + SAVED_CHARS_OFFSET)[0]
-        return chars
+        tokens: int = SAVED_TOKENS.unpack_from(self._map, base + SAVED_TOKENS_OFFSET)[0]
+        return tokens
 
     def held(self, row: int, slot: int) -> list[int]:
         """The prefix keys of the prompt ``slot`` of ``row`` last took (for paddlerctl and

@@ -1,7 +1,7 @@
 """The slot table's binary layout.
 
 One file in a tmpfs (``/run/paddler``), mapped by every balancer process. All
-integers little-endian. Version 7:
+integers little-endian. Version 8:
 
 Header page (4096 bytes)
     offset 0   8s   magic b"PDLRSLOT"

@@ -2,9 +2,12 @@
 llama-server's command line, environment and model file."""
 
 import contextlib
+import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,11 +62,34 @@ def test_grouped_query_attention_and_per_layer_head_counts_are_read(tmp_path: Pa
     assert kv_bytes_per_token(path, "f16", "f16") == (6 * 64 + 6 * 32) * 2
 
 
-def test_a_file_that_is_not_a_model_is_named_in_the_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"GGUF\x03\x00\x00\x00" + b"\xff" * 20,  # truncated
+        b"GGUF\x03\x00\x00\x00" + b"\x00" * 8 + b"\x01" + b"\x00" * 7 + b"\xff" * 28,
+        # one key whose length says 2**63 bytes, in a file of 60
+        b"GGUF\x03\x00\x00\x00" + b"\x00" * 8 + b"\x01" + b"\x00" * 7 + b"\xff" * 7 + b"\x7f",
+        b"PK\x03\x04 a zip file, say",
+    ],
+)
+def test_a_file_that_is_not_a_model_is_named_in_the_error(tmp_path: Path, content: bytes) -> None:
+    """Whatever the bytes claim, nothing past the file is read or allocated."""
     garbage = tmp_path / "garbage.gguf"
-    garbage.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 20)
+    garbage.write_bytes(content)
     with pytest.raises(HostCacheError, match=r"garbage\.gguf is no GGUF file"):
         kv_bytes_per_token(garbage, "f16", "f16")
+
+
+def test_a_model_without_what_the_size_needs_says_what_it_lacks(tmp_path: Path) -> None:
+    path = tmp_path / "headless.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_uint32("llama.embedding_length", 0xFFFFFFFF)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    with pytest.raises(HostCacheError, match=r"has no llama\.attention\.head_count"):
+        kv_bytes_per_token(path, "f16", "f16")
     with pytest.raises(HostCacheError, match=r"cannot read the model .*missing\.gguf"):
         kv_bytes_per_token(tmp_path / "missing.gguf", "f16", "f16")
 
@@ -85,7 +111,9 @@ def test_settings_come_from_the_arguments_then_the_environment_then_the_defaults
         settings.model,
     ) == (16, "q8_0", "q4_0", "/m.gguf")
     assert not cache_settings(["llama-server", "--no-cache-idle-slots"], {}).idle_slots
-    assert not cache_settings(["llama-server"], {"LLAMA_ARG_CACHE_IDLE_SLOTS": "0"}).idle_slots
+    for off in ("0", "false", "off", "disabled"):
+        environ = {"LLAMA_ARG_CACHE_IDLE_SLOTS": off}
+        assert not cache_settings(["llama-server"], environ).idle_slots
     with pytest.raises(HostCacheError, match="--cache-ram 'lots' is not a number"):
         cache_settings(["llama-server", "--cache-ram", "lots"], {})
     with pytest.raises(HostCacheError, match="unknown KV cache type 'q3_k'"):
@@ -93,19 +121,27 @@ def test_settings_come_from_the_arguments_then_the_environment_then_the_defaults
 
 
 @contextlib.contextmanager
-def serving(*argv: str) -> Iterator[int]:
-    """A process listening here on a port of its own, with these arguments, as a
-    llama-server started with them would: the port."""
+def serving(*argv: str, cwd: Path | None = None) -> Iterator[int]:
+    """A process listening here on a port of its own, with these arguments (and none of
+    llama.cpp's variables in its environment), as a llama-server started with them
+    would: the port."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    listener = (
+    # A script file, not python -c: llama-server's -c is its context size.
+    listener = Path(tempfile.mkdtemp()) / "listener.py"
+    listener.write_text(
         "import socket, sys, time\n"
         "s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen()\n"
         "print('up', flush=True); time.sleep(60)\n"
     )
+    environ = {key: value for key, value in os.environ.items() if not key.startswith("LLAMA_")}
     process = subprocess.Popen(
-        [sys.executable, "-c", listener, str(port), *argv], stdout=subprocess.PIPE, text=True
+        [sys.executable, str(listener), str(port), *argv],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=environ,
+        cwd=cwd,
     )
     try:
         assert process.stdout is not None
@@ -116,6 +152,7 @@ def serving(*argv: str) -> Iterator[int]:
         process.wait()
         if process.stdout is not None:
             process.stdout.close()
+        shutil.rmtree(listener.parent)
 
 
 def test_the_process_listening_on_the_port_is_the_one_read(tiny_model: Path) -> None:
@@ -131,11 +168,16 @@ def test_the_process_listening_on_the_port_is_the_one_read(tiny_model: Path) -> 
         assert host_cache_tokens("127.0.0.1", port, str(tiny_model)) == 8192 * MIB // per_token
         with pytest.raises(HostCacheError, match="names no model file"):
             host_cache_tokens("127.0.0.1", port, "")
-    # No cache, or no saves of idle slots: none kept. No limit: the most a u32 holds.
+    # A model named relative to llama-server's working directory, not the agent's.
+    with serving("-m", tiny_model.name, cwd=tiny_model.parent) as port:
+        assert host_cache_tokens("127.0.0.1", port, "") == 8192 * MIB // per_token
+    # No cache, or no saves of idle slots: none kept. No size limit: as many tokens as
+    # the context holds (--ctx-size, else the model's).
     for argv, tokens in (
         (("--cache-ram", "0"), 0),
         (("--no-cache-idle-slots",), 0),
-        (("-cram", "-1"), UNLIMITED),
+        (("-cram", "-1", "-m", str(tiny_model), "-c", "1000"), 1000),
+        (("-cram", "-1", "-m", str(tiny_model)), SHAPES["tiny"].context),
     ):
         with serving(*argv) as port:
             assert host_cache_tokens("127.0.0.1", port, "") == tokens

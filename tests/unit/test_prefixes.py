@@ -347,12 +347,20 @@ def test_a_prefix_that_prompts_branched_off_on_a_row_has_a_copy_for_each(
     assert (index.copies(bob[0][0], 3), index.saved_copies(bob[0][0], 3)) == (3, 1)
     for _ in range(2):
         index.remember([bob[0][0]], 3, 7, 1, 12.0, True)
-    (saved,) = index.holders(carol, now=12.5)
+    asked: list[tuple[int, int, int]] = []
+
+    def keeps(row: int, generation: int, saved_at: int) -> bool:
+        asked.append((row, generation, saved_at))
+        return True
+
+    assert index.holders(carol, now=12.5) == []  # none counted without asking the caller
+    (saved,) = index.holders(carol, 4, 12.5, None, keeps)
     assert (saved.spare, saved.saved, saved.saved_at) == (True, True, 4321)
-    # (Which the caller may rule out: affinity.py, when the host cache may have dropped it.)
-    assert index.holders(carol, 4, 12.5, None, False) == []
+    assert asked == [(3, 7, 4321)]
+    # Which the caller rules out where the host cache may have dropped it (affinity.py).
+    assert index.holders(carol, 4, 12.5, None, lambda *_: False) == []
     index.host_trust = HOST_TRUSTED - 0.01
-    assert index.holders(carol, now=12.5) == []
+    assert index.holders(carol, 4, 12.5, None, keeps) == []
     index.vacate([bob[0][0]], 3, 7)
     (branch,) = index.holders(carol, now=12.5)
     assert (branch.spare, branch.saved) == (True, False)
@@ -361,7 +369,7 @@ def test_a_prefix_that_prompts_branched_off_on_a_row_has_a_copy_for_each(
     index.saved([tiny[0][0]], 5, 7, 1)
     index.remember([tiny[0][0]], 5, 7, 1, 12.0, True)
     assert index.saved_copies(tiny[0][0], 5) == 1
-    assert index.holders(prefix_keys(chat("be brief", "hey")), now=12.5) == []
+    assert index.holders(prefix_keys(chat("be brief", "hey")), 4, 12.5, None, keeps) == []
 
 
 def test_a_plain_prompt_continued_past_its_last_whole_block_is_no_branch(
@@ -411,10 +419,10 @@ def test_the_prefill_rate_learned_is_shared_by_every_process(tmp_path: Path) -> 
     assert one.seconds_per_char == pytest.approx((0.05 + LEARNING_RATE * 0.1) / 400)
 
 
-def timings(cache_n: int, prompt_n: int, prompt_ms: float) -> PromptTimings:
+def timings(cache_n: int, prompt_n: int, prompt_ms: float, predicted_n: int = 0) -> PromptTimings:
     return parsed(
         f'"cache_n":{cache_n},"prompt_n":{prompt_n},"prompt_ms":{prompt_ms},'
-        '"prompt_per_token_ms":1.0}}'.encode()
+        f'"prompt_per_token_ms":1.0,"predicted_n":{predicted_n}}}}}'.encode()
     )
 
 
@@ -581,6 +589,7 @@ def test_an_idle_slot_saved_to_the_host_cache_is_a_spare_copy_of_its_prompt(
 
     first, slot = request(system, "hello")
     affinity.learn(first, False, row, timings(0, 400, 800.0))  # (prefill measured)
+    affinity.measured(row, slot, timings(0, 390, 800.0, 10))  # the slot holds 400 tokens
     affinity.unpin(row, slot)
     # While a request goes on from that slot, one copy of the system prompt: the next
     # waits for it.
@@ -612,16 +621,23 @@ def test_an_idle_slot_saved_to_the_host_cache_is_a_spare_copy_of_its_prompt(
     assert waits()
     sequence = REPORT.sequence
 
-    def host_cache(tokens: int) -> None:
+    def host_cache(tokens: int, processing: int = 0) -> None:
         nonlocal sequence
         sequence += 1
-        report = replace(REPORT, build="b0-unknown", sequence=sequence, host_cache_tokens=tokens)
+        report = replace(
+            REPORT,
+            build="b0-unknown",
+            sequence=sequence,
+            host_cache_tokens=tokens,
+            slots_idle=REPORT.slots_total - processing,
+            slots_processing=processing,
+        )
         table.apply_report(report, now=100.0 + sequence)
         assert table.host_cache_tokens(row.index) == tokens
 
     # And only while what the upstream saved there since, and the copy itself, take at
     # most half of it: the system prompt's slot, 400 tokens as the first request's
-    # timings count its characters.
+    # timings counted them, its answer's included.
     assert index.tokens_per_char == 400 / first.chars
     host_cache(798)
     assert waits()
@@ -662,6 +678,18 @@ def test_an_idle_slot_saved_to_the_host_cache_is_a_spare_copy_of_its_prompt(
     affinity.learn(relied, True, row, timings(380, 20, 40.0), True)
     assert index.host_trust == 0.8125
     assert not waits()
+    # Requests this balancer did not send run there (the agent reports a busy slot that
+    # none of its requests holds): what llama.cpp saves meanwhile is unseen, and no saved
+    # copy recorded before counts.
+    host_cache(UNLIMITED_HOST_CACHE, processing=1)
+    foreign = table.rows()[0]
+    assert foreign.foreign_busy == 1
+    assert affinity.pin(affinity.plan(None, chat("Another client's question")), foreign) == (
+        -1,
+        False,
+    )
+    host_cache(UNLIMITED_HOST_CACHE)
+    assert waits()
 
 
 def test_a_request_relies_on_the_host_cache_where_no_slot_keeps_its_prefix(

@@ -13,7 +13,14 @@ from paddler.metrics.counters import CounterFile
 from paddler.metrics.recorder import Recorder
 from paddler.prefixes.index import PrefixIndex, PrefixIndexError
 from paddler.prefixes.keys import prefix_keys, session_key
-from paddler.prefixes.slots import BUSY_HORIZON, PLACING, SLOTS, SlotContents, SlotContentsError
+from paddler.prefixes.slots import (
+    BUSY_HORIZON,
+    PLACING,
+    SLOTS,
+    UNKNOWN_SAVES,
+    SlotContents,
+    SlotContentsError,
+)
 from paddler.slots import SlotTable, UpstreamRow
 from tests.unit.test_prefixes import chat
 from tests.unit.test_slot_table import REPORT
@@ -393,42 +400,55 @@ def test_a_missing_or_foreign_file_is_refused_with_its_name(tmp_path: Path) -> N
     assert SlotContents.create(tmp_path / "contents", rows=2).held(1, SLOTS - 1) == []
 
 
-def test_the_record_counts_the_characters_llama_cpp_saves_to_its_host_cache(
+def test_the_record_counts_the_tokens_llama_cpp_saves_to_its_host_cache(
     tmp_path: Path,
 ) -> None:
     """What the balancer knows of how full llama.cpp's host cache is: every prompt saved
     there (an idle slot's as a task starts beside it, once; a slot's the request mostly
-    overwrites, unless saved already), and where that count stood before a request's
-    saves (they are kept while what is saved after them leaves room)."""
+    overwrites, unless saved already), as many tokens as the slot held (estimated as the
+    request takes it, measured from its answer's timings), and where that count stood
+    before a request's saves (they are kept while what is saved after them leaves
+    room)."""
     contents = SlotContents.create(tmp_path / "contents", rows=4)
 
-    def take(row: int, slots: int, now: float, *turn: str) -> tuple[int, int]:
+    def take(row: int, slots: int, now: float, tokens: int, *turn: str) -> tuple[int, int]:
         keys, chars = keys_of(*turn)
         before: list[int] = []
-        slot, _ = contents.take(row, 1, 0, slots, keys, chars, now, [], None, before)
+        slot, _ = contents.take(row, 1, 0, slots, keys, chars, now, [], None, before, tokens)
         contents.release(row, 1, slot, now + 0.5)
         (stamp,) = before
         return slot, stamp
 
-    group = keys_of(SYSTEM, "a group's question")[1]
-    other = keys_of("Something else entirely. " * 40, "hello")[1]
-    assert take(0, 3, 1.0, SYSTEM, "a group's question") == (2, 0)
-    assert contents.saved_chars(0, 1) == 0
-    # The group's idle slot is saved as the next task starts.
-    assert take(0, 3, 2.0, "Something else entirely. " * 40, "hello") == (1, 0)
-    assert contents.saved_chars(0, 1) == group
-    # The other's now; the group's not again.
-    assert take(0, 3, 3.0, "A third thing. " * 30, "hi") == (0, group)
-    assert contents.saved_chars(0, 1) == group + other
+    assert take(0, 3, 1.0, 100, SYSTEM, "a group's question") == (2, 0)
+    assert contents.saved_tokens(0, 1) == 0
+    # The group's idle slot is saved as the next task starts: its estimate.
+    assert take(0, 3, 2.0, 200, "Something else entirely. " * 40, "hello") == (1, 0)
+    assert contents.saved_tokens(0, 1) == 100
+    # The other's now, as its answer measured it (the slot still taken); the group's
+    # not again.
+    keys, chars = keys_of("A third thing. " * 30, "hi")
+    before: list[int] = []
+    slot, _ = contents.take(0, 1, 0, 3, keys, chars, 3.0, [], None, before, 300)
+    assert (slot, before) == (0, [100])
+    contents.measured(0, 1, slot, 330)
+    contents.release(0, 1, slot, 3.5)
+    contents.measured(0, 1, slot, 999)  # released: another request's slot by now
+    assert contents.saved_tokens(0, 1) == 300
+    assert take(0, 3, 4.0, 50, SYSTEM, "a group's question", "yes", "more") == (2, 300)
+    assert contents.saved_tokens(0, 1) == 300 + 330  # (the other's was saved already)
     # One slot: no idle one beside it, but what the request overwrites is saved first.
-    assert take(1, 1, 4.0, SYSTEM, "a group's question") == (0, 0)
-    assert take(1, 1, 5.0, "A third thing. " * 30, "hi") == (0, 0)
-    assert contents.saved_chars(1, 1) == group
+    assert take(1, 1, 4.0, 100, SYSTEM, "a group's question") == (0, 0)
+    assert take(1, 1, 5.0, 70, "A third thing. " * 30, "hi") == (0, 0)
+    assert contents.saved_tokens(1, 1) == 100
     # Not a prompt the request goes on from in place.
-    assert take(1, 1, 6.0, "A third thing. " * 30, "hi", "yes", "and?") == (0, group)
-    assert contents.saved_chars(1, 1) == group
+    assert take(1, 1, 6.0, 90, "A third thing. " * 30, "hi", "yes", "and?") == (0, 100)
+    assert contents.saved_tokens(1, 1) == 100
+    # Requests another client sent: what they saved is unseen, more than any host cache.
+    contents.unseen(1, 1)
+    assert contents.saved_tokens(1, 1) == 100 + UNKNOWN_SAVES
     # Another upstream in the row: its count is its own, from 0.
-    assert contents.saved_chars(0, 2) == -1
+    assert contents.saved_tokens(0, 2) == -1
+    contents.unseen(0, 2)
     keys, chars = keys_of(SYSTEM, "a group's question")
     contents.take(0, 2, 0, 3, keys, chars, 7.0)
-    assert contents.saved_chars(0, 2) == 0
+    assert contents.saved_tokens(0, 2) == 0

@@ -25,6 +25,10 @@ def test_the_prompt_tokens_and_their_time_are_read_from_a_stream_and_an_answer()
     whole = prompt_timings(WHOLE)
     assert whole is not None
     assert (whole.cached, whole.processed, whole.seconds) == (0, 19, 0.032)
+    # With the answer's tokens, what the slot holds after it (saved with it to the host
+    # cache).
+    assert (stream.generated, stream.slot_tokens) == (32, 614 + 155 + 32)
+    assert (whole.generated, whole.slot_tokens) == (1, 20)
 
 
 @pytest.mark.parametrize(
@@ -36,6 +40,7 @@ def test_timings_without_a_readable_prompt_n_give_only_the_cached_tokens(text: b
     assert found is not None
     assert (found.cached, found.processed) == (7, -1)
     assert math.isnan(found.seconds)
+    assert found.slot_tokens == -1
 
 
 @pytest.mark.parametrize("text", [b"", b"data: [DONE]", b'{"error":{"code":500}}', b"\xff\xfe"])
@@ -48,3 +53,4 @@ def test_a_time_the_pattern_lets_through_but_is_no_number_is_not_a_number() -> N
     assert found is not None
     assert found.processed == 40
     assert math.isnan(found.seconds)
+    assert (found.generated, found.slot_tokens) == (-1, -1)  # no predicted_n

@@ -60,7 +60,6 @@ from paddler.prefixes.index import HOST_HEADROOM, Holder, PrefixIndex
 from paddler.prefixes.keys import BLOCK, LIMIT, prefix_keys, session_key
 from paddler.prefixes.slots import SlotContents
 from paddler.slots import SlotTable, UpstreamRow
-from paddler.slots.layout import UNLIMITED_HOST_CACHE
 
 MISSES_TO_FORGET: Final = 3
 TRUST_RATE: Final = 0.25  # weight of each request measured, in the copy and host trusts
@@ -186,14 +185,7 @@ class Affinity:
         busy: list[Holder] | None = [] if spread and self.max_wait > 0 else None
         # (Positional arguments: compiled, a call with keywords costs more.)
         now = time.monotonic() if spread else None
-        holders = self.index.holders(keys, 4, now, busy)
-        for holder in holders:
-            if holder.saved and not self._kept(holder):
-                # A saved copy the host cache may have dropped since: as if it had none.
-                if busy is not None:
-                    busy.clear()
-                holders = self.index.holders(keys, 4, now, busy, False)
-                break
+        holders = self.index.holders(keys, 4, now, busy, self._kept)
         if not holders and not busy:
             return Plan(keys, (), 0, (), (), spread, (), 0, end)
         table = self.table
@@ -231,20 +223,17 @@ class Affinity:
             end,
         )
 
-    def _kept(self, holder: Holder) -> bool:
-        """Whether llama.cpp's host cache still keeps ``holder``'s saved copy: what its
-        upstream saved there since (as the slot record counts it, in tokens as learned)
-        leaves room for it, with HOST_HEADROOM to spare."""
-        capacity = self.table.host_cache_tokens(holder.row)
-        if capacity == UNLIMITED_HOST_CACHE:
-            return True
+    def _kept(self, row: int, generation: int, saved_at: int) -> bool:
+        """Whether llama.cpp's host cache still keeps a copy of a prefix saved on ``row``
+        when ``saved_at`` tokens had been saved there: what the upstream saved since
+        (as the slot record counts it) leaves room for it, with HOST_HEADROOM to spare,
+        in a host cache of the size its agent reported."""
         contents = self.contents
-        index = self.index
-        if capacity <= 0 or contents is None or index is None:
+        capacity = self.table.host_cache_tokens(row)  # (0: none, or unknown)
+        if contents is None or capacity <= 0:
             return False
-        saved = contents.saved_chars(holder.row, holder.generation) - holder.saved_at
-        ratio = index.tokens_per_char  # (0 until a response measured it)
-        return ratio > 0 and 0 <= saved * ratio <= HOST_HEADROOM * capacity
+        saved = contents.saved_tokens(row, generation) - saved_at
+        return 0 <= saved <= HOST_HEADROOM * capacity
 
     @property
     def seconds_per_char(self) -> float:
@@ -371,7 +360,11 @@ class Affinity:
         cache is added to it (for learn()): most of the prefix expected on ``row`` is in
         no slot but there, and the slot is one llama.cpp refills from there."""
         contents = self.contents
-        if contents is None or row.foreign_busy or not self._pinning_build(row.build):
+        if contents is None or not self._pinning_build(row.build):
+            return -1, False
+        if row.foreign_busy:
+            # Other clients' requests run there: what llama.cpp saves meanwhile is unseen.
+            contents.unseen(row.index, row.generation)
             return -1, False
         keys = plan.keys
         if keys and keys[-1][1] >= SESSION_LENGTH:
@@ -390,6 +383,7 @@ class Affinity:
             saved,
             refilled,
             saved_at,
+            self._tokens_of(plan.chars),
         )
         if saved and saved_at and self.index is not None:
             self.index.saved(saved, row.index, row.generation, row.cache_epoch, saved_at[0])
@@ -403,6 +397,18 @@ class Affinity:
                 and 0 <= 2 * shared < holder.length
             )
         return taken
+
+    def _tokens_of(self, chars: int) -> int:
+        """The tokens of a prompt ``chars`` long, as learned (as many as its characters
+        until measured: more than most tokenizers make of them)."""
+        ratio = 0.0 if self.index is None else self.index.tokens_per_char
+        return int(chars * ratio) if ratio > 0 else chars
+
+    def measured(self, row: UpstreamRow, slot: int, timings: PromptTimings) -> None:
+        """The request that pin() gave ``slot`` of ``row`` ended with these timings: the
+        tokens the slot holds now, for the slot record (what llama.cpp saves of it)."""
+        if self.contents is not None:
+            self.contents.measured(row.index, row.generation, slot, timings.slot_tokens)
 
     def begun(self, row: UpstreamRow, slot: int) -> None:
         """llama.cpp began answering the request that pin() gave ``slot`` of ``row``."""
@@ -492,7 +498,7 @@ class Affinity:
             return
         processed = timings.processed
         cached = timings.cached
-        if chars < LIMIT and processed + cached > 0:
+        if chars < LIMIT and processed + cached >= TOKENS_TO_LEARN:
             ratio = (processed + cached) / chars
             known = index.tokens_per_char
             index.tokens_per_char = ratio if not known else known + LEARNING_RATE * (ratio - known)

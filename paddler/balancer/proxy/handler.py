@@ -354,6 +354,8 @@ class Proxy:
         self.recorder.prompt_tokens(row.name, prompt.cached, prompt.processed)
         if self.affinity.watches_timings:
             self.affinity.learn(plan, expected, row, prompt, exchange.from_host_cache)
+        if exchange.slot >= 0:
+            self.affinity.measured(row, exchange.slot, prompt)
 
     def _naming_slot(self, exchange: Exchange, plan: Plan, row: UpstreamRow, body: bytes) -> bytes:
         """The body to send to ``row``: naming the llama.cpp slot the request takes there,

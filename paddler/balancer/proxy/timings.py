@@ -1,6 +1,7 @@
 """llama.cpp's timings, which end a completion's answer: of the prompt's tokens, how many
 it served from its cache (cache_n) and how many it processed (prompt_n), and how long that
-took (prompt_ms). Read from the bytes the proxy kept of the answer's end (http.py)."""
+took (prompt_ms), and how many it generated after (predicted_n). Read from the bytes the
+proxy kept of the answer's end (http.py)."""
 
 import re
 from typing import Final
@@ -8,18 +9,28 @@ from typing import Final
 _CACHE_N: Final = re.compile(rb'"cache_n"\s*:\s*(\d+)')
 # In llama.cpp's timings "cache_n" comes first, then "prompt_n" and "prompt_ms".
 _PROMPT: Final = re.compile(rb'"prompt_n"\s*:\s*(\d+)\s*,\s*"prompt_ms"\s*:\s*([0-9.eE+-]+)')
+_PREDICTED_N: Final = re.compile(rb'"predicted_n"\s*:\s*(\d+)')
 
 
 class PromptTimings:
     """(A plain class: one is made for every completion.)"""
 
-    __slots__ = ("cached", "processed", "seconds")
+    __slots__ = ("cached", "generated", "processed", "seconds")
 
-    def __init__(self, cached: int, processed: int, seconds: float) -> None:
+    def __init__(self, cached: int, processed: int, seconds: float, generated: int = -1) -> None:
         self.cached = cached
         # -1 and NaN: the answer said how many tokens came from cache, not the rest.
         self.processed = processed
         self.seconds = seconds
+        self.generated = generated  # -1: not said
+
+    @property
+    def slot_tokens(self) -> int:
+        """The tokens the slot holds after the answer (its prompt's and the answer's),
+        which llama.cpp saves to its host cache with it; -1: not said."""
+        if self.processed < 0 or self.generated < 0:
+            return -1
+        return self.cached + self.processed + self.generated
 
 
 def prompt_timings(timings: bytes) -> PromptTimings | None:
@@ -34,4 +45,6 @@ def prompt_timings(timings: bytes) -> PromptTimings | None:
         seconds = float(prompt.group(2)) / 1000
     except ValueError:  # the pattern allows "1e" and "--"; llama.cpp never sends them
         seconds = float("nan")
-    return PromptTimings(int(cached.group(1)), int(prompt.group(1)), seconds)
+    predicted = _PREDICTED_N.search(timings, prompt.end())
+    generated = -1 if predicted is None else int(predicted.group(1))
+    return PromptTimings(int(cached.group(1)), int(prompt.group(1)), seconds, generated)
