@@ -35,7 +35,7 @@ import psutil
 from paddler.slots.layout import UNLIMITED_HOST_CACHE
 
 DEFAULT_CACHE_RAM_MIB: Final = 8192
-UNLIMITED: Final = UNLIMITED_HOST_CACHE  # --cache-ram -1
+UNLIMITED: Final = UNLIMITED_HOST_CACHE  # the most a report may say
 # Bytes per element of llama.cpp's KV cache types: block size over elements per block.
 CACHE_TYPE_BYTES: Final = {
     "f32": 4.0,
@@ -74,7 +74,8 @@ class HostCacheError(Exception):
 # Bounds on what a GGUF header may claim before this reader believes it (a corrupt or
 # hostile file must not make the agent allocate or loop for long).
 MAX_METADATA_KEYS: Final = 100_000
-MAX_LAYERS: Final = 100_000
+MAX_LAYERS: Final = 100_000  # also the longest array of numbers read (longer: skipped)
+MAX_STRINGS: Final = 10_000_000  # in an array (a vocabulary has a few hundred thousand)
 
 
 def host_cache_tokens(host: str, port: int, model_path: str) -> int:
@@ -207,6 +208,7 @@ def is_this_host(host: str) -> bool:
 def _server_process(addresses: set[str], port: int) -> tuple[list[str], dict[str, str], str]:
     """The command line, environment and working directory of the process listening on
     TCP ``port`` here: on one of ``addresses`` first, else on any (0.0.0.0, say)."""
+    failure: psutil.Error | None = None
     try:
         listening: list[tuple[bool, int]] = []
         for connection in psutil.net_connections(kind="tcp"):
@@ -219,11 +221,16 @@ def _server_process(addresses: set[str], port: int) -> tuple[list[str], dict[str
                 and connection.pid
             ):
                 listening.append((local[0] not in addresses, connection.pid))
-        for _, pid in sorted(listening):
+    except psutil.Error as error:
+        raise HostCacheError(f"cannot list the ports listened on here: {error}") from None
+    for _, pid in sorted(listening):
+        try:
             process = psutil.Process(pid)
             return process.cmdline(), process.environ(), process.cwd()
-    except psutil.Error as error:
-        raise HostCacheError(f"cannot look at the process on port {port}: {error}") from None
+        except psutil.Error as error:
+            failure = error  # gone meanwhile, or another user's: the next one, if any
+    if failure is not None:
+        raise HostCacheError(f"cannot look at the process on port {port}: {failure}")
     raise HostCacheError(f"no process of this user listens on port {port} here")
 
 
@@ -256,7 +263,8 @@ def read_model(path: Path) -> ModelFacts:
         with path.open("rb") as file:
             metadata = _read_metadata(file, os.fstat(file.fileno()).st_size)
     except OSError as error:
-        raise HostCacheError(f"cannot read the model {path}: {error.strerror}") from None
+        reason = error.strerror or str(error)
+        raise HostCacheError(f"cannot read the model {path}: {reason}") from None
     except (struct.error, UnicodeDecodeError, ValueError, OverflowError):
         raise HostCacheError(f"the model {path} is no GGUF file this agent reads") from None
     arch = metadata.get("general.architecture")
@@ -309,13 +317,18 @@ def _read_metadata(file: BinaryIO, size: int) -> dict[str, MetadataValue]:
         if kind == _ARRAY:
             element, length = struct.unpack("<IQ", _read(file, 12, size))
             if element == _STRING:
-                for _ in range(length):  # each at least 8 bytes: bounded by the file
+                if length > MAX_STRINGS:
+                    raise struct.error("too many strings")
+                for _ in range(length):
                     (skipped,) = struct.unpack("<Q", _read(file, 8, size))
                     _seek(file, skipped, size)
                 continue
             fmt = _SCALARS.get(element)
             if fmt is None:
                 raise struct.error(f"array of type {element}")
+            if length > MAX_LAYERS:
+                _seek(file, struct.calcsize(fmt) * length, size)
+                continue
             data = _read(file, struct.calcsize(fmt) * length, size)
             metadata[key] = [value for (value,) in struct.iter_unpack(fmt, data)]
         elif kind == _STRING:
@@ -346,4 +359,4 @@ def _read_string(file: BinaryIO, size: int) -> str:
 
 
 def describe(tokens: int) -> str:
-    return "no limit" if tokens == UNLIMITED else f"{tokens:,} tokens"
+    return f"{tokens:,} tokens"

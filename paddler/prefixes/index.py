@@ -181,7 +181,7 @@ class Holder:
         # trust's).
         self.saved = saved
         # The upstream's tokens saved to its host cache before that copy was
-        # (paddler/prefixes/slots.py: saved_tokens()).
+        # (paddler/prefixes/slots.py: saved_since()).
         self.saved_at = saved_at
         # No prompt that went on from the prefix there is over UNTRASHED times its
         # length: one saved in llama.cpp's host cache can give the prefix back.
@@ -471,7 +471,7 @@ class PrefixIndex:
     ) -> None:
         """llama.cpp saved an idle slot's prompt, which has these prefix keys, to the
         host cache of the upstream in ``row``, which had ``saved_at`` tokens saved
-        before (paddler/prefixes/slots.py: saved_tokens()): one saved copy more of each
+        before (paddler/prefixes/slots.py: saved_since()): one saved copy more of each
         of them that the upstream holds (_save_idle), the latest saved then. A key it
         does not hold is left out: the prompt went there without this balancer."""
         if not keys:

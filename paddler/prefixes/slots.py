@@ -61,7 +61,9 @@ process; writers hold an flock on it. Layout, little-endian:
     then rows x ROW_SIZE bytes, each
         u32 the row's generation, u32 its cache epoch, when its slots were last
             recorded (either moved: nothing is known of its slots), u64 tokens of
-            prompts llama.cpp saved to its host cache since (saved_tokens())
+            prompts llama.cpp saved to its host cache since (saved_since()), u64 that
+            count when requests this balancer did not send were last seen there
+            (unseen(): what was saved before is not known to be kept)
         then SLOTS records of RECORD_SIZE bytes:
             f64 last used (CLOCK_MONOTONIC seconds: when its last request ended; 0 never)
             f64 busy since (when a request took it; 0: idle; negative, -(when it
@@ -69,7 +71,8 @@ process; writers hold an flock on it. Layout, little-endian:
             u16 keys held, u8 1 once its prompt was saved to llama.cpp's host cache
                 (_save_idle), 1 spare, u32 the length of that prompt in characters,
                 u32 the tokens the slot holds (its prompt's and answer's, as llama.cpp's
-                timings count them: measured(); estimated from the characters until then)
+                timings count them: measured(); estimated from the characters until then),
+                4 bytes spare
             MAX_KEYS x u64: the prefix keys of the prompt it last took, shortest first
 """
 
@@ -84,18 +87,17 @@ from paddler.prefixes.keys import MAX_KEYS
 from paddler.prefixes.mapped import create_mapped, open_mapped
 
 MAGIC: Final = b"PDLRSLTS"
-VERSION: Final = 3
+VERSION: Final = 4
 HEADER: Final = struct.Struct("<8sII")
 HEADER_SIZE: Final = 64
 SLOTS: Final = 32  # upstreams with more slots are left to choose their own
-ROW: Final = struct.Struct("<IIQ")
+ROW: Final = struct.Struct("<IIQQ")
 SAVED_TOKENS: Final = struct.Struct("<Q")  # the row's tokens saved, written alone
 SAVED_TOKENS_OFFSET: Final = 8
-# Tokens saved on a row where requests this balancer did not send may have run: every
-# saved copy recorded before is out of room (saved_tokens()).
-UNKNOWN_SAVES: Final = 1 << 40
+UNSEEN: Final = struct.Struct("<Q")  # the count at the last unseen(), written alone
+UNSEEN_OFFSET: Final = 16
 # last used, busy since, keys held, saved, prompt length, tokens held
-STATE: Final = struct.Struct("<ddHBxII")
+STATE: Final = struct.Struct("<ddHBxII4x")  # (32 bytes: the keys after it aligned)
 TOKENS: Final = struct.Struct("<I")  # tokens held, written alone
 TOKENS_OFFSET: Final = 24
 SAVED: Final = struct.Struct("<B")  # saved, written alone
@@ -176,9 +178,9 @@ class SlotContents:
         saves that prompt first, then loads the best match of the request's; an empty
         slot it picks itself: 0); else -1 (a slot the request goes on from in place; an
         empty slot that is named, llama.cpp #28139). Given ``saved_at``, the row's
-        tokens saved (saved_tokens()) before the prompts added to ``saved`` is added to
+        tokens saved before the prompts added to ``saved`` is added to
         it: those saves are still in the host cache while what is saved after them
-        leaves room for them. ``tokens``: what the slot will hold, as far as known
+        leaves room for them (saved_since()). ``tokens``: what the slot will hold, as far as known
         before the answer (measured() says after).
 
         The idle slot holding the longest prefix of the prompt (more than a tenth of
@@ -214,12 +216,12 @@ class SlotContents:
         mapping = self._map
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
-            known_generation, known_epoch, _ = ROW.unpack_from(mapping, base)
+            known_generation, known_epoch, _, _ = ROW.unpack_from(mapping, base)
             if known_generation != generation or known_epoch != epoch:
                 # Another upstream in the row, or this one lost its cache: its slots'
                 # prompts are unknown (and what was in flight there is not ours).
                 mapping[base : base + ROW_SIZE] = _NOTHING
-                ROW.pack_into(mapping, base, generation, epoch, 0)
+                ROW.pack_into(mapping, base, generation, epoch, 0, 0)
             chosen, named, in_place, depth = self._choose(base, total, lengths, chars, now)
             if chosen < 0:
                 return -1, False
@@ -232,9 +234,7 @@ class SlotContents:
             used, _, held, done, _, before = STATE.unpack_from(mapping, offset)
             if held > 0 and not in_place and not done:
                 saved_tokens += before  # llama.cpp saves what the request overwrites
-            SAVED_TOKENS.pack_into(
-                mapping, base + SAVED_TOKENS_OFFSET, min(saved_tokens, 0xFFFFFFFFFFFFFFFF)
-            )
+            SAVED_TOKENS.pack_into(mapping, base + SAVED_TOKENS_OFFSET, saved_tokens)
             if refilled is not None:
                 refilled.append(depth if not in_place and (held > 0 or not named) else -1)
             prompt = [key for key, _ in keys[-MAX_KEYS:]]
@@ -387,32 +387,36 @@ class SlotContents:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def unseen(self, row: int, generation: int) -> None:
-        """Requests this balancer did not send may run on ``row`` now, and llama.cpp may
-        save what it likes to its host cache meanwhile: no saved copy recorded before
-        is known to be kept (UNKNOWN_SAVES more tokens saved)."""
+        """Requests this balancer did not send run on ``row``, and llama.cpp may save what
+        it likes to its host cache meanwhile: no saved copy recorded so far is known to
+        be kept (saved_since())."""
         if row < 0 or row >= self.rows:
             return
         base = HEADER_SIZE + row * ROW_SIZE
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
             if ROW.unpack_from(self._map, base)[0] == generation:
-                saved = SAVED_TOKENS.unpack_from(self._map, base + SAVED_TOKENS_OFFSET)[0]
-                saved = min(saved + UNKNOWN_SAVES, 0xFFFFFFFFFFFFFFFF)
+                # One token more: a save recorded from now on begins past every stamp
+                # given so far.
+                saved = SAVED_TOKENS.unpack_from(self._map, base + SAVED_TOKENS_OFFSET)[0] + 1
                 SAVED_TOKENS.pack_into(self._map, base + SAVED_TOKENS_OFFSET, saved)
+                UNSEEN.pack_into(self._map, base + UNSEEN_OFFSET, saved)
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
-    def saved_tokens(self, row: int, generation: int) -> int:
+    def saved_since(self, row: int, generation: int, saved_at: int) -> int:
         """Tokens of prompts llama.cpp saved to the host cache of the upstream in ``row``
-        since the record began with it (as take() counts them; -1: the row is another
-        upstream's). (Read without the lock: an aligned 8-byte load.)"""
+        since the count stood at ``saved_at`` (as take() counts them); -1 where that is
+        not known: the row is another upstream's, or requests this balancer did not
+        send ran there since (unseen()). (Read without the lock: aligned 8-byte loads.)"""
         if row < 0 or row >= self.rows:
             return -1
         base = HEADER_SIZE + row * ROW_SIZE
-        if ROW.unpack_from(self._map, base)[0] != generation:
+        known, _, saved, unseen = ROW.unpack_from(self._map, base)
+        if known != generation or saved_at < unseen or saved < saved_at:
             return -1
-        tokens: int = SAVED_TOKENS.unpack_from(self._map, base + SAVED_TOKENS_OFFSET)[0]
-        return tokens
+        since: int = saved - saved_at
+        return since
 
     def held(self, row: int, slot: int) -> list[int]:
         """The prefix keys of the prompt ``slot`` of ``row`` last took (for paddlerctl and

@@ -36,7 +36,7 @@ Rows, from offset 4096, max_upstreams x row size, each
     offset 40   u64  sequence number of the last accepted report
     offset 48   f64  first report (CLOCK_MONOTONIC)
     offset 56   u32  tokens of idle slots' prompts its host-memory prompt cache keeps, as
-                     the agent reported them (0: none, or unknown; 0xFFFFFFFF: no limit)
+                     the agent reported them (0: none, or unknown)
     offset 60   32s  agent id          92   64s name       156  128s host
     offset 284  128s model             412  64s llama.cpp build
     offset 476  156s error
@@ -93,7 +93,9 @@ EJECTION_FIELDS: Final = struct.Struct("<dI")
 EJECTION_OFFSET: Final = 632
 FREE_OFFSET: Final = 644
 HOST_CACHE_OFFSET: Final = 56
-UNLIMITED_HOST_CACHE: Final = 0xFFFFFFFF  # host cache tokens: llama-server --cache-ram -1
+PROCESSING_OFFSET: Final = 18  # slots processing, as the agent last reported
+RESERVED_AT_REPORT_OFFSET: Final = 20
+UNLIMITED_HOST_CACHE: Final = 0xFFFFFFFF  # the most host cache tokens a report may say
 RESERVED_OFFSET: Final = 646
 DRAINED_OFFSET: Final = 648
 RELEASED_OFFSET: Final = 650

@@ -36,8 +36,10 @@ from paddler.slots.layout import (
     NEXT_TICKET_OFFSET,
     OWNER,
     OWNERS_OFFSET,
+    PROCESSING_OFFSET,
     RELEASED_OFFSET,
     RESERVATIONS_OFFSET,
+    RESERVED_AT_REPORT_OFFSET,
     RESERVED_OFFSET,
     ROW_META,
     ROW_NUMBERS,
@@ -1160,6 +1162,15 @@ class SlotTable:
             and self._u32[(offset + 8) // 4] == generation
             and self._u32[(offset + CACHE_EPOCH_OFFSET) // 4] == epoch
         )
+
+    def foreign_busy(self, row: int) -> int:
+        """``row``'s busy slots that are not this balancer's, as UpstreamRow.foreign_busy
+        has them, read without decoding the row or taking the lock."""
+        if row >= self._u32[ROWS_USED_OFFSET // 4]:
+            return 0
+        offset = HEADER_SIZE + row * self.row_size
+        processing = int(self._u16[(offset + PROCESSING_OFFSET) // 2])
+        return max(0, processing - int(self._u16[(offset + RESERVED_AT_REPORT_OFFSET) // 2]))
 
     def host_cache_tokens(self, row: int) -> int:
         """Tokens of idle slots' prompts the host cache of ``row``'s upstream keeps, as

@@ -84,11 +84,12 @@ def test_a_model_without_what_the_size_needs_says_what_it_lacks(tmp_path: Path) 
     path = tmp_path / "headless.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_block_count(2)
-    writer.add_uint32("llama.embedding_length", 0xFFFFFFFF)
+    writer.add_head_count(8)
+    writer.add_array("llama.attention.head_count_kv", [1] * 200_000)  # past MAX_LAYERS
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.close()
-    with pytest.raises(HostCacheError, match=r"has no llama\.attention\.head_count"):
+    with pytest.raises(HostCacheError, match=r"has no llama\.embedding_length"):
         kv_bytes_per_token(path, "f16", "f16")
     with pytest.raises(HostCacheError, match=r"cannot read the model .*missing\.gguf"):
         kv_bytes_per_token(tmp_path / "missing.gguf", "f16", "f16")
@@ -121,23 +122,26 @@ def test_settings_come_from_the_arguments_then_the_environment_then_the_defaults
 
 
 @contextlib.contextmanager
-def serving(*argv: str, cwd: Path | None = None) -> Iterator[int]:
+def serving(
+    *argv: str, cwd: Path | None = None, address: str = "127.0.0.1", port: int = 0
+) -> Iterator[int]:
     """A process listening here on a port of its own, with these arguments (and none of
     llama.cpp's variables in its environment), as a llama-server started with them
     would: the port."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    if not port:
+        with socket.socket() as probe:
+            probe.bind((address, 0))
+            port = probe.getsockname()[1]
     # A script file, not python -c: llama-server's -c is its context size.
     listener = Path(tempfile.mkdtemp()) / "listener.py"
     listener.write_text(
         "import socket, sys, time\n"
-        "s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen()\n"
+        "s = socket.socket(); s.bind((sys.argv[1], int(sys.argv[2]))); s.listen()\n"
         "print('up', flush=True); time.sleep(60)\n"
     )
     environ = {key: value for key, value in os.environ.items() if not key.startswith("LLAMA_")}
     process = subprocess.Popen(
-        [sys.executable, str(listener), str(port), *argv],
+        [sys.executable, str(listener), address, str(port), *argv],
         stdout=subprocess.PIPE,
         text=True,
         env=environ,
@@ -181,6 +185,13 @@ def test_the_process_listening_on_the_port_is_the_one_read(tiny_model: Path) -> 
     ):
         with serving(*argv) as port:
             assert host_cache_tokens("127.0.0.1", port, "") == tokens
+    # Two processes on the port, on two addresses: the one the agent's address names.
+    with (
+        serving("-cram", "0", address="127.0.0.2") as port,
+        serving("-cram", "1", "-m", str(tiny_model), port=port),
+    ):
+        assert host_cache_tokens("127.0.0.1", port, "") == MIB // per_token
+        assert host_cache_tokens("127.0.0.2", port, "") == 0
     # A llama-server on another host is out of sight.
     with pytest.raises(HostCacheError, match=r"192\.0\.2\.1 is not this host"):
         host_cache_tokens("192.0.2.1", port, str(tiny_model))

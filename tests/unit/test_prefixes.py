@@ -683,7 +683,8 @@ def test_an_idle_slot_saved_to_the_host_cache_is_a_spare_copy_of_its_prompt(
     # copy recorded before counts.
     host_cache(UNLIMITED_HOST_CACHE, processing=1)
     foreign = table.rows()[0]
-    assert foreign.foreign_busy == 1
+    assert foreign.foreign_busy == table.foreign_busy(row.index) == 1
+    assert waits()  # while the agent reports them
     assert affinity.pin(affinity.plan(None, chat("Another client's question")), foreign) == (
         -1,
         False,

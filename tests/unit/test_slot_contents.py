@@ -17,7 +17,6 @@ from paddler.prefixes.slots import (
     BUSY_HORIZON,
     PLACING,
     SLOTS,
-    UNKNOWN_SAVES,
     SlotContents,
     SlotContentsError,
 )
@@ -420,10 +419,10 @@ def test_the_record_counts_the_tokens_llama_cpp_saves_to_its_host_cache(
         return slot, stamp
 
     assert take(0, 3, 1.0, 100, SYSTEM, "a group's question") == (2, 0)
-    assert contents.saved_tokens(0, 1) == 0
+    assert contents.saved_since(0, 1, 0) == 0
     # The group's idle slot is saved as the next task starts: its estimate.
     assert take(0, 3, 2.0, 200, "Something else entirely. " * 40, "hello") == (1, 0)
-    assert contents.saved_tokens(0, 1) == 100
+    assert contents.saved_since(0, 1, 0) == 100
     # The other's now, as its answer measured it (the slot still taken); the group's
     # not again.
     keys, chars = keys_of("A third thing. " * 30, "hi")
@@ -433,22 +432,28 @@ def test_the_record_counts_the_tokens_llama_cpp_saves_to_its_host_cache(
     contents.measured(0, 1, slot, 330)
     contents.release(0, 1, slot, 3.5)
     contents.measured(0, 1, slot, 999)  # released: another request's slot by now
-    assert contents.saved_tokens(0, 1) == 300
+    assert contents.saved_since(0, 1, 0) == 300
     assert take(0, 3, 4.0, 50, SYSTEM, "a group's question", "yes", "more") == (2, 300)
-    assert contents.saved_tokens(0, 1) == 300 + 330  # (the other's was saved already)
+    assert contents.saved_since(0, 1, 0) == 300 + 330  # (the other's was saved already)
     # One slot: no idle one beside it, but what the request overwrites is saved first.
     assert take(1, 1, 4.0, 100, SYSTEM, "a group's question") == (0, 0)
     assert take(1, 1, 5.0, 70, "A third thing. " * 30, "hi") == (0, 0)
-    assert contents.saved_tokens(1, 1) == 100
+    assert contents.saved_since(1, 1, 0) == 100
     # Not a prompt the request goes on from in place.
     assert take(1, 1, 6.0, 90, "A third thing. " * 30, "hi", "yes", "and?") == (0, 100)
-    assert contents.saved_tokens(1, 1) == 100
-    # Requests another client sent: what they saved is unseen, more than any host cache.
+    assert contents.saved_since(1, 1, 0) == 100
+    assert contents.saved_since(1, 1, 60) == 40
+    # Requests another client sent ran there: what they saved is unseen, and how much
+    # was saved since any earlier save is not known; since a later one, it is.
     contents.unseen(1, 1)
-    assert contents.saved_tokens(1, 1) == 100 + UNKNOWN_SAVES
-    # Another upstream in the row: its count is its own, from 0.
-    assert contents.saved_tokens(0, 2) == -1
+    assert contents.saved_since(1, 1, 0) == contents.saved_since(1, 1, 100) == -1
+    assert take(1, 1, 7.0, 80, SYSTEM, "another question") == (0, 101)
+    assert contents.saved_since(1, 1, 101) == 90  # the conversation overwritten, saved
+    # Another upstream in the row: its count is its own, from 0, and unseen() of it
+    # leaves the first one's be.
+    assert contents.saved_since(0, 2, 0) == -1
     contents.unseen(0, 2)
+    assert contents.saved_since(0, 1, 0) == 300 + 330
     keys, chars = keys_of(SYSTEM, "a group's question")
     contents.take(0, 2, 0, 3, keys, chars, 7.0)
-    assert contents.saved_tokens(0, 2) == 0
+    assert contents.saved_since(0, 2, 0) == 0

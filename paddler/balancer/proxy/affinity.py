@@ -230,9 +230,9 @@ class Affinity:
         in a host cache of the size its agent reported."""
         contents = self.contents
         capacity = self.table.host_cache_tokens(row)  # (0: none, or unknown)
-        if contents is None or capacity <= 0:
-            return False
-        saved = contents.saved_tokens(row, generation) - saved_at
+        if contents is None or capacity <= 0 or self.table.foreign_busy(row):
+            return False  # (other clients' requests there now: their saves are unseen)
+        saved = contents.saved_since(row, generation, saved_at)
         return 0 <= saved <= HOST_HEADROOM * capacity
 
     @property
