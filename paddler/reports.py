@@ -17,7 +17,7 @@ from typing import Any
 
 from paddler.config.addresses import is_valid_host
 from paddler.llamacpp.client import UpstreamStatus
-from paddler.slots.layout import UpstreamState
+from paddler.slots.layout import UNLIMITED_HOST_CACHE, UpstreamState
 from paddler.slots.table import UpstreamReport
 
 AGENT_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
@@ -42,7 +42,6 @@ KNOWN_FIELDS = frozenset(
         "host_cache_tokens",
     )
 )
-MAX_HOST_CACHE_TOKENS = 0xFFFFFFFF
 
 
 class ReportError(ValueError):
@@ -119,10 +118,10 @@ def parse_report(agent_id: str, payload: Any) -> UpstreamReport:
     if (
         not isinstance(host_cache, int)
         or isinstance(host_cache, bool)
-        or not 0 <= host_cache <= MAX_HOST_CACHE_TOKENS
+        or not 0 <= host_cache <= UNLIMITED_HOST_CACHE
     ):
         raise ReportError(
-            f"field 'host_cache_tokens' must be a whole number from 0 to {MAX_HOST_CACHE_TOKENS}"
+            f"field 'host_cache_tokens' must be a whole number from 0 to {UNLIMITED_HOST_CACHE}"
         )
     return UpstreamReport(
         agent_id=agent_id,

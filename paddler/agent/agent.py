@@ -11,7 +11,7 @@ from paddler.agent.reporter import Reporter
 from paddler.config import AgentSettings
 from paddler.config.addresses import AWS_LOCAL_IPV4, format_address
 from paddler.llamacpp.client import LlamaCppClient, UpstreamStatus
-from paddler.llamacpp.host_cache import HostCacheError, describe, host_cache_tokens
+from paddler.llamacpp.host_cache import HostCacheError, host_cache_tokens
 from paddler.reports import build_report
 from paddler.slots.layout import UpstreamState
 
@@ -42,7 +42,7 @@ def _host_cache(host: str, port: int, model_path: str) -> int | None:
             error,
         )
         return None
-    log.info("llama-server's host-memory prompt cache keeps %s of idle slots", describe(tokens))
+    log.info("llama-server's host-memory prompt cache keeps %s tokens of idle slots", f"{tokens:,}")
     return tokens
 
 

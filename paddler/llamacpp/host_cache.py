@@ -356,7 +356,3 @@ def _seek(file: BinaryIO, length: int, size: int) -> None:
 def _read_string(file: BinaryIO, size: int) -> str:
     (length,) = struct.unpack("<Q", _read(file, 8, size))
     return _read(file, length, size).decode("utf-8")
-
-
-def describe(tokens: int) -> str:
-    return f"{tokens:,} tokens"
