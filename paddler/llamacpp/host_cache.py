@@ -35,7 +35,6 @@ import psutil
 from paddler.slots.layout import UNLIMITED_HOST_CACHE
 
 DEFAULT_CACHE_RAM_MIB: Final = 8192
-UNLIMITED: Final = UNLIMITED_HOST_CACHE  # the most a report may say
 # Bytes per element of llama.cpp's KV cache types: block size over elements per block.
 CACHE_TYPE_BYTES: Final = {
     "f32": 4.0,
@@ -95,9 +94,9 @@ def host_cache_tokens(host: str, port: int, model_path: str) -> int:
     model = read_model(path if path.is_absolute() else Path(cwd) / path)
     if settings.cache_ram_mib < 0:
         # No size limit: llama.cpp still drops the oldest saves past its context's tokens.
-        return min(UNLIMITED - 1, settings.context or model.context)
+        return min(UNLIMITED_HOST_CACHE - 1, settings.context or model.context)
     per_token = model.kv_bytes_per_token(settings.cache_type_k, settings.cache_type_v)
-    return min(UNLIMITED - 1, int(settings.cache_ram_mib * 1024 * 1024 // per_token))
+    return min(UNLIMITED_HOST_CACHE - 1, int(settings.cache_ram_mib * 1024 * 1024 // per_token))
 
 
 class CacheSettings:
@@ -199,10 +198,6 @@ def this_host_addresses(host: str) -> set[str]:
         if address in own or parsed.is_loopback or parsed.is_unspecified:
             found.add(address)
     return found
-
-
-def is_this_host(host: str) -> bool:
-    return bool(this_host_addresses(host))
 
 
 def _server_process(addresses: set[str], port: int) -> tuple[list[str], dict[str, str], str]:

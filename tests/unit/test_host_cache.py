@@ -16,15 +16,14 @@ import pytest
 
 from paddler.llamacpp.client import UpstreamStatus
 from paddler.llamacpp.host_cache import (
-    UNLIMITED,
     HostCacheError,
     cache_settings,
     host_cache_tokens,
-    is_this_host,
     kv_bytes_per_token,
+    this_host_addresses,
 )
 from paddler.reports import ReportError, build_report, parse_report
-from paddler.slots.layout import UpstreamState
+from paddler.slots.layout import UNLIMITED_HOST_CACHE, UpstreamState
 from paddler.testbed.models import SHAPES, write_model
 
 STATUS = UpstreamStatus(UpstreamState.READY, slots_total=2, slots_idle=2, model="m", build="b1")
@@ -195,8 +194,8 @@ def test_the_process_listening_on_the_port_is_the_one_read(tiny_model: Path) -> 
     # A llama-server on another host is out of sight.
     with pytest.raises(HostCacheError, match=r"192\.0\.2\.1 is not this host"):
         host_cache_tokens("192.0.2.1", port, str(tiny_model))
-    assert is_this_host("::1")
-    assert not is_this_host("no-such-host.invalid")
+    assert this_host_addresses("::1")
+    assert not this_host_addresses("no-such-host.invalid")
 
 
 def test_the_report_carries_the_size_and_refuses_a_wrong_one() -> None:
@@ -210,10 +209,10 @@ def test_the_report_carries_the_size_and_refuses_a_wrong_one() -> None:
         name="a",
         host="127.0.0.1",
         port=8080,
-        host_cache_tokens=UNLIMITED,
+        host_cache_tokens=UNLIMITED_HOST_CACHE,
     )
-    assert parse_report("agent1", report).host_cache_tokens == UNLIMITED
-    for wrong in (-1, True, 1.5, "many", UNLIMITED + 1):
+    assert parse_report("agent1", report).host_cache_tokens == UNLIMITED_HOST_CACHE
+    for wrong in (-1, True, 1.5, "many", UNLIMITED_HOST_CACHE + 1):
         report["host_cache_tokens"] = wrong
         with pytest.raises(ReportError, match="field 'host_cache_tokens' must be a whole number"):
             parse_report("agent1", report)
